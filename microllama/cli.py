@@ -1,0 +1,79 @@
+"""The `microllama` command: generate text, build the tiny checkpoint."""
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Optional, Union
+
+import fire
+
+from . import tiny
+from .generation import Llama
+
+
+class StreamPrinter:
+    """Prints one row's tokens as text as they come, holding back bytes that do not yet form a character."""
+
+    def __init__(self, decode, out=sys.stdout):
+        self.decode, self.out = decode, out
+        self.tokens: list[int] = []
+        self.shown = 0
+
+    def __call__(self, row: int, token: int) -> None:
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[self.shown :])
+            self.out.flush()
+            self.shown = len(text)
+
+
+def generate(
+    prompt: Union[str, Sequence[str]] = "Clearly, the meaning of life is",
+    ckpt_dir: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_gen_len: int = 64,
+    max_seq_len: int = 512,
+    seed: Optional[int] = None,
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+    flash: bool = False,
+    tokenizer_path: Optional[str] = None,
+) -> None:
+    """Complete one prompt (streamed) or a list of prompts (--prompt '["a", "b"]'). ckpt_dir defaults
+    to the embedded tiny checkpoint, whose random weights produce fluent-looking nonsense."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"--prompt must be text; fire read {prompt!r} as a Python literal: quote it twice")
+    llama = Llama.build(ckpt_dir, max_seq_len, len(prompts), device=device, dtype=dtype, flash=flash,
+                        tokenizer_path=tokenizer_path)  # fmt: skip
+    if len(prompts) == 1:
+        print(prompts[0], end="", flush=True)
+        llama.text_completion(prompts, temperature, top_p, max_gen_len, seed=seed,
+                              on_token=StreamPrinter(llama.tokenizer.decode))  # fmt: skip
+        print()
+        return
+    for p, c in zip(prompts, llama.text_completion(prompts, temperature, top_p, max_gen_len, seed=seed), strict=True):
+        print(f"{p}{c.generation}\n{'=' * 40}")
+
+
+def make_tiny(out_dir: str, name: str = "tiny", seed: int = tiny.DEFAULT_SEED) -> None:
+    """Write a tiny Meta-layout checkpoint (params.json, consolidated.00.pth) into OUT_DIR."""
+    path = tiny.make_tiny(Path(out_dir), name, seed)
+    print(f"wrote {path} (sha256 {(path / 'sha256.txt').read_text().strip()})")
+
+
+COMMANDS = {"generate": generate, "make-tiny": make_tiny}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        fire.Fire(COMMANDS, command=argv, name="microllama")
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"microllama: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

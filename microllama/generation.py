@@ -1,0 +1,194 @@
+"""Batched text generation with a KV cache: Meta's decoding loop, greedy or top-p."""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, load_model, parse_dtype
+from .model import Transformer
+from .tiny import default_ckpt_dir
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class Completion:
+    generation: str
+    tokens: list[int]  # generated ids (prompt ids first when echo), without the stop token
+    logprobs: Optional[list[float]] = None  # log-probability of each id in tokens
+
+
+def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Nucleus sampling (Meta's algorithm): keep the most likely tokens until their mass reaches p,
+    renormalise, draw one per row. Returns (bsz, 1) token ids."""
+    probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
+    probs_sum = torch.cumsum(probs_sort, dim=-1)
+    mask = probs_sum - probs_sort > p
+    probs_sort[mask] = 0.0
+    probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
+    next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
+    return torch.gather(probs_idx, -1, next_token)
+
+
+class Llama:
+    """A model and its tokenizer, with Meta's batched generation loop."""
+
+    @staticmethod
+    def build(
+        ckpt_dir: Optional[Union[str, Path]] = None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 4,
+        device: Union[str, torch.device] = "cpu",
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        flash: bool = False,
+        tokenizer_path: Optional[Union[str, Path]] = None,
+    ) -> "Llama":
+        """Load a Meta-layout checkpoint (default: the embedded tiny one). dtype defaults to bfloat16
+        on CUDA and float32 elsewhere."""
+        ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir()
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
+        dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = load_model(ckpt_dir, max_seq_len, max_batch_size, device=device, dtype=dtype, flash=flash)
+        tokenizer = Tokenizer(tokenizer_path, ckpt_dir=ckpt_dir)
+        if model.vocab_size != tokenizer.n_words:
+            raise CheckpointError(
+                f"{ckpt_dir / 'params.json'}: vocab_size {model.vocab_size} differs from the tokenizer's "
+                f"{tokenizer.n_words} ({tokenizer.model_path})"
+            )
+        return Llama(model, tokenizer)
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def check_request(
+        self, prompt_tokens: Sequence[Sequence[int]], temperature: float, top_p: float, max_gen_len: Optional[int]
+    ) -> None:
+        """Raise ValueError for a request the model cannot serve, before any model work."""
+        params = self.model.params
+        if not prompt_tokens:
+            raise ValueError("no prompts given: the batch is empty")
+        if len(prompt_tokens) > params.max_batch_size:
+            raise ValueError(f"{len(prompt_tokens)} prompts exceed max_batch_size {params.max_batch_size}")
+        for i, t in enumerate(prompt_tokens):
+            if not t:
+                raise ValueError(f"prompt {i} has no tokens")
+            if len(t) >= params.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {len(t)} tokens, at or beyond max_seq_len {params.max_seq_len}: "
+                    "no room to generate"
+                )
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if max_gen_len is not None and max_gen_len < 1:
+            raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: Optional[int] = None,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+        seed: Optional[int] = None,
+        on_token: Optional[Callable[[int, int], None]] = None,
+    ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
+        """Continue each prompt until a stop token or max_gen_len new tokens (default: until
+        max_seq_len). Right-padded prompts share one batch: prefill up to the shortest prompt, then
+        one position at a time. `seed` seeds a private generator (on CPU the stream Meta draws after
+        torch.manual_seed); `on_token(row, id)` sees each new token as it comes."""
+        self.check_request(prompt_tokens, temperature, top_p, max_gen_len)
+        params = self.model.params
+        if max_gen_len is None or max_gen_len >= params.max_seq_len:
+            max_gen_len = params.max_seq_len - 1
+        device = self.model.output.weight.device
+        bsz = len(prompt_tokens)
+        min_prompt_len = min(len(t) for t in prompt_tokens)
+        max_prompt_len = max(len(t) for t in prompt_tokens)
+        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+
+        pad_id = self.tokenizer.pad_id
+        tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
+        for k, t in enumerate(prompt_tokens):
+            tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+        token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
+        generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
+        input_text_mask = tokens != pad_id
+        stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
+
+        # The cache has Meta's shape (max_batch_size, max_seq_len): the slices attention reads then
+        # have Meta's strides too.
+        self.model.setup_cache(params.max_batch_size, params.max_seq_len)
+        try:
+            prev_pos = 0
+            for cur_pos in range(min_prompt_len, total_len):
+                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+                if temperature > 0:
+                    probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
+                    next_token = sample_top_p(probs, top_p, generator)
+                else:
+                    next_token = torch.argmax(logits[:, -1], dim=-1)
+                next_token = next_token.reshape(-1)
+                # Rows still inside their prompt keep the prompt's token.
+                next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
+                tokens[:, cur_pos] = next_token
+                if token_logprobs is not None:
+                    token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
+                        logits.transpose(1, 2),
+                        tokens[:, prev_pos + 1 : cur_pos + 1],
+                        reduction="none",
+                        ignore_index=pad_id,
+                    )
+                new = ~input_text_mask[:, cur_pos] & ~eos_reached
+                eos_reached |= ~input_text_mask[:, cur_pos] & torch.isin(next_token, stop_tokens)
+                if on_token is not None:
+                    for row in new.logical_and(~eos_reached).nonzero().flatten().tolist():
+                        if cur_pos < len(prompt_tokens[row]) + max_gen_len:
+                            on_token(row, int(next_token[row]))
+                prev_pos = cur_pos
+                if eos_reached.all():
+                    break
+        finally:
+            self.model.clear_cache()
+
+        out_tokens, out_logprobs = [], []
+        for i, toks in enumerate(tokens.tolist()):
+            prompt_len = len(prompt_tokens[i])
+            end = prompt_len + max_gen_len
+            for pos in range(prompt_len, min(end, len(toks))):
+                if toks[pos] in self.tokenizer.stop_tokens:
+                    end = pos
+                    break
+            start = 0 if echo else prompt_len
+            out_tokens.append(toks[start:end])
+            if token_logprobs is not None:
+                out_logprobs.append(token_logprobs[i].tolist()[start:end])
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def text_completion(
+        self,
+        prompts: Sequence[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        echo: bool = False,
+        logprobs: bool = False,
+        seed: Optional[int] = None,
+        on_token: Optional[Callable[[int, int], None]] = None,
+    ) -> list[Completion]:
+        """Complete each prompt. Prompts are encoded as given, with BOS and no added trailing space."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not one string")
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed, on_token)
+        return [Completion(self.tokenizer.decode(t), t, None if lps is None else lps[i]) for i, t in enumerate(tokens)]

@@ -1,0 +1,311 @@
+"""The dense Llama 3.1 transformer: Meta's reference model with nn.Linear and nn.Embedding in place
+of fairscale's parallel layers, computing the same thing op for op on one device."""
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    """Meta's `params.json` fields, plus the run-time sizes and switches microllama adds."""
+
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None
+    vocab_size: int = 128256
+    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False
+    # Llama 3.1 RoPE scaling: the constants Meta hard-codes in apply_scaling (Llama 3.2 publishes
+    # a factor of 32 for its small models).
+    rope_scale_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+
+    max_seq_len: int = 2048
+    max_batch_size: int = 32
+    flash: bool = False  # attention through F.scaled_dot_product_attention
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                    "norm_eps", "rope_theta", "rope_scale_factor", "rope_original_context",
+                    "max_seq_len", "max_batch_size")  # fmt: skip
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)!r}")
+        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
+            raise ValueError(f"ModelArgs.ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"ModelArgs.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelArgs.dim / n_heads must be even for RoPE, got head_dim {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelArgs.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+            raise ValueError(
+                "ModelArgs.rope_high_freq_factor must exceed rope_low_freq_factor, and both be positive, got "
+                f"{self.rope_high_freq_factor!r} and {self.rope_low_freq_factor!r}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], **overrides: Any) -> "ModelArgs":
+        """Build from a Meta `params.json` dict; keys ModelArgs does not know are ignored, as Meta does."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in {**params, **overrides}.items() if k in known})
+
+    def replace(self, **changes: Any) -> "ModelArgs":
+        return dataclasses.replace(self, **changes)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, cast back, then scale: Meta's order, which decides the bf16 bits.
+        return self._norm(x.float()).type_as(x) * self.weight
+
+
+def apply_scaling(
+    freqs: torch.Tensor,
+    scale_factor: float = 8.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_context: int = 8192,
+) -> torch.Tensor:
+    """Llama 3.1 RoPE frequency scaling: short wavelengths kept, long ones divided by scale_factor,
+    a smooth interpolation between. Same expression order as Meta's, so the same float32 bits."""
+    low_freq_wavelen = original_context / low_freq_factor
+    high_freq_wavelen = original_context / high_freq_factor
+    wavelen = 2 * torch.pi / freqs
+    new_freqs = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, freqs)
+    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    return torch.where(
+        (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen),
+        (1 - smooth) * new_freqs / scale_factor + smooth * new_freqs,
+        new_freqs,
+    )
+
+
+def precompute_freqs_cis(
+    dim: int,
+    end: int,
+    theta: float = 10000.0,
+    use_scaled: bool = False,
+    device: Optional[torch.device] = None,
+    **scaling: float,
+) -> torch.Tensor:
+    """Rotations e^(i * t * freq) for positions t < end: complex64 of shape (end, dim // 2).
+    `scaling` takes apply_scaling's keyword constants."""
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: (dim // 2)].float() / dim))
+    t = torch.arange(end, device=device, dtype=torch.float32)
+    if use_scaled:
+        freqs = apply_scaling(freqs, **scaling)
+    freqs = torch.outer(t, freqs)
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate consecutive pairs of q and k (bsz, seqlen, heads, head_dim) by freqs_cis (seqlen, head_dim // 2)."""
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])  # broadcast over batch and heads
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Grouped-query attention: each of the n_kv_heads serves n_rep query heads (repeat_interleave on dim 2)."""
+    bs, slen, n_kv_heads, head_dim = x.shape
+    if n_rep == 1:
+        return x
+    return (
+        x[:, :, :, None, :]
+        .expand(bs, slen, n_kv_heads, n_rep, head_dim)
+        .reshape(bs, slen, n_kv_heads * n_rep, head_dim)
+    )
+
+
+class KVCache(nn.Module):
+    """Keys and values of the positions seen so far; exists only while generating."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, **factory):
+        super().__init__()
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("cache_k", torch.zeros(shape, **factory), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape, **factory), persistent=False)
+
+    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store xk, xv at start_pos and return all keys and values up to their end."""
+        bsz, seqlen = xk.shape[:2]
+        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
+        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
+        return self.cache_k[:bsz, : start_pos + seqlen], self.cache_v[:bsz, : start_pos + seqlen]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads = args.n_heads
+        self.n_kv_heads = args.n_kv_heads
+        self.n_rep = args.n_heads // args.n_kv_heads
+        self.head_dim = args.head_dim
+        self.flash = args.flash
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache: Optional[KVCache] = None
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+
+        keys, values = (xk, xv) if self.cache is None else self.cache.update(start_pos, xk, xv)
+        keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len + seqlen, n_heads, head_dim)
+        values = repeat_kv(values, self.n_rep)
+
+        xq, keys, values = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
+        if self.flash:
+            causal = mask is None and seqlen > 1
+            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, is_causal=causal)
+        else:
+            scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask  # (bsz, n_heads, seqlen, cache_len + seqlen)
+            # Softmax in float32, then back to the activation dtype, as Meta does.
+            scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+            output = torch.matmul(scores, values)  # (bsz, n_heads, seqlen, head_dim)
+        output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return self.wo(output)
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """SwiGLU hidden size: 2/3 of 4 * dim, times the multiplier, rounded up to multiple_of (Meta's formula)."""
+    hidden_dim = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, params: ModelArgs):
+        super().__init__()
+        self.params = params
+        self.vocab_size = params.vocab_size
+        self.n_layers = params.n_layers
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
+        self.layers = nn.ModuleList(TransformerBlock(layer_id, params) for layer_id in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
+        # Not a buffer: Module.to(dtype) would cast the complex rotations to a real dtype.
+        self._freqs_cis: Optional[torch.Tensor] = None
+
+    def freqs_cis(self, device: torch.device) -> torch.Tensor:
+        """RoPE rotations for 2 * max_seq_len positions (Meta's table size), computed on `device` as
+        Meta computes them on its default device: sin and cos differ in their last bits across devices."""
+        if self._freqs_cis is None or self._freqs_cis.device != device:
+            p = self.params
+            self._freqs_cis = precompute_freqs_cis(
+                p.head_dim, p.max_seq_len * 2, p.rope_theta, p.use_scaled_rope, device=device,
+                scale_factor=p.rope_scale_factor, low_freq_factor=p.rope_low_freq_factor,
+                high_freq_factor=p.rope_high_freq_factor, original_context=p.rope_original_context,
+            )  # fmt: skip
+        return self._freqs_cis
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate a KV cache in every layer, in the model's dtype and on its device, for generation."""
+        weight = self.output.weight
+        head_dim, n_kv_heads = self.params.head_dim, self.params.n_kv_heads
+        for layer in self.layers:
+            layer.attention.cache = KVCache(
+                max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype=weight.dtype, device=weight.device
+            )
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Float32 logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen) placed at start_pos."""
+        bsz, seqlen = tokens.shape
+        cache = self.layers[0].attention.cache
+        if start_pos and cache is None:
+            raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")
+        limit = self.params.max_seq_len if cache is None else cache.cache_k.shape[1]
+        if start_pos + seqlen > limit:
+            raise ValueError(f"positions up to {start_pos + seqlen} exceed the model's limit of {limit}")
+        if cache is not None and bsz > cache.cache_k.shape[0]:
+            raise ValueError(f"batch of {bsz} exceeds the KV cache's max_batch_size {cache.cache_k.shape[0]}")
+
+        h = self.tok_embeddings(tokens)
+        freqs_cis = self.freqs_cis(h.device)[start_pos : start_pos + seqlen]
+        mask = None
+        if seqlen > 1 and not (self.params.flash and start_pos == 0):
+            # Row i is position start_pos + i: it sees every cached position and itself, not later ones.
+            mask = torch.full((seqlen, seqlen), float("-inf"), device=h.device)
+            mask = torch.triu(mask, diagonal=1)
+            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=h.device), mask]).type_as(h)
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask)
+        h = self.norm(h)
+        return self.output(h).float()
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of a full forward (no cache); targets equal to ignore_index are skipped."""
+        logits = self.forward(tokens)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)

@@ -1,0 +1,137 @@
+"""The one door to Meta's reference code (llama-models 0.3.0 with fairscale).
+
+Everything odd about running it is handled here, once:
+
+- torchvision. `llama_models.llama3.generation` imports the multimodal model, whose image transform
+  imports torchvision at module level. torchvision cannot be installed beside the CPU torch wheel, and
+  the text path never calls it, so `import_meta()` registers stand-in `torchvision` modules first.
+  Touching anything in them raises, so a vision code path fails loudly instead of computing nonsense.
+- Model parallelism. Meta's layers are fairscale's ColumnParallelLinear, RowParallelLinear and
+  VocabParallelEmbedding, which need torch.distributed and fairscale's model-parallel groups even
+  for one process: `init_model_parallel()` makes a gloo group (CPU) or nccl group (CUDA). Under
+  torchrun it joins the group torchrun describes; in-process it makes a group of one.
+- Global state. Meta's checkpoint loader sets torch's default tensor type to bfloat16, and
+  `Llama3.build` sets the default device. `restore_torch_defaults()` puts both back.
+"""
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+
+class _Unavailable(types.ModuleType):
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError(
+            f"torchvision.{name} was used, but reference_harness stands in for torchvision "
+            "(only Meta's vision model needs it; microllama's harness runs the text model)"
+        )
+
+
+def _stub_torchvision() -> None:
+    if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        return
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+        sys.modules[name] = _Unavailable(name)
+    sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
+    sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+
+
+def import_meta() -> types.SimpleNamespace:
+    """Meta's modules: model, args, tokenizer, generation (llama_models.llama3.*)."""
+    _stub_torchvision()
+    names = ("model", "args", "tokenizer", "generation")
+    return types.SimpleNamespace(**{n: importlib.import_module(f"llama_models.llama3.{n}") for n in names})
+
+
+def init_model_parallel(world_size: int = 1, device: str = "cpu") -> None:
+    """torch.distributed and fairscale's model-parallel groups, of world_size ranks (1 in-process)."""
+    import torch.distributed as dist
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # in-process, not under torchrun
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+            dist.init_process_group("gloo", rank=0, world_size=1)
+        else:
+            dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    if not fs_init.model_parallel_is_initialized():
+        fs_init.initialize_model_parallel(world_size)
+
+
+@contextlib.contextmanager
+def restore_torch_defaults() -> Iterator[None]:
+    dtype = torch.get_default_dtype()
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_default_device(None)
+
+
+def meta_transformer(
+    ckpt_dir: Union[str, Path], dtype: torch.dtype, max_seq_len: int, max_batch_size: int, device: str = "cpu"
+) -> torch.nn.Module:
+    """Meta's Transformer in `dtype`, holding ckpt_dir's consolidated.00.pth (world size 1)."""
+    import json
+
+    meta = import_meta()
+    init_model_parallel(1, device)
+    params = json.loads((Path(ckpt_dir) / "params.json").read_text())
+    state_dict = torch.load(Path(ckpt_dir) / "consolidated.00.pth", map_location=device, weights_only=True)
+    with restore_torch_defaults():
+        torch.set_default_dtype(dtype)
+        torch.set_default_device(device)
+        model = meta.model.Transformer(
+            meta.args.ModelArgs(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **params)
+        )
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def meta_llama(
+    ckpt_dir: Union[str, Path], dtype: torch.dtype, max_seq_len: int, max_batch_size: int, seed: int = 1,
+    device: str = "cpu", world_size: int = 1,
+) -> Any:  # fmt: skip
+    """Meta's own `Llama3.build` (which seeds torch's global generator with `seed`), in `dtype`.
+
+    On CPU, build leaves the model in bfloat16 (its loader's default tensor type); float32 is the same
+    bf16 checkpoint converted exactly, as microllama converts it."""
+    meta = import_meta()
+    init_model_parallel(world_size, device)
+    with restore_torch_defaults():
+        llama = meta.generation.Llama3.build(
+            str(ckpt_dir), max_seq_len, max_batch_size, world_size=world_size, seed=seed, device=device
+        )
+    llama.model.to(dtype)
+    return llama
+
+
+def meta_completions(
+    llama: Any, prompts: Sequence[str], temperature: float, top_p: float, max_gen_len: int
+) -> list[list[int]]:
+    """Generated ids per prompt from Meta's `Llama3.completion` stream, cut as microllama cuts them:
+    at the first stop token (excluded) or after max_gen_len tokens."""
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in llama.completion(list(prompts), temperature=temperature, top_p=top_p, max_gen_len=max_gen_len):
+        for r in step:
+            i = r.batch_idx
+            if r.ignore_token or done[i]:
+                continue
+            if r.token in llama.tokenizer.stop_tokens:
+                done[i] = True
+            else:
+                out[i].append(r.token)
+                done[i] = len(out[i]) >= max_gen_len
+    return out

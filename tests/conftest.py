@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny checkpoints, Meta's reference model in-process, hypothesis profiles."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+from microllama.tiny import default_ckpt_dir
+
+# ci: derandomized and bounded, so CI is reproducible and fast; dev: more examples, random seeds.
+settings.register_profile(
+    "ci", derandomize=True, max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+HAVE_REFERENCE = all(importlib.util.find_spec(m) is not None for m in ("llama_models", "fairscale"))
+REFERENCE_REASON = "needs Meta's reference code: pip install -e '.[reference]' (llama-models==0.3.0, fairscale)"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_reference = pytest.mark.skip(reason=REFERENCE_REASON)
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False")
+    for item in items:
+        if "reference" in item.keywords and not HAVE_REFERENCE:
+            item.add_marker(skip_reference)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt():
+    """The embedded default checkpoint directory (built once into the microllama cache)."""
+    return default_ckpt_dir("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_hd128_ckpt():
+    return default_ckpt_dir("tiny-hd128")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from microllama.tokenizer import Tokenizer
+
+    return Tokenizer()
+
+
+@pytest.fixture(scope="session")
+def meta_tokenizer():
+    from reference_harness.meta import import_meta
+
+    return import_meta().tokenizer.Tokenizer.get_instance()
+
+
+@pytest.fixture(autouse=True)
+def _torch_defaults_restored():
+    """Meta's code changes torch's default dtype and device; no test may leak that into the next."""
+    yield
+    torch.set_default_dtype(torch.float32)
+    torch.set_default_device(None)
