@@ -14,8 +14,8 @@ from .generation import Llama
 class StreamPrinter:
     """Prints one row's tokens as text as they come, holding back bytes that do not yet form a character."""
 
-    def __init__(self, decode, out=sys.stdout):
-        self.decode, self.out = decode, out
+    def __init__(self, decode, out=None):
+        self.decode, self.out = decode, out or sys.stdout
         self.tokens: list[int] = []
         self.shown = 0
 

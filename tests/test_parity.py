@@ -1,0 +1,111 @@
+"""microllama against Meta's reference Transformer and generation, in-process, on the tiny checkpoints."""
+
+import pytest
+import torch
+
+from microllama import Llama
+from microllama.checkpoint import load_model
+from reference_harness.meta import meta_completions, meta_llama, meta_transformer
+
+from tolerances import LOGITS_ATOL
+
+pytestmark = pytest.mark.reference
+
+DTYPES = [torch.float32, torch.bfloat16]
+PROMPTS = [
+    "Clearly, the meaning of life is",
+    "Simply put, the theory of relativity states that",
+    "The repo llm.c on GitHub is",
+    "Translate English to French:\n\n        sea otter => loutre de mer\n        peppermint => menthe poivrée\n"
+    "        plush girafe => girafe peluche\n        cheese =>",
+]
+
+
+def random_tokens(bsz: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128256, (bsz, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_bit_identical(ours: torch.Tensor, meta: torch.Tensor) -> None:
+    assert ours.dtype == meta.dtype == torch.float32 and ours.shape == meta.shape
+    assert torch.equal(ours, meta), f"max abs diff {(ours - meta).abs().max().item()}, expected exactly 0"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["tiny", "tiny-hd128"])
+def test_logits_bit_identical_to_meta(name, dtype, request):
+    ckpt = request.getfixturevalue("tiny_ckpt" if name == "tiny" else "tiny_hd128_ckpt")
+    meta = meta_transformer(ckpt, dtype, max_seq_len=96, max_batch_size=3)
+    ours = load_model(ckpt, max_seq_len=96, max_batch_size=3, dtype=dtype)
+    tokens = random_tokens(3, 80)
+    with torch.inference_mode():
+        expected = meta(tokens, 0)
+        assert_bit_identical(ours(tokens), expected)  # training path: no cache
+        ours.setup_cache(3, 96)
+        assert_bit_identical(ours(tokens, 0), expected)  # generation path: through the cache
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cached_decode_steps_bit_identical_to_meta(tiny_ckpt, dtype):
+    meta = meta_transformer(tiny_ckpt, dtype, max_seq_len=64, max_batch_size=2)
+    ours = load_model(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype=dtype)
+    ours.setup_cache(2, 64)
+    tokens = random_tokens(2, 40, seed=1)
+    with torch.inference_mode():
+        for start, end in [(0, 17), (17, 18), (18, 19), (19, 30), (30, 31)]:
+            assert_bit_identical(ours(tokens[:, start:end], start), meta(tokens[:, start:end], start))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logits_bit_identical_to_meta_beyond_8192_positions(tiny_ckpt, dtype):
+    """Past the original 8,192-token context, where Llama 3.1's RoPE scaling matters."""
+    n = 8300
+    meta = meta_transformer(tiny_ckpt, dtype, max_seq_len=n + 1, max_batch_size=1)
+    ours = load_model(tiny_ckpt, max_seq_len=n + 1, max_batch_size=1, dtype=dtype)
+    ours.setup_cache(1, n + 1)
+    tokens = random_tokens(1, n + 1, seed=2)
+    with torch.inference_mode():
+        assert_bit_identical(ours(tokens[:, :n], 0), meta(tokens[:, :n], 0))
+        assert_bit_identical(ours(tokens[:, n:], n), meta(tokens[:, n:], n))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("temperature", "seed"), [(0.0, 1), (0.8, 7)])
+def test_completions_identical_to_meta_generation(tiny_ckpt, dtype, temperature, seed):
+    """Greedy, and top-p sampled with the seed Meta's Llama3.build gives torch.manual_seed."""
+    meta = meta_llama(tiny_ckpt, dtype, max_seq_len=128, max_batch_size=4, seed=seed)
+    expected = meta_completions(meta, PROMPTS, temperature, top_p=0.9, max_gen_len=24)
+    ours = Llama.build(tiny_ckpt, max_seq_len=128, max_batch_size=4, dtype=dtype)
+    got = [c.tokens for c in ours.text_completion(PROMPTS, temperature, top_p=0.9, max_gen_len=24, seed=seed)]
+    assert got == expected
+    assert all(len(t) == 24 for t in got)  # random weights rarely pick a stop token: full-length runs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flash_logits_within_tolerance_and_same_decisions(tiny_ckpt, dtype):
+    default = load_model(tiny_ckpt, max_seq_len=300, max_batch_size=2, dtype=dtype)
+    flash = load_model(tiny_ckpt, max_seq_len=300, max_batch_size=2, dtype=dtype, flash=True)
+    tokens = random_tokens(2, 300, seed=3)
+    with torch.inference_mode():
+        expected, got = default(tokens), flash(tokens)
+        flash.setup_cache(2, 300)
+        got_cached = torch.cat(
+            [flash(tokens[:, :200], 0), flash(tokens[:, 200:201], 200), flash(tokens[:, 201:], 201)], 1
+        )
+    atol = LOGITS_ATOL[dtype]
+    for logits in (got, got_cached):
+        torch.testing.assert_close(logits, expected, atol=atol, rtol=0)
+        # Wherever the default path's top token leads the runner-up by more than 2 * atol, the
+        # flash path must pick the same token; closer calls may go either way within tolerance.
+        top2 = expected.topk(2, dim=-1).values
+        decided = top2[..., 0] - top2[..., 1] > 2 * atol
+        assert decided.sum() >= 100  # the check is not vacuous
+        assert torch.equal(logits.argmax(-1)[decided], expected.argmax(-1)[decided])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flash_greedy_completions_identical(tiny_ckpt, dtype):
+    default = Llama.build(tiny_ckpt, max_seq_len=128, max_batch_size=4, dtype=dtype)
+    flash = Llama.build(tiny_ckpt, max_seq_len=128, max_batch_size=4, dtype=dtype, flash=True)
+    expected = [c.tokens for c in default.text_completion(PROMPTS, temperature=0, max_gen_len=24)]
+    assert [c.tokens for c in flash.text_completion(PROMPTS, temperature=0, max_gen_len=24)] == expected
