@@ -104,8 +104,23 @@ def test_flash_logits_within_tolerance_and_same_decisions(tiny_ckpt, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_flash_greedy_completions_identical(tiny_ckpt, dtype):
+def test_flash_greedy_completions_identical_up_to_a_near_tie(tiny_ckpt, dtype):
+    """In float32 the flash path's greedy completions are the default path's. In bfloat16, with 128k
+    logits spaced 0.125 apart near the top, near-ties are common (about 2% of positions of the tiny
+    model): there the completions are identical until a step whose top two logits lie within the
+    flash tolerance of each other, and may part from there."""
     default = Llama.build(tiny_ckpt, max_seq_len=128, max_batch_size=4, dtype=dtype)
     flash = Llama.build(tiny_ckpt, max_seq_len=128, max_batch_size=4, dtype=dtype, flash=True)
     expected = [c.tokens for c in default.text_completion(PROMPTS, temperature=0, max_gen_len=24)]
-    assert [c.tokens for c in flash.text_completion(PROMPTS, temperature=0, max_gen_len=24)] == expected
+    got = [c.tokens for c in flash.text_completion(PROMPTS, temperature=0, max_gen_len=24)]
+    if dtype == torch.float32:
+        assert got == expected
+        return
+    for prompt, a, b in zip(PROMPTS, expected, got, strict=True):
+        if a == b:
+            continue
+        split = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+        ids = default.tokenizer.encode(prompt, bos=True, eos=False) + a[:split]
+        with torch.inference_mode():
+            top2 = default.model(torch.tensor([ids]))[0, -1].topk(2).values
+        assert top2[0] - top2[1] <= 2 * LOGITS_ATOL[dtype], f"{prompt!r} parted at token {split} without a near-tie"
