@@ -135,3 +135,26 @@ def meta_completions(
                 out[i].append(r.token)
                 done[i] = len(out[i]) >= max_gen_len
     return out
+
+
+def meta_merged_state_dict(ckpt_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Meta's own `maybe_reshard_state_dict` on ckpt_dir's *.pth shards, at model-parallel size 1:
+    the dense tensors Meta's loader makes of a sharded checkpoint."""
+    import json
+
+    import_meta()
+    from llama_models.checkpoint import maybe_reshard_state_dict
+
+    init_model_parallel(1)
+    params = json.loads((Path(ckpt_dir) / "params.json").read_text())
+    with restore_torch_defaults():  # it sets the default tensor type to bfloat16
+        return maybe_reshard_state_dict(
+            sorted(Path(ckpt_dir).glob("*.pth")), n_kv_heads=params.get("n_kv_heads") or params["n_heads"]
+        )
+
+
+def meta_arch_args(descriptor: str) -> dict[str, Any]:
+    """A model's params.json as Meta's llama_models.sku_list registers it (descriptor e.g. 'Llama3.1-8B')."""
+    from llama_models.sku_list import resolve_model
+
+    return dict(resolve_model(descriptor).arch_args)
