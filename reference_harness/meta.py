@@ -4,7 +4,8 @@ Everything odd about running it is handled here, once:
 
 - torchvision. `llama_models.llama3.generation` imports the multimodal model, whose image transform
   imports torchvision at module level. torchvision cannot be installed beside the CPU torch wheel, and
-  the text path never calls it, so `import_meta()` registers stand-in `torchvision` modules first.
+  the text path never calls it, so `import_meta()` registers stand-in `torchvision` modules while
+  Meta's modules import (and removes them after, so libraries probing for torchvision do not see them).
   Touching anything in them raises, so a vision code path fails loudly instead of computing nonsense.
 - Model parallelism. Meta's layers are fairscale's ColumnParallelLinear, RowParallelLinear and
   VocabParallelEmbedding, which need torch.distributed and fairscale's model-parallel groups even
@@ -37,20 +38,29 @@ class _Unavailable(types.ModuleType):
         )
 
 
-def _stub_torchvision() -> None:
+def _stub_torchvision() -> list[str]:
+    """Register the stand-in modules; returns their names (none when torchvision is really there)."""
     if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
-        return
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+        return []
+    names = ["torchvision", "torchvision.transforms", "torchvision.transforms.functional"]
+    for name in names:
         sys.modules[name] = _Unavailable(name)
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+    return names
 
 
 def import_meta() -> types.SimpleNamespace:
     """Meta's modules: model, args, tokenizer, generation (llama_models.llama3.*)."""
-    _stub_torchvision()
+    stubbed = _stub_torchvision()
     names = ("model", "args", "tokenizer", "generation")
-    return types.SimpleNamespace(**{n: importlib.import_module(f"llama_models.llama3.{n}") for n in names})
+    try:
+        return types.SimpleNamespace(**{n: importlib.import_module(f"llama_models.llama3.{n}") for n in names})
+    finally:
+        # Meta's modules keep what they imported; other libraries probing for torchvision later
+        # (transformers calls importlib.util.find_spec) must not find a module without a spec.
+        for name in stubbed:
+            del sys.modules[name]
 
 
 def init_model_parallel(world_size: int = 1, device: str = "cpu") -> None:

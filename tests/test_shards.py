@@ -105,3 +105,13 @@ def test_mis_shaped_shard_names_file_and_key(tmp_path, sharded):
     torch.save(shard, tmp_path / "ckpt" / "consolidated.01.pth")
     with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth: tensor 'layers.1.feed_forward.w2.weight'"):
         load_model(tmp_path / "ckpt")
+
+
+@pytest.mark.gpu
+def test_cuda_load_of_shards_puts_every_tensor_on_the_gpu_and_equals_dense(sharded):
+    src, dst = sharded["tiny-kv4", 4]
+    tokens = torch.randint(0, 128256, (2, 12), generator=torch.Generator().manual_seed(0)).cuda()
+    models = [load_model(d, max_seq_len=32, device="cuda", dtype=torch.bfloat16) for d in (src, dst)]
+    assert all(p.is_cuda and p.dtype == torch.bfloat16 for m in models for p in m.parameters())
+    with torch.inference_mode():
+        assert torch.equal(models[0](tokens), models[1](tokens))

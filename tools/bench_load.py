@@ -22,7 +22,7 @@ import fire
 import torch
 
 from microllama import family
-from microllama.checkpoint import load_model, save_meta
+from microllama.checkpoint import convert, load_model, save_meta
 from microllama.hf import save_hf
 
 
@@ -48,6 +48,8 @@ def build(out: str, name: str = "llama3.2-1b", n_layers: int = 2, layout: str = 
 def measure(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu") -> dict:
     """Load ckpt_dir in this process, read every weight once, and return the memory figures."""
     ckpt_bytes = sum(p.stat().st_size for p in Path(ckpt_dir).iterdir() if p.suffix in (".pth", ".safetensors"))
+    import microllama.hf  # noqa: F401  (imported lazily by load_model; modules are not what is measured)
+
     before = _status("VmRSS")
     start = time.perf_counter()
     model = load_model(ckpt_dir, max_seq_len=16, device=device, dtype=dtype)
@@ -79,16 +81,19 @@ def measure_in_subprocess(ckpt_dir: str, dtype: str = "bfloat16", device: str = 
 
 
 def run(out: str, name: str = "llama3.2-1b", n_layers: int = 2, device: str = "cpu", dtypes: Optional[list] = None):
-    """Build the checkpoint in both layouts under OUT (once) and print the peak-memory ratio of each load."""
-    for layout in ("meta", "hf"):
+    """Build the checkpoint under OUT (once) in Meta's layout, one file and 2 shards, and Hugging Face's;
+    print the peak-memory ratio of each load."""
+    for layout in ("meta", "hf", "meta-2-shards"):
         path = Path(out) / f"{name}-{n_layers}l-{layout}"
-        if not path.exists():
+        if not path.exists() and layout == "meta-2-shards":
+            convert(Path(out) / f"{name}-{n_layers}l-meta", path, "meta", shards=2)
+        elif not path.exists():
             build(str(path), name, n_layers, layout)
         for dtype in dtypes or ["bfloat16", "float32"]:
             f = measure_in_subprocess(str(path), dtype, device)
             gpu = f" cuda max allocated {f['cuda_max_allocated'] / 1e9:.3f} GB" if "cuda_max_allocated" in f else ""
             print(
-                f"{layout:<4} {dtype:<8} -> {device}: checkpoint {f['checkpoint_bytes'] / 1e9:.3f} GB, peak host "
+                f"{layout:<13} {dtype:<8} -> {device}: checkpoint {f['checkpoint_bytes'] / 1e9:.3f} GB, peak host "
                 f"{f['peak_host_bytes'] / 1e9:.3f} GB, ratio {f['ratio']:.3f} (anon {f['rss_anon_after'] / 1e9:.3f} "
                 f"GB, file-backed {f['rss_file_after'] / 1e9:.3f} GB after), {f['load_seconds']} s{gpu}"
             )
