@@ -71,6 +71,8 @@ def params_from_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
     """Meta's params.json dict for a Llama config.json (transformers 4's rope_scaling or 5's rope_parameters)."""
     if config.get("model_type", "llama") != "llama":
         raise CheckpointError(f"{source}: model_type {config['model_type']!r}, microllama reads 'llama'")
+    if config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r}; Llama's SwiGLU uses 'silu'")
     for key in ("attention_bias", "mlp_bias"):
         if config.get(key):
             raise CheckpointError(f"{source}: {key} is true; Llama 3 has no biases")

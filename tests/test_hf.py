@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from microllama.checkpoint import convert, load_model, load_pth, read_checkpoint, save_meta
+from microllama.generation import Llama
 from microllama.hf import INDEX, permute_rotary, read_config, save_hf
 from microllama.model import apply_rotary_emb, precompute_freqs_cis
 from microllama.tiny import CONFIGS, tiny_state_dict
@@ -34,6 +35,13 @@ def test_hf_layout_loads_the_same_model(tiny_ckpt, hf_tiny):
     tokens = torch.randint(0, 128256, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert torch.equal(load_model(hf_tiny, max_seq_len=16)(tokens), load_model(tiny_ckpt, max_seq_len=16)(tokens))
+
+
+def test_llama_build_takes_either_layout_by_path_alone(tiny_ckpt, hf_tiny):
+    prompts = ["Clearly, the meaning of life is"]
+    outs = [Llama.build(d, max_seq_len=32, max_batch_size=1).text_completion(prompts, 0.0, max_gen_len=8)
+            for d in (tiny_ckpt, hf_tiny)]  # fmt: skip
+    assert outs[0][0].tokens == outs[1][0].tokens and len(outs[0][0].tokens) == 8
 
 
 def test_sharded_safetensors_with_index_load_the_same_tensors(tmp_path, tiny_ckpt):
