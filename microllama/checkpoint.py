@@ -158,9 +158,9 @@ def meta_shards(ckpt_dir: Union[str, Path], args: ModelArgs) -> list[Path]:
 def read_meta(
     ckpt_dir: Union[str, Path], args: ModelArgs, device: torch.device, dtype: Optional[torch.dtype]
 ) -> StateDict:
-    """The dense tensors of a Meta-layout checkpoint in dtype (None: as stored) on device. One shard is used as read
-    (memory-mapped); several are merged one at a time into tensors allocated once, so host memory holds
-    the merged weights plus one shard."""
+    """The dense tensors of a Meta-layout checkpoint in dtype (None: as stored) on device. One shard is
+    used as read (memory-mapped); several are merged one at a time into tensors allocated once, so host
+    memory holds the merged weights plus one shard."""
     paths = meta_shards(ckpt_dir, args)
     n = len(paths)
     expected = expected_shapes(args)
@@ -187,7 +187,7 @@ def read_meta(
                     merged[key] = torch.empty(expected[key], device=device, dtype=dtype or tensor.dtype)
                 size = per_shard[key][dim]
                 merged[key].narrow(dim, rank * size, size).copy_(tensor)
-        del shard  # unmaps the file before the next one is read
+        del shard, tensor  # unmaps the file before the next one is read
     return merged
 
 

@@ -26,7 +26,7 @@ from .checkpoint import (
     own_tensors,
     read_json,
 )
-from .model import ModelArgs
+from .model import ModelArgs, ffn_hidden_dim
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}  # fmt: skip
@@ -124,7 +124,7 @@ def config_from_params(params: dict[str, Any], tied: bool, dtype: torch.dtype) -
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": args.dim,
-        "intermediate_size": expected_shapes(args.replace(n_layers=1))["layers.0.feed_forward.w1.weight"][0],
+        "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads,
