@@ -1,4 +1,4 @@
-"""The `microllama` command: generate text, build the tiny checkpoint."""
+"""The `microllama` command: generate text, build the tiny checkpoint, convert and describe checkpoints."""
 
 import sys
 from collections.abc import Sequence
