@@ -2,6 +2,7 @@
 transformers is installed) LlamaForCausalLM computes what microllama computes on the same weights."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from microllama.checkpoint import convert, load_model, load_pth, read_checkpoint, save_meta
+from microllama import family
+from microllama.checkpoint import args_from_params, convert, load_model, load_pth, read_checkpoint, save_meta
 from microllama.generation import Llama
-from microllama.hf import INDEX, permute_rotary, read_config, save_hf
+from microllama.hf import INDEX, config_from_params, params_from_config, permute_rotary, read_config, save_hf
 from microllama.model import apply_rotary_emb, precompute_freqs_cis
 from microllama.tiny import CONFIGS, tiny_state_dict
 from tests.tolerances import TRANSFORMERS_FP32
@@ -124,3 +126,33 @@ def test_what_transformers_saves_microllama_reads_back(transformers, tmp_path, h
     _, ours = read_checkpoint(hf_tiny)
     _, again = read_checkpoint(tmp_path / "saved")
     assert again.keys() == ours.keys() and all(torch.equal(again[k], ours[k]) for k in ours)
+
+
+# The fields of the published config.json of each model that decide its shapes and RoPE.
+PUBLISHED_CONFIG_JSON = {
+    "llama3.1-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "rope_factor": 8.0, "tie": False},
+    "llama3.1-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                     "num_attention_heads": 64, "num_key_value_heads": 8, "rope_factor": 8.0, "tie": False},
+    "llama3.1-405b": {"hidden_size": 16384, "intermediate_size": 53248, "num_hidden_layers": 126,
+                      "num_attention_heads": 128, "num_key_value_heads": 8, "rope_factor": 8.0, "tie": False},
+    "llama3.2-1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                    "num_attention_heads": 32, "num_key_value_heads": 8, "rope_factor": 32.0, "tie": True},
+    "llama3.2-3b": {"hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 28,
+                    "num_attention_heads": 24, "num_key_value_heads": 8, "rope_factor": 32.0, "tie": True},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", PUBLISHED_CONFIG_JSON)
+def test_published_config_json_gives_metas_params_json_and_rope_factor(name):
+    published = dict(PUBLISHED_CONFIG_JSON[name])
+    factor, tie = published.pop("rope_factor"), published.pop("tie")
+    rope_scaling = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192, "rope_type": "llama3"}  # fmt: skip
+    config = {**published, "model_type": "llama", "hidden_act": "silu", "vocab_size": 128256, "rms_norm_eps": 1e-5,
+              "rope_theta": 500000.0, "rope_scaling": rope_scaling, "tie_word_embeddings": tie}  # fmt: skip
+    params = params_from_config(config, Path("config.json"))
+    assert params == {k: v for k, v in family.FAMILY[name].items() if k != "rope_scale_factor"}
+    assert args_from_params(params, "params.json").rope_scale_factor == factor
+    assert config_from_params(params, tie, torch.bfloat16)["intermediate_size"] == published["intermediate_size"]
+    assert (name in family.TIED) == tie
