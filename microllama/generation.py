@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, load_model, parse_dtype
+from .checkpoint import CheckpointError, config_path, load_model, parse_dtype
 from .model import Transformer
 from .tiny import default_ckpt_dir
 from .tokenizer import Tokenizer
@@ -46,8 +46,8 @@ class Llama:
         flash: bool = False,
         tokenizer_path: Optional[Union[str, Path]] = None,
     ) -> "Llama":
-        """Load a Meta-layout checkpoint (default: the embedded tiny one). dtype defaults to bfloat16
-        on CUDA and float32 elsewhere."""
+        """Load a checkpoint in Meta or Hugging Face layout (default: the embedded tiny one). dtype
+        defaults to bfloat16 on CUDA and float32 elsewhere."""
         ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir()
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -57,7 +57,7 @@ class Llama:
         tokenizer = Tokenizer(tokenizer_path, ckpt_dir=ckpt_dir)
         if model.vocab_size != tokenizer.n_words:
             raise CheckpointError(
-                f"{ckpt_dir / 'params.json'}: vocab_size {model.vocab_size} differs from the tokenizer's "
+                f"{config_path(ckpt_dir)}: vocab_size {model.vocab_size} differs from the tokenizer's "
                 f"{tokenizer.n_words} ({tokenizer.model_path})"
             )
         return Llama(model, tokenizer)

@@ -30,12 +30,18 @@ CONFIGS: dict[str, dict] = {
         "dim": 256, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 128256, "multiple_of": 64,
         "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
     },
+    # Four key/value heads: splits over 4 tensor-parallel ranks, as "tiny" (2 of them) cannot.
+    "tiny-kv4": {
+        "dim": 128, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 128256, "multiple_of": 32,
+        "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
+    },
 }  # fmt: skip
 DEFAULT_SEED = 0
 # state_dict_sha256 of make_tiny(name, seed=DEFAULT_SEED); a mismatch means the bytes drifted.
 SHA256 = {
     "tiny": "c9f7484483621f2f0b16118e37e9d6c9899a5e64b47d15a9a71c1b6769b4fafa",
     "tiny-hd128": "afa84591dde852b78d05e475fb6a278f987bd59a9576686824a979b380f60b88",
+    "tiny-kv4": "0991058297317f82fa652302d4b22fb044c421edc234a3204bf2f3e875c0a497",
 }
 CACHE_ENV = "MICROLLAMA_CACHE"
 

@@ -4,7 +4,8 @@ Everything odd about running it is handled here, once:
 
 - torchvision. `llama_models.llama3.generation` imports the multimodal model, whose image transform
   imports torchvision at module level. torchvision cannot be installed beside the CPU torch wheel, and
-  the text path never calls it, so `import_meta()` registers stand-in `torchvision` modules first.
+  the text path never calls it, so `import_meta()` registers stand-in `torchvision` modules while
+  Meta's modules import (and removes them after, so libraries probing for torchvision do not see them).
   Touching anything in them raises, so a vision code path fails loudly instead of computing nonsense.
 - Model parallelism. Meta's layers are fairscale's ColumnParallelLinear, RowParallelLinear and
   VocabParallelEmbedding, which need torch.distributed and fairscale's model-parallel groups even
@@ -37,20 +38,29 @@ class _Unavailable(types.ModuleType):
         )
 
 
-def _stub_torchvision() -> None:
+def _stub_torchvision() -> list[str]:
+    """Register the stand-in modules; returns their names (none when torchvision is really there)."""
     if "torchvision" in sys.modules or importlib.util.find_spec("torchvision") is not None:
-        return
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+        return []
+    names = ["torchvision", "torchvision.transforms", "torchvision.transforms.functional"]
+    for name in names:
         sys.modules[name] = _Unavailable(name)
     sys.modules["torchvision"].transforms = sys.modules["torchvision.transforms"]
     sys.modules["torchvision.transforms"].functional = sys.modules["torchvision.transforms.functional"]
+    return names
 
 
 def import_meta() -> types.SimpleNamespace:
     """Meta's modules: model, args, tokenizer, generation (llama_models.llama3.*)."""
-    _stub_torchvision()
+    stubbed = _stub_torchvision()
     names = ("model", "args", "tokenizer", "generation")
-    return types.SimpleNamespace(**{n: importlib.import_module(f"llama_models.llama3.{n}") for n in names})
+    try:
+        return types.SimpleNamespace(**{n: importlib.import_module(f"llama_models.llama3.{n}") for n in names})
+    finally:
+        # Meta's modules keep what they imported; other libraries probing for torchvision later
+        # (transformers calls importlib.util.find_spec) must not find a module without a spec.
+        for name in stubbed:
+            del sys.modules[name]
 
 
 def init_model_parallel(world_size: int = 1, device: str = "cpu") -> None:
@@ -135,3 +145,26 @@ def meta_completions(
                 out[i].append(r.token)
                 done[i] = len(out[i]) >= max_gen_len
     return out
+
+
+def meta_merged_state_dict(ckpt_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Meta's own `maybe_reshard_state_dict` on ckpt_dir's *.pth shards, at model-parallel size 1:
+    the dense tensors Meta's loader makes of a sharded checkpoint."""
+    import json
+
+    import_meta()
+    from llama_models.checkpoint import maybe_reshard_state_dict
+
+    init_model_parallel(1)
+    params = json.loads((Path(ckpt_dir) / "params.json").read_text())
+    with restore_torch_defaults():  # it sets the default tensor type to bfloat16
+        return maybe_reshard_state_dict(
+            sorted(Path(ckpt_dir).glob("*.pth")), n_kv_heads=params.get("n_kv_heads") or params["n_heads"]
+        )
+
+
+def meta_arch_args(descriptor: str) -> dict[str, Any]:
+    """A model's params.json as Meta's llama_models.sku_list registers it (descriptor e.g. 'Llama3.1-8B')."""
+    from llama_models.sku_list import resolve_model
+
+    return dict(resolve_model(descriptor).arch_args)

@@ -1,0 +1,237 @@
+"""Hugging Face's Llama layout: config.json beside model.safetensors, or beside
+model-0000x-of-0000y.safetensors and model.safetensors.index.json.
+
+Names map one to one onto Meta's. The rows of wq and wk are reordered: Meta rotates consecutive pairs
+(2i, 2i+1) of each head as complex numbers, while transformers' rotate_half pairs (i, i + head_dim/2),
+so its converter (convert_llama_weights_to_hf.py, `permute`) moves row 2i+j of each head to
+j * head_dim/2 + i. Reading undoes that; both directions are pure row permutations, bit for bit.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import family, tiny
+from .checkpoint import (
+    CheckpointError,
+    StateDict,
+    args_from_params,
+    atomic_dir,
+    check_shapes,
+    expected_shapes,
+    own_tensors,
+    read_json,
+)
+from .model import ModelArgs, ffn_hidden_dim
+
+_TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+        "output.weight": "lm_head.weight"}  # fmt: skip
+_LAYER = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
+          "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
+          "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
+          "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
+          "ffn_norm.weight": "post_attention_layernorm.weight"}  # fmt: skip
+_ROPE = {"factor": "rope_scale_factor", "low_freq_factor": "rope_low_freq_factor",
+         "high_freq_factor": "rope_high_freq_factor",
+         "original_max_position_embeddings": "rope_original_context"}  # fmt: skip
+INDEX = "model.safetensors.index.json"
+
+
+def hf_name(key: str) -> str:
+    """The Hugging Face name of Meta's tensor `key`."""
+    if key in _TOP:
+        return _TOP[key]
+    _, layer, rest = key.split(".", 2)
+    return f"model.layers.{layer}.{_LAYER[rest]}"
+
+
+def permute_rotary(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
+    """Reorder the rows of wq or wk (n_heads * head_dim, dim) from Meta's RoPE pairing to Hugging
+    Face's (to_hf) or back."""
+    rows, cols = w.shape
+    half = rows // n_heads // 2
+    shape = (n_heads, half, 2, cols) if to_hf else (n_heads, 2, half, cols)
+    return w.reshape(shape).transpose(1, 2).reshape(rows, cols)
+
+
+_REQUIRED = object()
+
+
+def _get(config: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> Any:
+    if key not in config and default is _REQUIRED:
+        raise CheckpointError(f"{source}: missing key {key!r}")
+    return config.get(key, default)
+
+
+def params_from_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
+    """Meta's params.json dict for a Llama config.json (transformers 4's rope_scaling or 5's rope_parameters)."""
+    if config.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{source}: model_type {config['model_type']!r}, microllama reads 'llama'")
+    if config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r}; Llama's SwiGLU uses 'silu'")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            raise CheckpointError(f"{source}: {key} is true; Llama 3 has no biases")
+    n_heads = _get(config, "num_attention_heads", source)
+    params = {
+        "dim": _get(config, "hidden_size", source),
+        "n_layers": _get(config, "num_hidden_layers", source),
+        "n_heads": n_heads,
+        "n_kv_heads": _get(config, "num_key_value_heads", source, n_heads),
+        "vocab_size": _get(config, "vocab_size", source),
+    }
+    if config.get("head_dim", params["dim"] // n_heads) != params["dim"] // n_heads:
+        raise CheckpointError(f"{source}: head_dim {config['head_dim']} is not hidden_size / num_attention_heads")
+    # params.json gives the SwiGLU size as a rounding rule, config.json as a number: take the rule of the
+    # known model with these shapes, or one that rounds up to exactly that number.
+    hidden = _get(config, "intermediate_size", source)
+    name = family.match(params, hidden, {**tiny.CONFIGS, **family.FAMILY})
+    if name is not None:
+        known = {**tiny.CONFIGS, **family.FAMILY}[name]
+        params.update(multiple_of=known["multiple_of"], ffn_dim_multiplier=known["ffn_dim_multiplier"])
+    else:
+        params.update(multiple_of=hidden, ffn_dim_multiplier=hidden / int(8 * params["dim"] / 3))
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{source}: RoPE type {rope_type!r}; microllama computes 'default' and 'llama3'")
+    params.update(
+        norm_eps=_get(config, "rms_norm_eps", source),
+        rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+        use_scaled_rope=rope_type == "llama3",
+    )
+    if rope_type == "llama3":
+        # Only what the checkpoint's shapes would not imply (a family member's published RoPE factor).
+        inferred = args_from_params(params, source)
+        for hf_key, field in _ROPE.items():
+            value = _get(rope, hf_key, source)
+            if value != getattr(inferred, field):
+                params[field] = value
+    return params
+
+
+def config_from_params(params: dict[str, Any], tied: bool, dtype: torch.dtype) -> dict[str, Any]:
+    """A transformers LlamaConfig dict (config.json) for a params.json dict."""
+    args = args_from_params(params, "params.json")
+    rope_scaling = None
+    if args.use_scaled_rope:
+        rope_scaling = {"rope_type": "llama3", **{k: getattr(args, field) for k, field in _ROPE.items()}}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "intermediate_size": ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier),
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": rope_scaling,
+        "max_position_embeddings": family.CONTEXT if args.use_scaled_rope else args.rope_original_context,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": 128000,
+        "eos_token_id": 128001,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def read_config(ckpt_dir: Union[str, Path]) -> tuple[dict[str, Any], bool]:
+    """Meta's params dict for ckpt_dir/config.json, and whether the output is tied to the embedding."""
+    path = Path(ckpt_dir) / "config.json"
+    config = read_json(path)
+    return params_from_config(config, path), bool(config.get("tie_word_embeddings", False))
+
+
+def safetensors_files(ckpt_dir: Union[str, Path]) -> list[Path]:
+    """model.safetensors, or the files model.safetensors.index.json names."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / INDEX).is_file():
+        weight_map = read_json(ckpt_dir / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{ckpt_dir / INDEX}: no 'weight_map' of tensor names to files")
+        paths = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
+        for path in paths:
+            if not path.is_file():
+                raise CheckpointError(f"{ckpt_dir / INDEX} names {path.name}, which is not in {ckpt_dir}")
+        return paths
+    if not (ckpt_dir / "model.safetensors").is_file():
+        raise CheckpointError(f"{ckpt_dir}: config.json but neither model.safetensors nor {INDEX}")
+    return [ckpt_dir / "model.safetensors"]
+
+
+def open_safetensors(path: Path) -> Any:
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error type for bad headers and short files
+        raise CheckpointError(f"{path}: not a complete safetensors file (truncated?): {e}") from e
+
+
+def read_hf(
+    ckpt_dir: Union[str, Path], args: ModelArgs, device: torch.device, dtype: Optional[torch.dtype]
+) -> StateDict:
+    """Dense tensors in Meta's names, in dtype (None: as stored) on device, memory-mapped as read."""
+    _, tied = read_config(ckpt_dir)
+    expected = {hf_name(k): s for k, s in expected_shapes(args).items() if not (tied and k == "output.weight")}
+    meta_names = {hf_name(k): k for k in expected_shapes(args)}
+    paths = safetensors_files(ckpt_dir)
+    state_dict: StateDict = {}
+    for path in paths:
+        with open_safetensors(path) as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            check_shapes(shapes, {k: s for k, s in expected.items() if k in shapes}, path, "config.json")
+            for key in shapes:
+                tensor = f.get_tensor(key).to(device=device, dtype=dtype)
+                if key.endswith(("q_proj.weight", "k_proj.weight")):
+                    n = args.n_heads if key.endswith("q_proj.weight") else args.n_kv_heads
+                    tensor = permute_rotary(tensor, n, to_hf=False)
+                state_dict[meta_names[key]] = tensor
+    source = Path(ckpt_dir) / (INDEX if len(paths) > 1 else "model.safetensors")
+    check_shapes({hf_name(k): tuple(v.shape) for k, v in state_dict.items()}, expected, source, "config.json")
+    if tied:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+    return state_dict
+
+
+def save_hf(
+    state_dict: StateDict, params: dict[str, Any], out_dir: Union[str, Path], max_shard_bytes: Optional[int] = None
+) -> Path:
+    """Write config.json and safetensors (several files and an index when max_shard_bytes is exceeded).
+    An output equal to the embedding is written once, as tie_word_embeddings."""
+    args = args_from_params(params, "params.json")
+    tied = torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"])
+    tensors = {}
+    for key, t in state_dict.items():
+        if key == "output.weight" and tied:
+            continue
+        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+            t = permute_rotary(t, args.n_heads if key.endswith("wq.weight") else args.n_kv_heads, to_hf=True)
+        tensors[hf_name(key)] = t
+    tensors = own_tensors(tensors)
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    for key, t in tensors.items():
+        if max_shard_bytes and groups[-1] and sum(v.nbytes for v in groups[-1].values()) + t.nbytes > max_shard_bytes:
+            groups.append({})
+        groups[-1][key] = t
+    dtype = state_dict["tok_embeddings.weight"].dtype
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config_from_params(params, tied, dtype), indent=2) + "\n")
+        if len(groups) == 1:
+            save_file(groups[0], tmp / "model.safetensors", metadata={"format": "pt"})
+            return Path(out_dir)
+        weight_map = {}
+        for i, group in enumerate(groups, 1):
+            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            save_file(group, tmp / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(group, name))
+        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return Path(out_dir)

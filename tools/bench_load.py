@@ -1,0 +1,103 @@
+"""Peak host memory while loading a checkpoint, as a multiple of the checkpoint's bytes.
+
+    python tools/bench_load.py run --out /tmp/bench            # llama3.2-1b shapes, 2 layers: 1.29 GB
+    python tools/bench_load.py run --out /tmp/bench --device cuda
+
+"Peak host memory" here is the rise of the loading process's peak resident set (VmHWM) over its
+resident set just before loading, after every weight has been read once. VmHWM counts anonymous memory
+and the touched pages of memory-mapped files alike, so the weights that a memory-mapped load leaves in
+the page cache are counted in full, as if they had been copied; the figure is an upper bound on what
+loading costs. Each load runs in a fresh process, so nothing cached in this one counts.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import fire
+import torch
+
+from microllama import family
+from microllama.checkpoint import convert, load_model, save_meta
+from microllama.hf import save_hf
+
+
+def _status(field: str) -> int:
+    """A field of /proc/self/status in bytes (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def build(out: str, name: str = "llama3.2-1b", n_layers: int = 2, layout: str = "meta", seed: int = 0) -> Path:
+    """Write a bf16 checkpoint of registry model `name` cut to n_layers, with random weights."""
+    params = {**family.FAMILY[name], "n_layers": n_layers}
+    args = family.model_args(name, n_layers=n_layers)
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in family.Transformer(args).state_dict().items()}
+    state_dict = {k: torch.randn(s, generator=g, dtype=torch.float32).to(torch.bfloat16) for k, s in shapes.items()}
+    return save_meta(state_dict, params, out) if layout == "meta" else save_hf(state_dict, params, out)
+
+
+def measure(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu") -> dict:
+    """Load ckpt_dir in this process, read every weight once, and return the memory figures."""
+    ckpt_bytes = sum(p.stat().st_size for p in Path(ckpt_dir).iterdir() if p.suffix in (".pth", ".safetensors"))
+    import microllama.hf  # noqa: F401  (imported lazily by load_model; modules are not what is measured)
+
+    before = _status("VmRSS")
+    start = time.perf_counter()
+    model = load_model(ckpt_dir, max_seq_len=16, device=device, dtype=dtype)
+    seconds = time.perf_counter() - start
+    for p in model.parameters():  # one byte per 4 KiB page: every mapped page becomes resident
+        p.detach().reshape(-1).view(torch.uint8)[::4096].sum()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    peak = _status("VmHWM") - before
+    figures = {
+        "checkpoint": ckpt_dir, "dtype": dtype, "device": device, "checkpoint_bytes": ckpt_bytes,
+        "peak_host_bytes": peak, "ratio": round(peak / ckpt_bytes, 3), "load_seconds": round(seconds, 2),
+        "rss_anon_after": _status("RssAnon"), "rss_file_after": _status("RssFile"),
+    }  # fmt: skip
+    if device.startswith("cuda"):
+        figures["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
+    return figures
+
+
+def measure_in_subprocess(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu") -> dict:
+    """measure() in a fresh Python process, so nothing cached here counts."""
+    code = f"import json, tools.bench_load as b; print(json.dumps(b.measure({ckpt_dir!r}, {dtype!r}, {device!r})))"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
+    if done.returncode:
+        raise RuntimeError(f"measuring {ckpt_dir} failed: {done.stderr.strip().splitlines()[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(out: str, name: str = "llama3.2-1b", n_layers: int = 2, device: str = "cpu", dtypes: Optional[list] = None):
+    """Build the checkpoint under OUT (once) in Meta's layout, one file and 2 shards, and Hugging Face's;
+    print the peak-memory ratio of each load."""
+    for layout in ("meta", "hf", "meta-2-shards"):
+        path = Path(out) / f"{name}-{n_layers}l-{layout}"
+        if not path.exists() and layout == "meta-2-shards":
+            convert(Path(out) / f"{name}-{n_layers}l-meta", path, "meta", shards=2)
+        elif not path.exists():
+            build(str(path), name, n_layers, layout)
+        for dtype in dtypes or ["bfloat16", "float32"]:
+            f = measure_in_subprocess(str(path), dtype, device)
+            gpu = f" cuda max allocated {f['cuda_max_allocated'] / 1e9:.3f} GB" if "cuda_max_allocated" in f else ""
+            print(
+                f"{layout:<13} {dtype:<8} -> {device}: checkpoint {f['checkpoint_bytes'] / 1e9:.3f} GB, peak host "
+                f"{f['peak_host_bytes'] / 1e9:.3f} GB, ratio {f['ratio']:.3f} (anon {f['rss_anon_after'] / 1e9:.3f} "
+                f"GB, file-backed {f['rss_file_after'] / 1e9:.3f} GB after), {f['load_seconds']} s{gpu}"
+            )
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run, "build": build, "measure": measure})
