@@ -1,6 +1,7 @@
 """The dense Llama 3.1 transformer: Meta's reference model with nn.Linear and nn.Embedding in place
 of fairscale's parallel layers, computing the same thing op for op on one device."""
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Optional
@@ -67,6 +68,9 @@ class ModelArgs:
         """Build from a Meta `params.json` dict; keys ModelArgs does not know are ignored, as Meta does."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in {**params, **overrides}.items() if k in known})
+
+    def replace(self, **changes: Any) -> "ModelArgs":
+        return dataclasses.replace(self, **changes)
 
 
 class RMSNorm(nn.Module):
