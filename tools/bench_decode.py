@@ -1,0 +1,105 @@
+"""Prefill and decode speed of the model with its KV cache, default and flash attention side by side.
+
+    python tools/bench_decode.py                                   # tiny checkpoint shapes, CPU
+    python tools/bench_decode.py --model llama3.1-8b --device cuda  # 8B shapes, random bf16 weights
+
+Weights are random (no checkpoint is read): speed depends on shapes, not values. Each figure is the
+median of --repeats runs after one warm-up; CUDA work is synchronised before each clock read. The
+decode loop feeds back the argmax, as greedy generation does.
+"""
+
+import statistics
+import time
+from typing import Optional
+
+import fire
+import torch
+
+from microllama import family, tiny
+from microllama.checkpoint import parse_dtype
+from microllama.model import ModelArgs, Transformer
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.inference_mode()
+def decode_run(model: Transformer, batch_size: int, prompt_len: int, gen_len: int) -> tuple[float, float, list]:
+    """Seconds for the prefill, seconds per decoded token, and the decoded ids."""
+    device = model.output.weight.device
+    tokens = torch.randint(0, model.vocab_size, (batch_size, prompt_len), device=device,
+                           generator=torch.Generator(device=device).manual_seed(0))  # fmt: skip
+    model.setup_cache(batch_size, prompt_len + gen_len)
+    try:
+        t0 = _clock(device)
+        next_token = model(tokens, 0)[:, -1].argmax(-1, keepdim=True)
+        t1 = _clock(device)
+        out = [next_token]
+        for pos in range(prompt_len, prompt_len + gen_len - 1):
+            next_token = model(next_token, pos)[:, -1].argmax(-1, keepdim=True)
+            out.append(next_token)
+        t2 = _clock(device)
+    finally:
+        model.clear_cache()
+    return t1 - t0, (t2 - t1) / max(gen_len - 1, 1), torch.cat(out, 1).tolist()
+
+
+def benchmark(
+    model: str = "tiny",
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+    n_layers: Optional[int] = None,
+    batch_size: int = 1,
+    prompt_len: int = 128,
+    gen_len: int = 64,
+    repeats: int = 3,
+) -> list[dict]:
+    """One row per attention path: prefill tokens/s, decode ms/token and tokens/s, peak GPU memory."""
+    params = {**(tiny.CONFIGS.get(model) or family.FAMILY[model])}
+    if n_layers is not None:
+        params["n_layers"] = n_layers
+    device_ = torch.device(device)
+    dtype_ = parse_dtype(dtype) if dtype else torch.bfloat16 if device_.type == "cuda" else torch.float32
+    rows = []
+    weights = None
+    for flash in (False, True):
+        args = ModelArgs.from_params(params, max_seq_len=prompt_len + gen_len, max_batch_size=batch_size, flash=flash)
+        torch.manual_seed(0)
+        with torch.device(device_):
+            net = Transformer(args).to(dtype_).eval()
+        if weights is None:
+            weights = net.state_dict()
+        net.load_state_dict(weights)  # both paths run the same weights
+        if device_.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device_)
+        decode_run(net, batch_size, prompt_len, min(gen_len, 4))  # warm-up
+        runs = [decode_run(net, batch_size, prompt_len, gen_len) for _ in range(repeats)]
+        prefill, per_token = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        rows.append({
+            "path": "flash" if flash else "default",
+            "prefill_tok_s": batch_size * prompt_len / prefill,
+            "decode_ms_per_step": per_token * 1e3,
+            "decode_tok_s": batch_size / per_token,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated(device_) / 2**30 if device_.type == "cuda" else None,
+            "tokens": runs[0][2],
+        })  # fmt: skip
+        del net
+    return rows
+
+
+def main(**kwargs) -> None:
+    rows = benchmark(**kwargs)
+    print(f"{'path':<8} {'prefill tok/s':>14} {'decode ms/step':>15} {'decode tok/s':>13} {'peak GPU GiB':>13}")
+    for r in rows:
+        gib = "-" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.2f}"
+        print(f"{r['path']:<8} {r['prefill_tok_s']:>14.1f} {r['decode_ms_per_step']:>15.3f} "
+              f"{r['decode_tok_s']:>13.1f} {gib:>13}")  # fmt: skip
+    same = rows[0]["tokens"] == rows[1]["tokens"]
+    print(f"greedy ids from both paths {'identical' if same else 'differ (near-ties in low precision)'}")
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
