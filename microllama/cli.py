@@ -1,4 +1,4 @@
-"""The `microllama` command: generate text, build the tiny checkpoint."""
+"""The `microllama` command: generate text, build the tiny checkpoint, verify against goldens."""
 
 import sys
 from collections.abc import Sequence
@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import fire
 
-from . import tiny
+from . import goldens, tiny
 from .generation import Llama
 
 
@@ -64,7 +64,17 @@ def make_tiny(out_dir: str, name: str = "tiny", seed: int = tiny.DEFAULT_SEED) -
     print(f"wrote {path} (sha256 {(path / 'sha256.txt').read_text().strip()})")
 
 
-COMMANDS = {"generate": generate, "make-tiny": make_tiny}
+def verify(golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None) -> None:
+    """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
+    capture point and the first divergent one; exit status 1 on divergence. ckpt_dir defaults to the
+    set's own checkpoint (a directory, or tiny / tiny-hd128)."""
+    comparison = goldens.verify(golden_dir, ckpt_dir, device)
+    print(goldens.format_comparison(comparison))
+    if comparison.diverged:
+        sys.exit(1)
+
+
+COMMANDS = {"generate": generate, "make-tiny": make_tiny, "verify": verify}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
