@@ -1,4 +1,5 @@
-"""The `microllama` command: generate text, build the tiny checkpoint, convert and describe checkpoints."""
+"""The `microllama` command: generate text, build the tiny checkpoint, verify against goldens, convert and
+describe checkpoints."""
 
 import sys
 from collections.abc import Sequence
@@ -8,7 +9,7 @@ from typing import Optional, Union
 import fire
 import torch
 
-from . import family, tiny
+from . import family, goldens, tiny
 from .checkpoint import args_from_params, checkpoint_params, config_path, layout, stored_bytes
 from .checkpoint import convert as convert_checkpoint
 from .generation import Llama
@@ -121,7 +122,17 @@ def info(target: str) -> None:
         )
 
 
-COMMANDS = {"generate": generate, "make-tiny": make_tiny, "convert": convert, "info": info}
+def verify(golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None) -> None:
+    """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
+    capture point and the first divergent one; exit status 1 on divergence. ckpt_dir defaults to the
+    set's own checkpoint (a directory, or tiny / tiny-hd128)."""
+    comparison = goldens.verify(golden_dir, ckpt_dir, device)
+    print(goldens.format_comparison(comparison))
+    if comparison.diverged:
+        sys.exit(1)
+
+
+COMMANDS = {"generate": generate, "make-tiny": make_tiny, "verify": verify, "convert": convert, "info": info}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -12,7 +12,8 @@ Everything odd about running it is handled here, once:
   for one process: `init_model_parallel()` makes a gloo group (CPU) or nccl group (CUDA). Under
   torchrun it joins the group torchrun describes; in-process it makes a group of one.
 - Global state. Meta's checkpoint loader sets torch's default tensor type to bfloat16, and
-  `Llama3.build` sets the default device. `restore_torch_defaults()` puts both back.
+  `Llama3.build` sets the default device. `restore_torch_defaults()` puts both back; Meta's
+  `generate` makes its tensors on the default device, so `meta_completions` sets it for the call.
 """
 
 import contextlib
@@ -134,7 +135,11 @@ def meta_completions(
     at the first stop token (excluded) or after max_gen_len tokens."""
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    for step in llama.completion(list(prompts), temperature=temperature, top_p=top_p, max_gen_len=max_gen_len):
+    with restore_torch_defaults():
+        # Meta's generate makes its token tensors on the default device, which its build set globally.
+        torch.set_default_device(next(llama.model.parameters()).device)
+        steps = list(llama.completion(list(prompts), temperature=temperature, top_p=top_p, max_gen_len=max_gen_len))
+    for step in steps:
         for r in step:
             i = r.batch_idx
             if r.ignore_token or done[i]:

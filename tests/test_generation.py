@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from microllama import Llama
-
-from tolerances import LOGITS_ATOL
+from microllama.tolerances import LOGITS_ATOL
 
 PROMPTS = ["Clearly, the meaning of life is", "Hi", "The repo llm.c on GitHub is"]
 

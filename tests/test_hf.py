@@ -16,8 +16,7 @@ from microllama.generation import Llama
 from microllama.hf import INDEX, config_from_params, params_from_config, permute_rotary, read_config, save_hf
 from microllama.model import apply_rotary_emb, precompute_freqs_cis
 from microllama.tiny import CONFIGS, tiny_state_dict
-
-from tolerances import LOGITS_ATOL
+from microllama.tolerances import LOGITS_ATOL
 
 
 @pytest.fixture(scope="module")

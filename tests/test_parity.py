@@ -5,9 +5,8 @@ import torch
 
 from microllama import Llama
 from microllama.checkpoint import load_model
+from microllama.tolerances import LOGITS_ATOL
 from reference_harness.meta import meta_completions, meta_llama, meta_transformer
-
-from tolerances import LOGITS_ATOL
 
 pytestmark = pytest.mark.reference
 
