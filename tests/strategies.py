@@ -125,10 +125,12 @@ def long_runs(draw: st.DrawFn, min_run: int = 25_001, max_run: int = 60_000) -> 
 
 
 @st.composite
-def text_with_special_tokens(draw: st.DrawFn) -> str:
-    """Plain text with special-token text spliced in, sometimes right against other text."""
-    parts = draw(st.lists(st.text(unicode_chars, max_size=12) | special_token_text, min_size=1, max_size=8))
-    return "".join(parts)
+def special_token_case(draw: st.DrawFn) -> tuple[str, set[str]]:
+    """Text spliced from plain pieces and a few special tokens (sometimes right against other text),
+    and those tokens."""
+    pool = draw(st.sets(special_token_text, min_size=1, max_size=4))
+    parts = draw(st.lists(st.text(unicode_chars, max_size=10) | st.sampled_from(sorted(pool)), min_size=1, max_size=8))
+    return "".join(parts), pool
 
 
 def greedy_is_decisive(logits: torch.Tensor, atol: float, rtol: float) -> bool:

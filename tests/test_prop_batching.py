@@ -11,6 +11,8 @@ from microllama.generation import Llama
 from tests.strategies import SmallVocabTokenizer, greedy_is_decisive, random_transformer, small_model_args, token_ids
 from tests.tolerances import RESHAPED_LOGITS
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ATOL, RTOL = RESHAPED_LOGITS[torch.float32]
 
 
@@ -40,7 +42,7 @@ def tiny_llama_bf16(tiny_ckpt, tokenizer):
 
 
 @pytest.mark.slow
-@settings(max_examples=3)
+@settings(max_examples=8)
 @given(prompts=st.lists(st.text(max_size=24), min_size=2, max_size=3), max_gen_len=st.integers(1, 6))
 def test_greedy_text_completion_alone_equals_in_batch_on_tiny_checkpoint(tiny_llama_bf16, prompts, max_gen_len):
     # bfloat16 on the default path: cached and uncached logits are bit-identical there (tolerances.py),

@@ -10,6 +10,9 @@ from microllama.model import Transformer, repeat_kv
 from tests.strategies import random_transformer, small_model_args, token_ids
 from tests.tolerances import RESHAPED_LOGITS
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 seeds = st.integers(0, 2**32 - 1)
 
 

@@ -17,7 +17,10 @@ from tests.strategies import (
     small_model_args,
     token_ids,
 )
-from tests.tolerances import RESHAPED_LOGITS
+from tests.tolerances import LOGITS, RESHAPED_LOGITS
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 ATOL, RTOL = RESHAPED_LOGITS[torch.float32]
 seeds = st.integers(0, 2**32 - 1)
@@ -58,14 +61,21 @@ def draw_batch(data: st.DataObject, vocab_size: int, max_len: int, max_bsz: int 
     return torch.tensor(rows), data.draw(chunkings(seqlen), label="chunk sizes")
 
 
+# On CUDA other kernels serve the two shapes; the table's cross-kernel float32 entry bounds them.
+DEVICE_TOLERANCE = {"cpu": RESHAPED_LOGITS[torch.float32], "cuda": LOGITS[torch.float32]}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("flash", [False, True], ids=["default", "flash"])
 @given(data=st.data(), seed=seeds)
-def test_cached_decode_equals_full_forward(flash, data, seed):
-    model = random_transformer(data.draw(small_model_args(flash=flash), label="args"), seed)
+def test_cached_decode_equals_full_forward(device, flash, data, seed):
+    model = random_transformer(data.draw(small_model_args(flash=flash), label="args"), seed).to(device)
     tokens, sizes = draw_batch(data, model.vocab_size, model.params.max_seq_len)
+    tokens = tokens.to(device)
     with torch.inference_mode():
         full = model(tokens)
-    torch.testing.assert_close(cached_logits(model, tokens, sizes), full, atol=ATOL, rtol=RTOL)
+    atol, rtol = DEVICE_TOLERANCE[device]
+    torch.testing.assert_close(cached_logits(model, tokens, sizes), full, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("flash", [False, True], ids=["default", "flash"])
@@ -82,7 +92,7 @@ def test_cached_greedy_continuation_equals_full_forward_greedy(flash, args, seed
 @pytest.fixture(scope="module")
 def tiny_models(tiny_ckpt):
     """The tiny checkpoint per (dtype, flash), loaded once. Its real 128,256-token vocabulary makes each
-    forward cost ~0.2 s on 2 CPU cores, hence few, short examples."""
+    forward cost 10 to 200 ms on 2 CPU cores, hence few, short examples."""
     return {
         (dtype, flash): load_model(tiny_ckpt, max_seq_len=64, max_batch_size=2, dtype=dtype, flash=flash)
         for dtype in (torch.float32, torch.bfloat16)
@@ -92,22 +102,22 @@ def tiny_models(tiny_ckpt):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("flash", [False, True], ids=["default", "flash"])
-@settings(max_examples=4)
+@settings(max_examples=10)
 @given(data=st.data())
 def test_cached_decode_equals_full_forward_on_tiny_checkpoint(tiny_models, flash, data):
     model = tiny_models[torch.float32, flash]
-    tokens, sizes = draw_batch(data, model.vocab_size, 24, max_bsz=2)
+    tokens, sizes = draw_batch(data, model.vocab_size, 48, max_bsz=2)
     with torch.inference_mode():
         full = model(tokens)
     torch.testing.assert_close(cached_logits(model, tokens, sizes), full, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.slow
-@settings(max_examples=4)
+@settings(max_examples=10)
 @given(data=st.data())
 def test_cached_decode_bit_identical_in_bf16_on_tiny_checkpoint(tiny_models, data):
     model = tiny_models[torch.bfloat16, False]
-    tokens, sizes = draw_batch(data, model.vocab_size, 24, max_bsz=2)
+    tokens, sizes = draw_batch(data, model.vocab_size, 48, max_bsz=2)
     with torch.inference_mode():
         full = model(tokens)
     assert torch.equal(cached_logits(model, tokens, sizes), full)

@@ -21,6 +21,9 @@ from tests.strategies import (
     rope_theta,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 any_constants = rope_scaling_constants()
 
 

@@ -10,6 +10,8 @@ from microllama.model import apply_rotary_emb, precompute_freqs_cis
 from tests.strategies import head_dims, rope_theta
 from tests.tolerances import FP32_UNIT_ROUNDOFF
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MAX_POSITION = 4096
 
 

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from microllama.model import RMSNorm, ffn_hidden_dim
 from tests.tolerances import FP32_UNIT_ROUNDOFF
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 dims = st.integers(1, 1024)
 multiples = st.sampled_from([1, 2, 8, 32, 64, 256, 1024, 4096]) | st.integers(1, 5000)
 multipliers = st.none() | st.floats(0.25, 4.0)

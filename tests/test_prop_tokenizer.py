@@ -7,10 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.strategies import long_runs, special_token_text, unicode_chars, unicode_text
+from microllama.tokenizer import TIKTOKEN_MAX_ENCODE_CHARS
+from tests.strategies import long_runs, special_token_case, unicode_chars, unicode_text
 
 NUM_BASE_TOKENS = 128_000  # ids at or above this are special tokens
-TIKTOKEN_CUT = 400_000
 
 
 def special_ids(ids: list[int]) -> list[int]:
@@ -22,14 +22,6 @@ def occurrences(s: str, tokens: set[str]) -> list[str]:
     if not tokens:
         return []
     return re.findall("|".join(map(re.escape, sorted(tokens))), s)
-
-
-@st.composite
-def special_token_case(draw: st.DrawFn) -> tuple[str, set[str]]:
-    """Text spliced from plain pieces and a few special tokens, and those tokens."""
-    pool = draw(st.sets(special_token_text, min_size=1, max_size=4))
-    parts = draw(st.lists(st.text(unicode_chars, max_size=10) | st.sampled_from(sorted(pool)), min_size=1, max_size=8))
-    return "".join(parts), pool
 
 
 def allowed_or_disallowed(pool: set[str]) -> st.SearchStrategy:
@@ -49,7 +41,7 @@ def test_decode_inverts_encode(tokenizer, s):
 
 @pytest.mark.reference
 @pytest.mark.slow
-@settings(max_examples=4, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=8, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(long_runs())
 def test_runs_beyond_25k_characters_encode_as_meta_and_round_trip(tokenizer, meta_tokenizer, s):
     ids = tokenizer.encode(s, bos=False, eos=False)
@@ -59,11 +51,11 @@ def test_runs_beyond_25k_characters_encode_as_meta_and_round_trip(tokenizer, met
 
 @pytest.mark.reference
 @pytest.mark.slow
-@settings(max_examples=2, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3, suppress_health_check=[HealthCheck.too_slow])
 @given(st.text(unicode_chars, min_size=1, max_size=40), st.integers(1, 60_000))
 def test_text_beyond_400k_characters_encodes_as_meta_and_round_trips(tokenizer, meta_tokenizer, unit, extra):
     # A repeated unit, cut at a random length past tiktoken's 400k-character limit.
-    s = (unit * (TIKTOKEN_CUT // len(unit) + extra))[: TIKTOKEN_CUT + extra]
+    s = (unit * (TIKTOKEN_MAX_ENCODE_CHARS // len(unit) + extra))[: TIKTOKEN_MAX_ENCODE_CHARS + extra]
     ids = tokenizer.encode(s, bos=True, eos=True)
     assert ids == meta_tokenizer.encode(s, bos=True, eos=True)
     assert tokenizer.decode(ids[1:-1]) == s
