@@ -9,11 +9,17 @@ from hypothesis import HealthCheck, settings
 
 from microllama.tiny import default_ckpt_dir
 
-# ci: derandomized and bounded, so CI is reproducible and fast; dev: more examples, random seeds.
+# ci: derandomized and bounded, so CI is reproducible and fast; dev: more examples (200, or
+# $HYPOTHESIS_MAX_EXAMPLES), random seeds. Tests with their own max_examples (costly ones) keep it.
 settings.register_profile(
     "ci", derandomize=True, max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
-settings.register_profile("dev", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "dev",
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", 200)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 HAVE_REFERENCE = all(importlib.util.find_spec(m) is not None for m in ("llama_models", "fairscale"))
@@ -43,8 +49,16 @@ def tiny_hd128_ckpt():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from microllama.tokenizer import Tokenizer
+    """microllama's Tokenizer. Without llama-models (the `core` tox env) tokenizer.model is found only
+    through $MICROLLAMA_TOKENIZER: tests that need it skip, naming what to set."""
+    from microllama.tokenizer import Tokenizer, find_tokenizer_model
 
+    try:
+        find_tokenizer_model()
+    except FileNotFoundError as e:
+        if HAVE_REFERENCE:
+            raise
+        pytest.skip(f"needs tokenizer.model: {e}")
     return Tokenizer()
 
 
@@ -53,6 +67,16 @@ def meta_tokenizer():
     from reference_harness.meta import import_meta
 
     return import_meta().tokenizer.Tokenizer.get_instance()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module of many tiny ops: on a busy 2-core machine a second OpenMP
+    thread makes each op wait for a time slice (one small-model generate: 2.7 s on 2 threads, 0.015 s on 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
