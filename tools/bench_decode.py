@@ -67,12 +67,17 @@ def benchmark(
     weights = None
     for flash in (False, True):
         args = ModelArgs.from_params(params, max_seq_len=prompt_len + gen_len, max_batch_size=batch_size, flash=flash)
-        torch.manual_seed(0)
-        with torch.device(device_):
-            net = Transformer(args).to(dtype_).eval()
-        if weights is None:
+        with torch.device("meta"):
+            net = Transformer(args).to(dtype_)
+        if weights is None:  # random weights, drawn once in dtype on the device: no float32 copy of an 8B model
+            net = net.to_empty(device=device_)
+            generator = torch.Generator(device=device_).manual_seed(0)
+            for p in net.parameters():
+                p.data.normal_(0.0, p.shape[-1] ** -0.5, generator=generator)
             weights = net.state_dict()
-        net.load_state_dict(weights)  # both paths run the same weights
+        else:  # both paths run the same tensors
+            net.load_state_dict(weights, assign=True)
+        net.eval()
         if device_.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device_)
         decode_run(net, batch_size, prompt_len, min(gen_len, 4))  # warm-up
