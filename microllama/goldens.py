@@ -28,7 +28,7 @@ import platform
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Optional, Union
@@ -359,6 +359,7 @@ class Comparison:
     logits_sha256_equal: list[bool]
     prompt_ids_equal: bool
     completions_equal: dict[str, list[bool]] = field(default_factory=dict)
+    completions_not_compared: dict[str, str] = field(default_factory=dict)  # kind -> why
 
     @property
     def first_divergent(self) -> Optional[str]:
@@ -462,10 +463,13 @@ def check_forwards(golden: GoldenSet, model: nn.Module, exact: bool) -> tuple[li
     return compare_records(golden, records, exact)
 
 
-def check_completions(golden: GoldenSet, llama: Llama) -> dict[str, list[bool]]:
-    """Per completion kind (greedy, top_p), whether each prompt's generated ids equal the recorded ones."""
+def check_completions(golden: GoldenSet, llama: Llama, skip: Collection[str] = ()) -> dict[str, list[bool]]:
+    """Per completion kind (greedy, top_p) not in skip, whether each prompt's generated ids equal the
+    recorded ones."""
     completions = {}
     for kind, expected in golden.outputs["completions"].items():
+        if kind in skip:
+            continue
         s = golden.manifest["completions"][kind]
         ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in s["prompts"]]
         tokens, _ = llama.generate(ids, s["max_gen_len"], s["temperature"], s["top_p"], seed=s.get("seed"))
@@ -479,7 +483,8 @@ def verify(
     device: Optional[Union[str, torch.device]] = None,
 ) -> Comparison:
     """Check microllama (on ckpt_dir, default the set's own checkpoint; on the set's device unless
-    given) against a golden set: capture points, logits, prompt ids, greedy and top-p completions."""
+    given, or the CPU where that is CUDA and none is here) against a golden set: capture points,
+    logits, prompt ids, greedy and top-p completions (sampled ones only on the recording's device type)."""
     golden = read_set(golden_dir)
     m = golden.manifest
     if ckpt_dir is None:
@@ -490,11 +495,20 @@ def verify(
         else:
             raise GoldenError(f"{golden.path}: its checkpoint {m['checkpoint']['dir']} is not here; pass --ckpt_dir")
     ckpt_dir = resolve_ckpt_dir(ckpt_dir)
-    device = torch.device(device or m["device"])
+    if device is None:  # the set's own device, else the CPU (the check then says so and uses tolerances)
+        device = m["device"] if torch.device(m["device"]).type != "cuda" or torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise GoldenError(f"{golden.path} was recorded on cuda and torch sees no CUDA device here; pass --device cpu")
+        raise GoldenError(f"--device {device} was asked for, but torch sees no CUDA device here")
     model = load_model(ckpt_dir, m["model"]["max_seq_len"], m["model"]["max_batch_size"], device, golden.dtype)
     exact, mode = bit_exact_expected(golden, device)
+    # A seed gives one random stream on the CPU and another on CUDA: sampled ids compare on one device type.
+    sampling_comparable = device.type == torch.device(m["device"]).type
+    not_compared = {
+        kind: f"sampled with the {m['device']} generator, checked on {device.type}: random streams differ by device"
+        for kind, s in m["completions"].items()
+        if s["temperature"] > 0 and not sampling_comparable
+    }
     points, sha_equal = check_forwards(golden, model, exact)
     llama = Llama(model, Tokenizer(ckpt_dir=ckpt_dir))
     return Comparison(
@@ -507,7 +521,8 @@ def verify(
         logits_sha256_equal=sha_equal,
         prompt_ids_equal=[llama.tokenizer.encode(p, bos=True, eos=False) for p in m["prompts"]]
         == golden.outputs["prompt_ids"],
-        completions_equal=check_completions(golden, llama),
+        completions_equal=check_completions(golden, llama, skip=not_compared),
+        completions_not_compared=not_compared,
     )
 
 
@@ -535,5 +550,7 @@ def format_comparison(c: Comparison) -> str:
     ]
     for kind, equal in c.completions_equal.items():
         lines.append(f"{kind} completions: {sum(equal)}/{len(equal)} identical")
+    for kind, why in c.completions_not_compared.items():
+        lines.append(f"{kind} completions: not compared ({why})")
     lines.append(f"first divergent capture point: {c.first_divergent or 'none'}")
     return "\n".join(lines)
