@@ -312,11 +312,13 @@ def platform_fingerprint(device: Union[str, torch.device]) -> dict[str, str]:
 
 
 def checkpoint_record(ckpt_dir: Union[str, Path]) -> dict[str, Any]:
-    """The manifest's checkpoint entry: state_dict_sha256 (names, dtypes, shapes and bytes of every
-    tensor, so independent of torch's file format) and, for an embedded tiny checkpoint, its name."""
+    """The manifest's checkpoint entry: state_dict_sha256 of the dense tensors (names, dtypes, shapes
+    and bytes, so independent of torch's file format and of sharding), the number of Meta-layout
+    tensor-parallel shard files it was read from, and, for an embedded tiny checkpoint, its name."""
     digest = state_dict_sha256(read_checkpoint(ckpt_dir)[1])
     tiny = next((name for name, sha in TINY_SHA256.items() if sha == digest), None)
-    return {"tiny": tiny, "dir": None if tiny else str(Path(ckpt_dir).resolve()), "sha256": digest}
+    shards = len(list(Path(ckpt_dir).glob("*.pth")))
+    return {"tiny": tiny, "dir": None if tiny else str(Path(ckpt_dir).resolve()), "sha256": digest, "shards": shards}
 
 
 def resolve_ckpt_dir(ckpt_dir: Optional[Union[str, Path]]) -> Path:
@@ -530,7 +532,9 @@ def format_comparison(c: Comparison) -> str:
     """The per-capture-point table and the verdict lines that `microllama verify` prints."""
     m = c.golden.manifest
     lines = [
-        f"golden set {c.golden.path}: {m['checkpoint']['tiny'] or m['checkpoint']['dir']}, {m['dtype']}, "
+        f"golden set {c.golden.path}: {m['checkpoint']['tiny'] or m['checkpoint']['dir']}"
+        + (f" (read from {m['checkpoint']['shards']} shards)" if m["checkpoint"].get("shards", 1) > 1 else "")
+        + f", {m['dtype']}, "
         f"{m['device']}, world size {m['world_size']}, recorded with torch {m['versions']['torch']} "
         f"({m['platform']['cpu_capability']}{', ' + m['platform']['gpu'] if 'gpu' in m['platform'] else ''})",
         f"checkpoint {c.ckpt_dir}: sha256 " + ("matches the recording" if c.checkpoint_matches else "DIFFERS"),

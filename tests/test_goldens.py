@@ -19,6 +19,7 @@ GOLDENS = Path(__file__).resolve().parents[1] / "goldens"
 COMMITTED = [
     "tiny-fp32-cpu-ws1", "tiny-bf16-cpu-ws1", "tiny-fp32-cpu-ws2", "tiny-hd128-bf16-cpu-ws1",
     "tiny-fp32-cuda-ws1", "tiny-bf16-cuda-ws1",  # recorded on an H200: checked here across platforms
+    "tiny-kv4-fp32-cpu-ws4",  # Meta at 4 ranks, each loading its own shard of a 4-shard checkpoint
 ]  # fmt: skip
 SETS = sorted({p.parent.name for p in GOLDENS.glob("*/manifest.json")} | set(COMMITTED))
 
@@ -198,3 +199,16 @@ def test_llama31_8b_greedy_completions_match_meta_published():
     prompts = [case["prompt"] for case in reference["cases"]]
     out = llama.text_completion(prompts, temperature=s["temperature"], max_gen_len=s["max_gen_len"])
     assert [c.generation for c in out] == [case["completion"] for case in reference["cases"]]
+
+
+@pytest.mark.parametrize(("name", "shards"), [("tiny-fp32-cpu-ws2", 2), ("tiny-kv4-fp32-cpu-ws4", 4)])
+def test_microllama_on_the_sharded_checkpoint_matches_metas_tensor_parallel_goldens(tmp_path, name, shards):
+    """Meta recorded these at world size N from N shard files; microllama merges the same N files into
+    dense tensors in one process and must match within tolerance, with identical completions."""
+    golden = goldens.read_set(GOLDENS / name)
+    assert golden.manifest["checkpoint"]["shards"] == shards
+    sharded = tmp_path / f"mp{shards}"
+    cli_main(["convert", str(goldens.resolve_ckpt_dir(golden.manifest["checkpoint"]["tiny"])), str(sharded),
+              "--to", "meta", "--shards", str(shards)])  # fmt: skip
+    c = goldens.verify(GOLDENS / name, ckpt_dir=sharded)
+    assert c.checkpoint_matches and not c.exact and not c.diverged
