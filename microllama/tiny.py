@@ -9,15 +9,13 @@ same bytes everywhere; the recorded sha256 makes drift (a new numpy, a new bf16 
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from .checkpoint import state_dict_sha256
+from .checkpoint import atomic_dir, state_dict_sha256
 from .model import ModelArgs, Transformer
 
 CONFIGS: dict[str, dict] = {
@@ -71,9 +69,6 @@ def make_tiny(out_dir: Union[str, Path], name: str = "tiny", seed: int = DEFAULT
     half-written directory is never left at out_dir). Returns out_dir."""
     if name not in CONFIGS:
         raise ValueError(f"unknown tiny config {name!r}; expected one of {', '.join(CONFIGS)}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
     state_dict = tiny_state_dict(CONFIGS[name], seed)
     digest = state_dict_sha256(state_dict)
     if seed == DEFAULT_SEED and SHA256[name] and digest != SHA256[name]:
@@ -81,19 +76,11 @@ def make_tiny(out_dir: Union[str, Path], name: str = "tiny", seed: int = DEFAULT
             f"tiny checkpoint {name!r} drifted: sha256 {digest} != recorded {SHA256[name]} "
             f"(numpy {np.__version__}, torch {torch.__version__}); the goldens no longer apply to it"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "params.json").write_text(json.dumps(CONFIGS[name], indent=2) + "\n")
         torch.save(state_dict, tmp / "consolidated.00.pth")
         (tmp / "sha256.txt").write_text(digest + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def cache_dir() -> Path:

@@ -28,12 +28,14 @@ from .meta import meta_completions, meta_llama
 REPO = Path(__file__).resolve().parents[1]
 # The four classic prompts, then an empty one (BOS alone: a one-position forward, no mask) and a
 # longer paragraph, so the cases span 1 to about 70 positions.
-PROMPTS = [
+CLASSIC_PROMPTS = [
     "Clearly, the meaning of life is",
     "Simply put, the theory of relativity states that",
     "The repo llm.c on GitHub is",
     "Translate English to French:\n\n        sea otter => loutre de mer\n        peppermint => menthe poivrée\n"
     "        plush girafe => girafe peluche\n        cheese =>",
+]
+PROMPTS = CLASSIC_PROMPTS + [
     "",
     "In the first decades of the twentieth century, physicists found that light behaves both as a wave and as a "
     "particle. The debates this started between Bohr, Einstein and their students shaped how we think about "

@@ -7,17 +7,11 @@ from microllama import Llama
 from microllama.checkpoint import load_model
 from microllama.tolerances import LOGITS_ATOL
 from reference_harness.meta import meta_completions, meta_llama, meta_transformer
+from reference_harness.record import CLASSIC_PROMPTS as PROMPTS
 
 pytestmark = pytest.mark.reference
 
 DTYPES = [torch.float32, torch.bfloat16]
-PROMPTS = [
-    "Clearly, the meaning of life is",
-    "Simply put, the theory of relativity states that",
-    "The repo llm.c on GitHub is",
-    "Translate English to French:\n\n        sea otter => loutre de mer\n        peppermint => menthe poivrée\n"
-    "        plush girafe => girafe peluche\n        cheese =>",
-]
 
 
 def random_tokens(bsz: int, seqlen: int, seed: int = 0) -> torch.Tensor:
