@@ -12,7 +12,7 @@ import torch
 from . import family, goldens, tiny
 from .checkpoint import args_from_params, checkpoint_params, config_path, layout, stored_bytes
 from .checkpoint import convert as convert_checkpoint
-from .generation import Llama
+from .generation import Llama, check_sampling
 from .hf import read_config
 from .model import ffn_hidden_dim
 
@@ -52,6 +52,7 @@ def generate(
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"--prompt must be text; fire read {prompt!r} as a Python literal: quote it twice")
+    check_sampling(temperature, top_p, max_gen_len)  # before a checkpoint that may take minutes to load
     llama = Llama.build(ckpt_dir, max_seq_len, len(prompts), device=device, dtype=dtype, flash=flash,
                         tokenizer_path=tokenizer_path)  # fmt: skip
     if len(prompts) == 1:

@@ -33,6 +33,16 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)
 
 
+def check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
+    """Raise ValueError for sampling settings no model can serve (checked before anything is loaded)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_gen_len is not None and max_gen_len < 1:
+        raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+
+
 class Llama:
     """A model and its tokenizer, with Meta's batched generation loop."""
 
@@ -83,12 +93,7 @@ class Llama:
                     f"prompt {i} has {len(t)} tokens, at or beyond max_seq_len {params.max_seq_len}: "
                     "no room to generate"
                 )
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if max_gen_len is not None and max_gen_len < 1:
-            raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+        check_sampling(temperature, top_p, max_gen_len)
 
     @torch.inference_mode()
     def generate(

@@ -50,7 +50,8 @@ def tiny_hd128_ckpt():
 @pytest.fixture(scope="session")
 def tokenizer():
     """microllama's Tokenizer. Without llama-models (the `core` tox env) tokenizer.model is found only
-    through $MICROLLAMA_TOKENIZER: tests that need it skip, naming what to set."""
+    through $MICROLLAMA_TOKENIZER: tests that need it (also through Llama.build) request this fixture
+    and skip, naming what to set."""
     from microllama.tokenizer import Tokenizer, find_tokenizer_model
 
     try:

@@ -104,7 +104,7 @@ def test_pth_whose_unpickling_would_run_code_is_refused(tmp_path, good):
     assert not marker.exists()
 
 
-def test_vocab_size_other_than_the_tokenizers_is_refused(tmp_path):
+def test_vocab_size_other_than_the_tokenizers_is_refused(tmp_path, tokenizer):
     params = {**PARAMS, "vocab_size": 1000}
     (tmp_path / "params.json").write_text(json.dumps(params))
     torch.save(tiny_state_dict(params, seed=0), tmp_path / "consolidated.00.pth")

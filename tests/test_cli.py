@@ -12,13 +12,13 @@ from microllama.cli import main
 PROMPT = "Clearly, the meaning of life is"
 
 
-def test_generate_streams_the_greedy_completion_after_the_prompt(capsys, tiny_ckpt):
+def test_generate_streams_the_greedy_completion_after_the_prompt(capsys, tiny_ckpt, tokenizer):
     main(["generate", "--prompt", PROMPT, "--temperature", "0", "--max_gen_len", "8"])
     expected = Llama.build(tiny_ckpt, max_seq_len=512, max_batch_size=1).text_completion([PROMPT], 0, max_gen_len=8)
     assert capsys.readouterr().out == PROMPT + expected[0].generation + "\n"
 
 
-def test_generate_takes_a_list_of_prompts(capsys):
+def test_generate_takes_a_list_of_prompts(capsys, tokenizer):
     main(["generate", "--prompt", '["Hi", "Simply put,"]', "--temperature", "0", "--max_gen_len", "3"])
     out = capsys.readouterr().out
     assert out.startswith("Hi") and "\nSimply put," in out and out.count("=" * 40) == 2

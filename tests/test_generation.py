@@ -11,7 +11,7 @@ PROMPTS = ["Clearly, the meaning of life is", "Hi", "The repo llm.c on GitHub is
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_ckpt):
+def llama(tiny_ckpt, tokenizer):
     return Llama.build(tiny_ckpt, max_seq_len=64, max_batch_size=4)
 
 

@@ -38,7 +38,7 @@ def test_committed_goldens_stay_under_10_mb_and_hold_no_pickles():
 
 
 @pytest.mark.parametrize("name", SETS)
-def test_microllama_reproduces_golden_set(name):
+def test_microllama_reproduces_golden_set(name, tokenizer):
     """Bit-identical where the platform matches the recording (torch.equal per capture point, equal
     sha256 of the full logits); else within microllama.tolerances.LOGITS_ATOL. Greedy completions
     identical everywhere, sampled ones on the recording's device type (CPU and CUDA draw different
@@ -202,7 +202,7 @@ def test_llama31_8b_greedy_completions_match_meta_published():
 
 
 @pytest.mark.parametrize(("name", "shards"), [("tiny-fp32-cpu-ws2", 2), ("tiny-kv4-fp32-cpu-ws4", 4)])
-def test_microllama_on_the_sharded_checkpoint_matches_metas_tensor_parallel_goldens(tmp_path, name, shards):
+def test_microllama_on_the_sharded_checkpoint_matches_metas_tensor_parallel_goldens(tmp_path, name, shards, tokenizer):
     """Meta recorded these at world size N from N shard files; microllama merges the same N files into
     dense tensors in one process and must match within tolerance, with identical completions."""
     golden = goldens.read_set(GOLDENS / name)

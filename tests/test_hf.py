@@ -39,7 +39,7 @@ def test_hf_layout_loads_the_same_model(tiny_ckpt, hf_tiny):
         assert torch.equal(load_model(hf_tiny, max_seq_len=16)(tokens), load_model(tiny_ckpt, max_seq_len=16)(tokens))
 
 
-def test_llama_build_takes_either_layout_by_path_alone(tiny_ckpt, hf_tiny):
+def test_llama_build_takes_either_layout_by_path_alone(tiny_ckpt, hf_tiny, tokenizer):
     prompts = ["Clearly, the meaning of life is"]
     outs = [Llama.build(d, max_seq_len=32, max_batch_size=1).text_completion(prompts, 0.0, max_gen_len=8)
             for d in (tiny_ckpt, hf_tiny)]  # fmt: skip
