@@ -130,15 +130,17 @@ def meta_llama(
 
 def meta_completions(
     llama: Any, prompts: Sequence[str], temperature: float, top_p: float, max_gen_len: int
-) -> list[list[int]]:
-    """Generated ids per prompt from Meta's `Llama3.completion` stream, cut as microllama cuts them:
-    at the first stop token (excluded) or after max_gen_len tokens."""
-    out: list[list[int]] = [[] for _ in prompts]
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Generated ids per prompt from Meta's `Llama3.completion` stream, and Meta's log-probability of
+    each, cut as microllama cuts them: at the first stop token (excluded) or after max_gen_len tokens."""
+    tokens: list[list[int]] = [[] for _ in prompts]
+    logprobs: list[list[float]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     with restore_torch_defaults():
         # Meta's generate makes its token tensors on the default device, which its build set globally.
         torch.set_default_device(next(llama.model.parameters()).device)
-        steps = list(llama.completion(list(prompts), temperature=temperature, top_p=top_p, max_gen_len=max_gen_len))
+        settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True)
+        steps = list(llama.completion(list(prompts), **settings))
     for step in steps:
         for r in step:
             i = r.batch_idx
@@ -147,9 +149,10 @@ def meta_completions(
             if r.token in llama.tokenizer.stop_tokens:
                 done[i] = True
             else:
-                out[i].append(r.token)
-                done[i] = len(out[i]) >= max_gen_len
-    return out
+                tokens[i].append(r.token)
+                logprobs[i].extend(r.logprobs)
+                done[i] = len(tokens[i]) >= max_gen_len
+    return tokens, logprobs
 
 
 def meta_merged_state_dict(ckpt_dir: Union[str, Path]) -> dict[str, torch.Tensor]:

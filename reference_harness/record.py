@@ -91,7 +91,7 @@ def record(
         progress(f"{kind} completions of {len(settings[kind]['prompts'])} prompts, {max_gen_len} tokens")
         if "seed" in s:
             torch.manual_seed(s["seed"])  # as Llama3.build does: the draw does not depend on earlier work
-        completions[kind] = meta_completions(
+        completions[kind], _ = meta_completions(
             llama, settings[kind]["prompts"], s["temperature"], s["top_p"], max_gen_len
         )
 

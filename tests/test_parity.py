@@ -65,12 +65,15 @@ def test_logits_bit_identical_to_meta_beyond_8192_positions(tiny_ckpt, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("temperature", "seed"), [(0.0, 1), (0.8, 7)])
 def test_completions_identical_to_meta_generation(tiny_ckpt, dtype, temperature, seed):
-    """Greedy, and top-p sampled with the seed Meta's Llama3.build gives torch.manual_seed."""
+    """Greedy, and top-p sampled with the seed Meta's Llama3.build gives torch.manual_seed; with the
+    log-probability Meta reports for each generated token."""
     meta = meta_llama(tiny_ckpt, dtype, max_seq_len=128, max_batch_size=4, seed=seed)
-    expected = meta_completions(meta, PROMPTS, temperature, top_p=0.9, max_gen_len=24)
+    expected, expected_logprobs = meta_completions(meta, PROMPTS, temperature, top_p=0.9, max_gen_len=24)
     ours = Llama.build(tiny_ckpt, max_seq_len=128, max_batch_size=4, dtype=dtype)
-    got = [c.tokens for c in ours.text_completion(PROMPTS, temperature, top_p=0.9, max_gen_len=24, seed=seed)]
+    completions = ours.text_completion(PROMPTS, temperature, top_p=0.9, max_gen_len=24, logprobs=True, seed=seed)
+    got = [c.tokens for c in completions]
     assert got == expected
+    assert [c.logprobs for c in completions] == expected_logprobs  # float32 values, bit for bit
     assert all(len(t) == 24 for t in got)  # random weights rarely pick a stop token: full-length runs
 
 
