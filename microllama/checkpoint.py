@@ -254,11 +254,12 @@ def load_model(
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: Union[str, Path]) -> Iterator[Path]:
-    """A temporary directory beside out_dir, renamed to out_dir when the block succeeds; out_dir must
-    be absent or empty. An interrupted write never leaves a half-written out_dir."""
+def atomic_dir(out_dir: Union[str, Path], replace: bool = False) -> Iterator[Path]:
+    """A temporary directory beside out_dir, renamed to out_dir when the block succeeds. out_dir must
+    be absent or empty, unless `replace`: then an old out_dir stays whole (moved aside) until the new
+    one is in place. An interrupted write never leaves a half-written out_dir."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if not replace and out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -266,8 +267,12 @@ def atomic_dir(out_dir: Union[str, Path]) -> Iterator[Path]:
     try:
         yield tmp
         if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
+            old = tmp.with_name(tmp.name + ".old")
+            out_dir.rename(old)
+            tmp.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

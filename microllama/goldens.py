@@ -23,10 +23,7 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import platform
-import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import DTYPES, load_model, parse_dtype, read_checkpoint, state_dict_sha256
+from .checkpoint import DTYPES, atomic_dir, load_model, parse_dtype, read_checkpoint, state_dict_sha256
 from .generation import Llama
 from .tiny import SHA256 as TINY_SHA256
 from .tiny import default_ckpt_dir
@@ -214,29 +211,14 @@ def write_set(out_dir: Union[str, Path], manifest: dict[str, Any], data: dict[st
     directory beside out_dir and renamed into place, so an interrupted run leaves any old set intact."""
     if sorted(data) != sorted(DATA_FILES):
         raise ValueError(f"a golden set holds exactly {', '.join(DATA_FILES)}; got {', '.join(sorted(data))}")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, replace=True) as tmp:
         files = {}
         for name in DATA_FILES:
             content = json_bytes(data[name]) if name.endswith(".json") else npz_bytes(data[name])
             (tmp / name).write_bytes(content)
             files[name] = hashlib.sha256(content).hexdigest()
         (tmp / "manifest.json").write_bytes(json_bytes({**manifest, "files": files}))
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            # Two renames: the old set stays whole under .old until the new one is in place.
-            old = out_dir.parent / f".{out_dir.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 @dataclass
