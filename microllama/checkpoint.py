@@ -8,6 +8,7 @@ GPU on its own as it is read. Every check runs before a model is returned; error
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -98,7 +99,7 @@ def args_from_params(params: dict[str, Any], source: Union[str, Path], **runtime
     name = family.match(vars(args), ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier))
     published = family.FAMILY[name].get("rope_scale_factor") if name else None
     if published is not None and "rope_scale_factor" not in params:
-        args = args.replace(rope_scale_factor=published)
+        args = args.replace(rope_scaling=dataclasses.replace(args.rope_scaling, factor=published))
     return args
 
 

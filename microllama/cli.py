@@ -99,10 +99,11 @@ def info(target: str) -> None:
     hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
     name = family.match(vars(args), hidden)
     n_params = family.parameter_count(args, tied)
-    context = family.CONTEXT if args.use_scaled_rope else args.rope_original_context
+    s = args.rope_scaling
+    context = family.CONTEXT if args.use_scaled_rope else s.original_context
     rope = f"rope_theta={args.rope_theta:g}" + (
-        f" scaled (factor {args.rope_scale_factor:g}, low {args.rope_low_freq_factor:g}, high "
-        f"{args.rope_high_freq_factor:g}, original context {args.rope_original_context})"
+        f" scaled (factor {s.factor:g}, low {s.low_freq_factor:g}, high "
+        f"{s.high_freq_factor:g}, original context {s.original_context})"
         if args.use_scaled_rope
         else ""
     )

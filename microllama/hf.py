@@ -26,7 +26,7 @@ from .checkpoint import (
     own_tensors,
     read_json,
 )
-from .model import ModelArgs, ffn_hidden_dim
+from .model import ModelArgs, RopeScaling, ffn_hidden_dim
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}  # fmt: skip
@@ -35,9 +35,8 @@ _LAYER = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight
           "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
           "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
           "ffn_norm.weight": "post_attention_layernorm.weight"}  # fmt: skip
-_ROPE = {"factor": "rope_scale_factor", "low_freq_factor": "rope_low_freq_factor",
-         "high_freq_factor": "rope_high_freq_factor",
-         "original_max_position_embeddings": "rope_original_context"}  # fmt: skip
+_ROPE = {"factor": "factor", "low_freq_factor": "low_freq_factor", "high_freq_factor": "high_freq_factor",
+         "original_max_position_embeddings": "original_context"}  # fmt: skip
 INDEX = "model.safetensors.index.json"
 
 
@@ -109,8 +108,8 @@ def params_from_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
         inferred = args_from_params(params, source)
         for hf_key, field in _ROPE.items():
             value = _get(rope, hf_key, source)
-            if value != getattr(inferred, field):
-                params[field] = value
+            if value != getattr(inferred.rope_scaling, field):
+                params[RopeScaling.PARAMS_KEYS[field]] = value
     return params
 
 
@@ -119,7 +118,7 @@ def config_from_params(params: dict[str, Any], tied: bool, dtype: torch.dtype) -
     args = args_from_params(params, "params.json")
     rope_scaling = None
     if args.use_scaled_rope:
-        rope_scaling = {"rope_type": "llama3", **{k: getattr(args, field) for k, field in _ROPE.items()}}
+        rope_scaling = {"rope_type": "llama3", **{k: getattr(args.rope_scaling, field) for k, field in _ROPE.items()}}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -133,7 +132,7 @@ def config_from_params(params: dict[str, Any], tied: bool, dtype: torch.dtype) -
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
         "rope_scaling": rope_scaling,
-        "max_position_embeddings": family.CONTEXT if args.use_scaled_rope else args.rope_original_context,
+        "max_position_embeddings": family.CONTEXT if args.use_scaled_rope else args.rope_scaling.original_context,
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
         "attention_bias": False,

@@ -3,12 +3,54 @@ of fairscale's parallel layers, computing the same thing op for op on one device
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+import numbers
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _check_number(owner: str, name: str, value: Any, kind: str, positive: bool = True) -> None:
+    """Raise TypeError unless value is an integer (kind 'int') or a finite real number (kind 'real'),
+    booleans excluded; ValueError unless it is positive when asked."""
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    real = integral or (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value))
+    if not (integral if kind == "int" else real):
+        expected = "an integer" if kind == "int" else "a finite number"
+        raise TypeError(f"{owner}.{name} must be {expected}, got {value!r}")
+    if positive and not value > 0:
+        raise ValueError(f"{owner}.{name} must be positive, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (see apply_scaling), with the constants Meta hard-codes.
+    Llama 3.2's 1B and 3B publish a factor of 32. In params.json: rope_scale_factor,
+    rope_low_freq_factor, rope_high_freq_factor, rope_original_context."""
+
+    factor: float = 8.0  # wavelengths longer than original_context / low_freq_factor are divided by it
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0  # wavelengths shorter than original_context / high_freq_factor are kept
+    original_context: int = 8192  # the context length of pre-training, before the 128K extension
+
+    PARAMS_KEYS = {
+        "factor": "rope_scale_factor",
+        "low_freq_factor": "rope_low_freq_factor",
+        "high_freq_factor": "rope_high_freq_factor",
+        "original_context": "rope_original_context",
+    }
+
+    def __post_init__(self) -> None:
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_number("RopeScaling", name, getattr(self, name), "real")
+        _check_number("RopeScaling", "original_context", self.original_context, "int")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                "RopeScaling.high_freq_factor must exceed low_freq_factor, got "
+                f"{self.high_freq_factor!r} and {self.low_freq_factor!r}"
+            )
 
 
 @dataclass
@@ -25,12 +67,7 @@ class ModelArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     use_scaled_rope: bool = False
-    # Llama 3.1 RoPE scaling: the constants Meta hard-codes in apply_scaling (Llama 3.2 publishes
-    # a factor of 32 for its small models).
-    rope_scale_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_context: int = 8192
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
 
     max_seq_len: int = 2048
     max_batch_size: int = 32
@@ -39,25 +76,24 @@ class ModelArgs:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        positive = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                    "norm_eps", "rope_theta", "rope_scale_factor", "rope_original_context",
-                    "max_seq_len", "max_batch_size")  # fmt: skip
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)!r}")
-        if self.ffn_dim_multiplier is not None and not self.ffn_dim_multiplier > 0:
-            raise ValueError(f"ModelArgs.ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier!r}")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
+                     "max_batch_size"):  # fmt: skip
+            _check_number("ModelArgs", name, getattr(self, name), "int")
+        for name in ("norm_eps", "rope_theta"):
+            _check_number("ModelArgs", name, getattr(self, name), "real")
+        if self.ffn_dim_multiplier is not None:
+            _check_number("ModelArgs", "ffn_dim_multiplier", self.ffn_dim_multiplier, "real")
+        for name in ("use_scaled_rope", "flash"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"ModelArgs.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.rope_scaling, RopeScaling):
+            raise TypeError(f"ModelArgs.rope_scaling must be a RopeScaling, got {self.rope_scaling!r}")
         if self.dim % self.n_heads:
             raise ValueError(f"ModelArgs.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
         if self.head_dim % 2:
             raise ValueError(f"ModelArgs.dim / n_heads must be even for RoPE, got head_dim {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"ModelArgs.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        if not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
-            raise ValueError(
-                "ModelArgs.rope_high_freq_factor must exceed rope_low_freq_factor, and both be positive, got "
-                f"{self.rope_high_freq_factor!r} and {self.rope_low_freq_factor!r}"
-            )
 
     @property
     def head_dim(self) -> int:
@@ -65,9 +101,15 @@ class ModelArgs:
 
     @classmethod
     def from_params(cls, params: dict[str, Any], **overrides: Any) -> "ModelArgs":
-        """Build from a Meta `params.json` dict; keys ModelArgs does not know are ignored, as Meta does."""
+        """Build from a Meta `params.json` dict; keys ModelArgs does not know are ignored, as Meta does.
+        The RopeScaling constants are read from their params.json keys (RopeScaling.PARAMS_KEYS)."""
+        merged = {**params, **overrides}
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in {**params, **overrides}.items() if k in known})
+        args = {k: v for k, v in merged.items() if k in known}
+        rope = {name: merged[key] for name, key in RopeScaling.PARAMS_KEYS.items() if key in merged}
+        if rope:
+            args["rope_scaling"] = dataclasses.replace(args.get("rope_scaling", RopeScaling()), **rope)
+        return cls(**args)
 
     def replace(self, **changes: Any) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
@@ -87,20 +129,15 @@ class RMSNorm(nn.Module):
         return self._norm(x.float()).type_as(x) * self.weight
 
 
-def apply_scaling(
-    freqs: torch.Tensor,
-    scale_factor: float = 8.0,
-    low_freq_factor: float = 1.0,
-    high_freq_factor: float = 4.0,
-    original_context: int = 8192,
-) -> torch.Tensor:
-    """Llama 3.1 RoPE frequency scaling: short wavelengths kept, long ones divided by scale_factor,
+def apply_scaling(freqs: torch.Tensor, scaling: RopeScaling = RopeScaling()) -> torch.Tensor:
+    """Llama 3.1 RoPE frequency scaling: short wavelengths kept, long ones divided by scaling.factor,
     a smooth interpolation between. Same expression order as Meta's, so the same float32 bits."""
-    low_freq_wavelen = original_context / low_freq_factor
-    high_freq_wavelen = original_context / high_freq_factor
+    scale_factor, low_freq_factor, high_freq_factor = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    low_freq_wavelen = scaling.original_context / low_freq_factor
+    high_freq_wavelen = scaling.original_context / high_freq_factor
     wavelen = 2 * torch.pi / freqs
     new_freqs = torch.where(wavelen > low_freq_wavelen, freqs / scale_factor, freqs)
-    smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smooth = (scaling.original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
     return torch.where(
         (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen),
         (1 - smooth) * new_freqs / scale_factor + smooth * new_freqs,
@@ -114,14 +151,13 @@ def precompute_freqs_cis(
     theta: float = 10000.0,
     use_scaled: bool = False,
     device: Optional[torch.device] = None,
-    **scaling: float,
+    scaling: RopeScaling = RopeScaling(),
 ) -> torch.Tensor:
-    """Rotations e^(i * t * freq) for positions t < end: complex64 of shape (end, dim // 2).
-    `scaling` takes apply_scaling's keyword constants."""
+    """Rotations e^(i * t * freq) for positions t < end: complex64 of shape (end, dim // 2)."""
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, device=device)[: (dim // 2)].float() / dim))
     t = torch.arange(end, device=device, dtype=torch.float32)
     if use_scaled:
-        freqs = apply_scaling(freqs, **scaling)
+        freqs = apply_scaling(freqs, scaling)
     freqs = torch.outer(t, freqs)
     return torch.polar(torch.ones_like(freqs), freqs)
 
@@ -261,10 +297,8 @@ class Transformer(nn.Module):
         if self._freqs_cis is None or self._freqs_cis.device != device:
             p = self.params
             self._freqs_cis = precompute_freqs_cis(
-                p.head_dim, p.max_seq_len * 2, p.rope_theta, p.use_scaled_rope, device=device,
-                scale_factor=p.rope_scale_factor, low_freq_factor=p.rope_low_freq_factor,
-                high_freq_factor=p.rope_high_freq_factor, original_context=p.rope_original_context,
-            )  # fmt: skip
+                p.head_dim, p.max_seq_len * 2, p.rope_theta, p.use_scaled_rope, device, p.rope_scaling
+            )
         return self._freqs_cis
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:

@@ -1,31 +1,32 @@
 """Hypothesis strategies shared by the property tests (tests/test_prop_*.py), and the small random
 models they run on."""
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from hypothesis import strategies as st
 
-from microllama.model import ModelArgs, Transformer
+from microllama.model import ModelArgs, RopeScaling, Transformer
 from microllama.tokenizer import SPECIAL_TOKENS
 
 # Meta's apply_scaling hard-codes these (Llama 3.1); Llama 3.2's small models publish a factor of 32.
-META_ROPE_SCALING = {"scale_factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_context": 8192}
-LLAMA32_ROPE_SCALING = {**META_ROPE_SCALING, "scale_factor": 32.0}
+META_ROPE_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_context=8192)
+LLAMA32_ROPE_SCALING = RopeScaling(factor=32.0)
 
 SMALL_VOCAB = 256
 
 
 @st.composite
-def rope_scaling_constants(draw: st.DrawFn) -> dict:
-    """apply_scaling's keyword constants: factor > 1, 0 < low < high, any original context."""
+def rope_scaling_constants(draw: st.DrawFn) -> RopeScaling:
+    """apply_scaling's constants: factor > 1, 0 < low < high, any original context."""
     low = draw(st.floats(0.25, 4.0))
-    return {
-        "scale_factor": draw(st.floats(1.5, 64.0)),
-        "low_freq_factor": low,
-        "high_freq_factor": low + draw(st.floats(0.5, 8.0)),
-        "original_context": draw(st.integers(256, 65536)),
-    }
+    return RopeScaling(
+        factor=draw(st.floats(1.5, 64.0)),
+        low_freq_factor=low,
+        high_freq_factor=low + draw(st.floats(0.5, 8.0)),
+        original_context=draw(st.integers(256, 65536)),
+    )
 
 
 def rope_theta() -> st.SearchStrategy[float]:
@@ -49,7 +50,8 @@ def small_model_args(draw: st.DrawFn, flash: bool = False, gqa: bool = False) ->
     head_dim = draw(st.sampled_from([4, 8, 16]))
     scaled = draw(st.booleans())
     # A small original context puts RoPE wavelengths of a 64-position model into all three regimes.
-    scaling = draw(rope_scaling_constants().map(lambda c: {**c, "original_context": c["original_context"] // 64}))
+    scaling = draw(rope_scaling_constants())
+    scaling = dataclasses.replace(scaling, original_context=scaling.original_context // 64)
     return ModelArgs(
         dim=n_heads * head_dim,
         n_layers=draw(st.integers(1, 2)),
@@ -61,10 +63,7 @@ def small_model_args(draw: st.DrawFn, flash: bool = False, gqa: bool = False) ->
         norm_eps=draw(st.sampled_from([1e-5, 1e-6])),
         rope_theta=draw(st.sampled_from([10_000.0, 500_000.0])),
         use_scaled_rope=scaled,
-        rope_scale_factor=scaling["scale_factor"],
-        rope_low_freq_factor=scaling["low_freq_factor"],
-        rope_high_freq_factor=scaling["high_freq_factor"],
-        rope_original_context=scaling["original_context"],
+        rope_scaling=scaling,
         max_seq_len=64,
         max_batch_size=4,
         flash=flash,

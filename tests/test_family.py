@@ -8,7 +8,7 @@ import torch
 from microllama import family
 from microllama.checkpoint import args_from_params, read_checkpoint, save_meta
 from microllama.cli import main
-from microllama.model import Transformer, precompute_freqs_cis
+from microllama.model import RopeScaling, Transformer, precompute_freqs_cis
 from microllama.tiny import CONFIGS, tiny_state_dict
 
 # Parameter counts as published with the weights (the safetensors metadata of each Hugging Face repo).
@@ -44,15 +44,15 @@ def test_kv_cache_bytes_per_token_of_8b_in_bf16_is_128_kib():
 
 def test_published_rope_factor_is_the_default_and_params_json_overrides_it():
     params = {k: v for k, v in family.FAMILY["llama3.2-1b"].items() if k != "rope_scale_factor"}  # Meta's file
-    assert args_from_params(params, "params.json").rope_scale_factor == 32.0
-    assert args_from_params({**params, "rope_scale_factor": 8.0}, "params.json").rope_scale_factor == 8.0
-    assert args_from_params(family.FAMILY["llama3.1-8b"], "params.json").rope_scale_factor == 8.0
-    assert args_from_params(CONFIGS["tiny"], "params.json").rope_scale_factor == 8.0
+    assert args_from_params(params, "params.json").rope_scaling.factor == 32.0
+    assert args_from_params({**params, "rope_scale_factor": 8.0}, "params.json").rope_scaling.factor == 8.0
+    assert args_from_params(family.FAMILY["llama3.1-8b"], "params.json").rope_scaling.factor == 8.0
+    assert args_from_params(CONFIGS["tiny"], "params.json").rope_scaling.factor == 8.0
 
 
 def test_rope_factors_8_and_32_agree_on_high_frequencies_and_differ_on_low_ones():
     head_dim, end = 64, 4096  # Llama 3.2 1B's head_dim
-    f8, f32 = (precompute_freqs_cis(head_dim, end, 500000.0, True, scale_factor=s) for s in (8.0, 32.0))
+    f8, f32 = (precompute_freqs_cis(head_dim, end, 500000.0, True, scaling=RopeScaling(factor=s)) for s in (8.0, 32.0))
     wavelen = 2 * torch.pi * 500000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
     kept = wavelen < 8192 / 4  # shorter than original context / high_freq_factor: never scaled
     assert kept.any() and not kept.all()
@@ -66,8 +66,8 @@ def test_metas_reference_scales_by_8_where_llama_3_2_publishes_32():
     from reference_harness.meta import import_meta
 
     metas = import_meta().model.precompute_freqs_cis(64, 4096, 500000.0, True)
-    assert torch.equal(metas, precompute_freqs_cis(64, 4096, 500000.0, True, scale_factor=8.0))
-    assert not torch.equal(metas, precompute_freqs_cis(64, 4096, 500000.0, True, scale_factor=32.0))
+    assert torch.equal(metas, precompute_freqs_cis(64, 4096, 500000.0, True, scaling=RopeScaling(factor=8.0)))
+    assert not torch.equal(metas, precompute_freqs_cis(64, 4096, 500000.0, True, scaling=RopeScaling(factor=32.0)))
 
 
 def test_rope_factor_changes_logits_after_position_0_only():

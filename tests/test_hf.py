@@ -98,7 +98,8 @@ def test_rope_scaling_is_read_from_config_json(tmp_path, hf_tiny):
         (tmp_path / f"f{factor}" / "config.json").write_text(json.dumps(config))
         (tmp_path / f"f{factor}" / "model.safetensors").symlink_to(hf_tiny / "model.safetensors")
         args, _ = read_checkpoint(tmp_path / f"f{factor}")
-        assert (args.rope_scale_factor, args.rope_original_context, args.use_scaled_rope) == (factor, 4096, True)
+        assert args.use_scaled_rope and args.rope_scaling.factor == factor
+        assert args.rope_scaling.original_context == 4096
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,6 @@ def test_published_config_json_gives_metas_params_json_and_rope_factor(name):
               "rope_theta": 500000.0, "rope_scaling": rope_scaling, "tie_word_embeddings": tie}  # fmt: skip
     params = params_from_config(config, Path("config.json"))
     assert params == {k: v for k, v in family.FAMILY[name].items() if k != "rope_scale_factor"}
-    assert args_from_params(params, "params.json").rope_scale_factor == factor
+    assert args_from_params(params, "params.json").rope_scaling.factor == factor
     assert config_from_params(params, tie, torch.bfloat16)["intermediate_size"] == published["intermediate_size"]
     assert (name in family.TIED) == tie

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from microllama.checkpoint import CheckpointError, load_model
-from microllama.model import ModelArgs, Transformer, ffn_hidden_dim, precompute_freqs_cis
+from microllama.model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim, precompute_freqs_cis
 from microllama.tiny import CONFIGS, SHA256, make_tiny
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
@@ -21,11 +21,16 @@ def small_model(**overrides) -> Transformer:
 @pytest.mark.parametrize(
     ("field", "value"),
     [("dim", 0), ("n_layers", -1), ("n_heads", 0), ("vocab_size", 0), ("max_seq_len", 0), ("norm_eps", 0.0),
-     ("dim", 30), ("n_kv_heads", 3), ("ffn_dim_multiplier", -1.0), ("rope_high_freq_factor", 0.5)],
+     ("dim", 30), ("n_kv_heads", 3), ("ffn_dim_multiplier", -1.0), ("rope_high_freq_factor", 0.5),
+     ("dim", 32.0), ("n_layers", 2.5), ("n_heads", True), ("use_scaled_rope", "false"), ("flash", 1),
+     ("rope_theta", float("inf")), ("norm_eps", float("nan")), ("rope_original_context", 8192.0),
+     ("rope_scale_factor", "8"), ("ffn_dim_multiplier", float("nan"))],
 )  # fmt: skip
-def test_model_args_reject_impossible_values_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
-        ModelArgs(**{**SMALL, field: value})
+def test_model_args_reject_impossible_values_and_wrong_types_naming_the_field(field, value):
+    """Through params.json keys, as a checkpoint gives them: ints are ints, booleans booleans, numbers finite."""
+    name = {key: attr for attr, key in RopeScaling.PARAMS_KEYS.items()}.get(field, field)  # RopeScaling's own
+    with pytest.raises((TypeError, ValueError), match=rf"\b{name}\b"):
+        ModelArgs.from_params({**SMALL, field: value})
 
 
 def test_model_args_read_meta_params_ignoring_unknown_keys():

@@ -11,7 +11,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from microllama.model import ModelArgs, Transformer, apply_scaling, precompute_freqs_cis
+from microllama.model import ModelArgs, RopeScaling, Transformer, apply_scaling, precompute_freqs_cis
 from tests.strategies import (
     LLAMA32_ROPE_SCALING,
     META_ROPE_SCALING,
@@ -27,12 +27,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 any_constants = rope_scaling_constants()
 
 
-def band_edges(c: dict) -> tuple[float, float]:
+def band_edges(c: RopeScaling) -> tuple[float, float]:
     """Wavelengths where the bands meet: below the first kept, above the second divided."""
-    return c["original_context"] / c["high_freq_factor"], c["original_context"] / c["low_freq_factor"]
+    return c.original_context / c.high_freq_factor, c.original_context / c.low_freq_factor
 
 
-def frequencies_across_bands(c: dict, theta: float, head_dim: int) -> torch.Tensor:
+def frequencies_across_bands(c: RopeScaling, theta: float, head_dim: int) -> torch.Tensor:
     """A model's frequencies plus a log grid of wavelengths from 1 to far beyond the long edge, and the
     edges themselves: every band is populated."""
     short, long = band_edges(c)
@@ -52,7 +52,7 @@ def test_rope_high_frequencies_unchanged(c, theta, head_dim):
     freqs = frequencies_across_bands(c, theta, head_dim)
     kept = wavelengths_of(freqs) < band_edges(c)[0]
     assert kept.any()
-    assert torch.equal(apply_scaling(freqs, **c)[kept], freqs[kept])
+    assert torch.equal(apply_scaling(freqs, c)[kept], freqs[kept])
 
 
 @given(any_constants, rope_theta(), head_dims())
@@ -62,7 +62,7 @@ def test_rope_low_frequencies_divided_by_factor(c, theta, head_dim):
     freqs = frequencies_across_bands(c, theta, head_dim)
     divided = wavelengths_of(freqs) > band_edges(c)[1]
     assert divided.any()
-    assert torch.equal(apply_scaling(freqs, **c)[divided], freqs[divided] / c["scale_factor"])
+    assert torch.equal(apply_scaling(freqs, c)[divided], freqs[divided] / c.factor)
 
 
 @given(any_constants, rope_theta(), head_dims())
@@ -74,9 +74,9 @@ def test_rope_interpolated_frequencies_lie_between_divided_and_original(c, theta
     short, long = band_edges(c)
     band = (wavelengths >= short) & (wavelengths <= long)
     assert band.any()
-    scaled, f = apply_scaling(freqs, **c)[band], freqs[band]
+    scaled, f = apply_scaling(freqs, c)[band], freqs[band]
     slack = 1e-12 * f  # float64 rounding of the interpolation's three products
-    assert (scaled >= f / c["scale_factor"] - slack).all()
+    assert (scaled >= f / c.factor - slack).all()
     assert (scaled <= f + slack).all()
 
 
@@ -87,10 +87,10 @@ def test_rope_scaling_continuous_at_band_edges(c):
     # Inside the band the slope d(scaled)/d(freq) is at most 1 + high / (high - low), outside it 1 or
     # 1 / factor: the values either side of an edge, 2 * delta apart, may differ by that much at most.
     delta = 1e-9
-    slope = 1 + c["high_freq_factor"] / (c["high_freq_factor"] - c["low_freq_factor"])
+    slope = 1 + c.high_freq_factor / (c.high_freq_factor - c.low_freq_factor)
     for edge in band_edges(c):
         f = 2 * math.pi / edge
-        below, above = apply_scaling(torch.tensor([f * (1 - delta), f * (1 + delta)], dtype=torch.float64), **c)
+        below, above = apply_scaling(torch.tensor([f * (1 - delta), f * (1 + delta)], dtype=torch.float64), c)
         assert abs(float(above - below)) <= 2 * (2 * delta * f * slope) + 1e-14 * f, (edge, float(below), float(above))
 
 
@@ -100,11 +100,11 @@ def test_rope_scaling_continuous_at_band_edges(c):
 def test_rope_scaling_monotone_in_wavelength(c, theta, head_dim):
     # Longer wavelength, lower scaled frequency, and a division by at least as much.
     freqs = frequencies_across_bands(c, theta, head_dim).sort(descending=True).values  # wavelengths ascending
-    scaled = apply_scaling(freqs, **c)
+    scaled = apply_scaling(freqs, c)
     ratio = scaled / freqs
     assert (scaled[1:] <= scaled[:-1]).all()
     assert (ratio[1:] <= ratio[:-1] + 1e-12).all()
-    assert ratio[0] == pytest.approx(1.0) and ratio[-1] == pytest.approx(1 / c["scale_factor"])
+    assert ratio[0] == pytest.approx(1.0) and ratio[-1] == pytest.approx(1 / c.factor)
 
 
 @pytest.mark.reference
@@ -115,7 +115,7 @@ def test_rope_scaling_equals_meta_apply_scaling(theta, head_dim, log10_wavelengt
     meta = import_meta().model
     extra = torch.tensor([2 * math.pi / 10**log10_wavelength], dtype=torch.float32)
     for freqs in (rope_frequencies(theta, head_dim, torch.float32), extra):
-        assert torch.equal(apply_scaling(freqs, **META_ROPE_SCALING), meta.apply_scaling(freqs))
+        assert torch.equal(apply_scaling(freqs, META_ROPE_SCALING), meta.apply_scaling(freqs))
         assert torch.equal(apply_scaling(freqs), meta.apply_scaling(freqs))  # the defaults are Meta's
 
 
@@ -124,10 +124,9 @@ def test_rope_scaling_equals_meta_apply_scaling(theta, head_dim, log10_wavelengt
 def test_model_rope_table_uses_configured_scaling_constants(c, theta, head_dim):
     args = ModelArgs(
         dim=2 * head_dim, n_layers=1, n_heads=2, vocab_size=8, rope_theta=theta, use_scaled_rope=True,
-        rope_scale_factor=c["scale_factor"], rope_low_freq_factor=c["low_freq_factor"],
-        rope_high_freq_factor=c["high_freq_factor"], rope_original_context=c["original_context"], max_seq_len=8,
+        rope_scaling=c, max_seq_len=8,
     )  # fmt: skip
     with torch.device("meta"):
         model = Transformer(args)
-    expected = precompute_freqs_cis(head_dim, 16, theta, True, **c)
+    expected = precompute_freqs_cis(head_dim, 16, theta, True, scaling=c)
     assert torch.equal(model.freqs_cis(torch.device("cpu")), expected)
