@@ -1,7 +1,22 @@
 """microllama: a minimal, dense, single-device Llama 3.1 that computes what Meta's reference computes."""
 
-from .generation import Completion, Llama
-from .model import ModelArgs, Transformer
-from .tokenizer import Tokenizer
+import importlib
+from typing import Any
 
-__all__ = ["Completion", "Llama", "ModelArgs", "Tokenizer", "Transformer"]
+# Imported on first use, so that `microllama --help` does not wait for torch to import.
+_EXPORTS = {
+    "Checkpoint": "checkpoint",
+    "Completion": "generation",
+    "Llama": "generation",
+    "ModelArgs": "model",
+    "Tokenizer": "tokenizer",
+    "Transformer": "model",
+    "open_checkpoint": "checkpoint",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'microllama' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -7,14 +7,11 @@ from pathlib import Path
 from typing import Optional, Union
 
 import fire
-import torch
 
-from . import family, goldens, tiny
-from .checkpoint import args_from_params, checkpoint_params, config_path, layout, stored_bytes
+from . import goldens, tiny
 from .checkpoint import convert as convert_checkpoint
+from .checkpoint import open_checkpoint
 from .generation import Llama, check_sampling
-from .hf import read_config
-from .model import ffn_hidden_dim
 
 
 class StreamPrinter:
@@ -75,53 +72,14 @@ def convert(src: str, dst: str, to: str, shards: int = 1) -> None:
     """Rewrite checkpoint SRC (Meta or Hugging Face layout) into DST in layout --to meta|hf, bit for bit;
     --shards N splits a Meta-layout output over N tensor-parallel ranks as Meta's fairscale code does."""
     path = convert_checkpoint(Path(src), Path(dst), to, shards)
-    print(f"wrote {path} ({to} layout{f', {shards} shards' if to == 'meta' else ''})")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
+    split = f", {shards} shards" if to == "meta" and shards > 1 else ""
+    print(f"wrote {path} ({to} layout{split})")
 
 
 def info(target: str) -> None:
     """Configuration, parameter count, weight bytes and KV-cache bytes of TARGET: a checkpoint directory
     (either layout) or a model name (llama3.1-8b, llama3.1-70b, llama3.1-405b, llama3.2-1b, llama3.2-3b, tiny)."""
-    known = {**tiny.CONFIGS, **family.FAMILY}
-    if target in known and not Path(target).exists():
-        params, source, stored, tied = known[target], "published configuration", None, target in family.TIED
-    else:
-        params, source, stored = checkpoint_params(target), str(config_path(target)), stored_bytes(target)
-        tied = layout(target) == "hf" and read_config(target)[1]
-    args = args_from_params(params, source)
-    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
-    name = family.match(vars(args), hidden)
-    n_params = family.parameter_count(args, tied)
-    s = args.rope_scaling
-    context = family.CONTEXT if args.use_scaled_rope else s.original_context
-    rope = f"rope_theta={args.rope_theta:g}" + (
-        f" scaled (factor {s.factor:g}, low {s.low_freq_factor:g}, high "
-        f"{s.high_freq_factor:g}, original context {s.original_context})"
-        if args.use_scaled_rope
-        else ""
-    )
-    print(f"model       {target}" + (f" (matches {name})" if name and name != target else ""))
-    print(f"config      {source}: dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
-          f"n_kv_heads={args.n_kv_heads} head_dim={args.head_dim} vocab_size={args.vocab_size} "
-          f"ffn_hidden={hidden} "
-          f"norm_eps={args.norm_eps:g}")  # fmt: skip
-    print(f"rope        {rope}")
-    print(f"parameters  {n_params:,}" + (" (output tied to the embedding)" if tied else ""))
-    if stored:
-        print("stored      " + ", ".join(f"{dtype} {_size(n)} ({n:,} bytes)" for dtype, n in stored.items()))
-    for dtype in (torch.bfloat16, torch.float32):
-        per_token = family.kv_cache_bytes_per_token(args, dtype)
-        print(
-            f"{str(dtype)[6:]:<11} weights {_size(n_params * dtype.itemsize)}; KV cache {_size(per_token)} per "
-            f"token, {_size(per_token * context)} for the full {context:,}-token context (per sequence)"
-        )
+    print("\n".join(open_checkpoint(target).describe()))
 
 
 def verify(golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None) -> None:

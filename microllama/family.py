@@ -1,50 +1,87 @@
-"""The Llama 3.1 and 3.2 text models by name, with their published configurations, and the sizes a
-user asks about before loading one: parameters, weight bytes, KV-cache bytes."""
+"""The named configurations: the Llama 3.1 and 3.2 text models as published, and microllama's tiny
+test checkpoints. The sizes a user asks about before loading one (parameters, weight bytes, KV-cache
+bytes) and `microllama info`'s description are computed here from a configuration alone."""
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-from .model import ModelArgs, Transformer, ffn_hidden_dim
+from .model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim
 
-# Meta's params.json for each model, as llama-models 0.3.0 lists them in sku_list.py (arch_args),
-# plus what the Hugging Face config.json publishes and params.json leaves out: Llama 3.2's small models
-# use a RoPE scaling factor of 32 (Meta's reference hard-codes 8) and tie the output to the embedding.
-_LLAMA3 = {"vocab_size": 128256, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
-FAMILY: dict[str, dict[str, Any]] = {
-    "llama3.1-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "ffn_dim_multiplier": 1.3,
-                    "multiple_of": 1024, **_LLAMA3},
-    "llama3.1-70b": {"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8, "ffn_dim_multiplier": 1.3,
-                     "multiple_of": 4096, **_LLAMA3},
-    "llama3.1-405b": {"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8, "ffn_dim_multiplier": 1.2,
-                      "multiple_of": 4096, **_LLAMA3},
-    "llama3.2-1b": {"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8, "ffn_dim_multiplier": 1.5,
-                    "multiple_of": 256, **_LLAMA3, "rope_scale_factor": 32.0},
-    "llama3.2-3b": {"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8, "ffn_dim_multiplier": 1.0,
-                    "multiple_of": 256, **_LLAMA3, "rope_scale_factor": 32.0},
-}  # fmt: skip
-TIED = {"llama3.2-1b", "llama3.2-3b"}  # output.weight is tok_embeddings.weight
 CONTEXT = 131072  # every model of both families is published with a 128K context
-# The fields that fix the shapes of the weights; two configurations agreeing on them are one model.
-_SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")
 
 
-def model_args(name: str, **overrides: Any) -> ModelArgs:
+@dataclass(frozen=True)
+class NamedConfig:
+    params: dict[str, Any]  # Meta's params.json
+    tied: bool = False  # output.weight is tok_embeddings.weight (published so; params.json cannot say it)
+    # The RoPE scaling factor the model is published with, where it is not the 8 Meta's code hard-codes.
+    rope_factor: Optional[float] = None
+    tiny: bool = False  # an embedded test checkpoint, built from a seed by microllama.tiny
+
+    def args(self, **runtime: Any) -> ModelArgs:
+        args = ModelArgs.from_params(self.params, **runtime)
+        if self.rope_factor is not None:
+            args = args.replace(rope_scaling=RopeScaling(factor=self.rope_factor))
+        return args
+
+
+# Meta's params.json for each model, as llama-models 0.3.0 lists them in sku_list.py (arch_args), plus
+# what the Hugging Face config.json publishes and params.json leaves out: Llama 3.2's small models use
+# a RoPE scaling factor of 32 and tie the output to the embedding.
+_LLAMA3 = {"vocab_size": 128256, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+# The tiny checkpoints keep the real 128,256-token vocabulary, grouped-query attention,
+# ffn_dim_multiplier and scaled RoPE; their weights are random (microllama.tiny).
+_TINY = {"vocab_size": 128256, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
+         "use_scaled_rope": True}  # fmt: skip
+REGISTRY: dict[str, NamedConfig] = {
+    "llama3.1-8b": NamedConfig({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
+                                "ffn_dim_multiplier": 1.3, "multiple_of": 1024, **_LLAMA3}),
+    "llama3.1-70b": NamedConfig({"dim": 8192, "n_layers": 80, "n_heads": 64, "n_kv_heads": 8,
+                                 "ffn_dim_multiplier": 1.3, "multiple_of": 4096, **_LLAMA3}),
+    "llama3.1-405b": NamedConfig({"dim": 16384, "n_layers": 126, "n_heads": 128, "n_kv_heads": 8,
+                                  "ffn_dim_multiplier": 1.2, "multiple_of": 4096, **_LLAMA3}),
+    "llama3.2-1b": NamedConfig({"dim": 2048, "n_layers": 16, "n_heads": 32, "n_kv_heads": 8,
+                                "ffn_dim_multiplier": 1.5, "multiple_of": 256, **_LLAMA3}, tied=True, rope_factor=32.0),
+    "llama3.2-3b": NamedConfig({"dim": 3072, "n_layers": 28, "n_heads": 24, "n_kv_heads": 8,
+                                "ffn_dim_multiplier": 1.0, "multiple_of": 256, **_LLAMA3}, tied=True, rope_factor=32.0),
+    # The default. With rope_theta 500,000, head_dim 16 puts RoPE wavelengths in all three regimes of
+    # the 3.1 scaling: 6 to 862 positions (kept), 4,447 (interpolated), 22,950 and beyond (divided by 8).
+    "tiny": NamedConfig({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, **_TINY},
+                        tiny=True),
+    # head_dim 128 like the real 8B model: RoPE pairs at all 64 of its frequencies.
+    "tiny-hd128": NamedConfig({"dim": 256, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 64, **_TINY},
+                              tiny=True),
+    # Four key/value heads: splits over 4 tensor-parallel ranks, as "tiny" (2 of them) cannot.
+    "tiny-kv4": NamedConfig({"dim": 128, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 32, **_TINY},
+                            tiny=True),
+}  # fmt: skip
+FAMILY = [name for name, c in REGISTRY.items() if not c.tiny]
+TINY = [name for name, c in REGISTRY.items() if c.tiny]
+
+
+def lookup(name: str) -> NamedConfig:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def model_args(name: str, **runtime: Any) -> ModelArgs:
     """ModelArgs of a named model, e.g. model_args("llama3.1-8b", max_seq_len=8192)."""
-    if name not in FAMILY:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(FAMILY)}")
-    return ModelArgs.from_params(FAMILY[name], **overrides)
+    return lookup(name).args(**runtime)
 
 
-def match(params: dict[str, Any], hidden_dim: int, known: Optional[dict[str, dict[str, Any]]] = None) -> Optional[str]:
-    """The name in `known` (default: FAMILY) of the configuration with the weight shapes of params
-    (a params.json dict, n_kv_heads given) and SwiGLU size hidden_dim."""
-    for name, config in (FAMILY if known is None else known).items():
-        config = {"n_kv_heads": config["n_heads"], **config}
-        hidden = ffn_hidden_dim(config["dim"], config.get("multiple_of", 256), config.get("ffn_dim_multiplier"))
-        if all(params.get(k) == config[k] for k in _SHAPE_KEYS) and hidden == hidden_dim:
-            return name
-    return None
+def shapes_key(args: ModelArgs) -> tuple[int, ...]:
+    """What fixes the shapes of the weights: two configurations that agree on it are one model."""
+    hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    return args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size, hidden
+
+
+def match(dim: int, n_layers: int, n_heads: int, n_kv_heads: int, vocab_size: int, hidden_dim: int) -> Optional[str]:
+    """The name of the registered configuration with these weight shapes (SwiGLU size hidden_dim), if any."""
+    key = (dim, n_layers, n_heads, n_kv_heads, vocab_size, hidden_dim)
+    return next((name for name, c in REGISTRY.items() if shapes_key(c.args()) == key), None)
 
 
 def parameter_count(args: ModelArgs, tied: bool = False) -> int:
@@ -57,3 +94,44 @@ def parameter_count(args: ModelArgs, tied: bool = False) -> int:
 def kv_cache_bytes_per_token(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> int:
     """Keys and values of one position in every layer."""
     return 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def describe(
+    label: str, args: ModelArgs, tied: bool, source: str, stored: Optional[dict[str, int]] = None
+) -> list[str]:
+    """The lines of `microllama info`: configuration, RoPE, parameters, stored bytes per dtype, and the
+    weight and KV-cache bytes in bfloat16 and float32."""
+    name = match(*shapes_key(args))
+    hidden = shapes_key(args)[-1]
+    n_params = parameter_count(args, tied)
+    s = args.rope_scaling
+    context = CONTEXT if args.use_scaled_rope else s.original_context
+    rope = f"rope_theta={args.rope_theta:g}"
+    if args.use_scaled_rope:
+        rope += (f" scaled (factor {s.factor:g}, low {s.low_freq_factor:g}, high {s.high_freq_factor:g}, "
+                 f"original context {s.original_context})")  # fmt: skip
+    lines = [
+        f"model       {label}" + (f" (matches {name})" if name and name != label else ""),
+        f"config      {source}: dim={args.dim} n_layers={args.n_layers} n_heads={args.n_heads} "
+        f"n_kv_heads={args.n_kv_heads} head_dim={args.head_dim} vocab_size={args.vocab_size} ffn_hidden={hidden} "
+        f"norm_eps={args.norm_eps:g}",
+        f"rope        {rope}",
+        f"parameters  {n_params:,}" + (" (output tied to the embedding)" if tied else ""),
+    ]
+    if stored:
+        lines.append("stored      " + ", ".join(f"{dtype} {_size(n)} ({n:,} bytes)" for dtype, n in stored.items()))
+    for dtype in (torch.bfloat16, torch.float32):
+        per_token = kv_cache_bytes_per_token(args, dtype)
+        lines.append(
+            f"{str(dtype)[6:]:<11} weights {_size(n_params * dtype.itemsize)}; KV cache {_size(per_token)} per "
+            f"token, {_size(per_token * context)} for the full {context:,}-token context (per sequence)"
+        )
+    return lines

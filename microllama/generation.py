@@ -1,17 +1,21 @@
 """Batched text generation with a KV cache: Meta's decoding loop, greedy or top-p."""
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import CheckpointError, config_path, load_model, parse_dtype
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .files import parse_dtype
 from .model import Transformer
-from .tiny import default_ckpt_dir
 from .tokenizer import Tokenizer
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 
 @dataclass
@@ -33,14 +37,24 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)
 
 
-def check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int], seed: Optional[int] = None) -> None:
     """Raise ValueError for sampling settings no model can serve (checked before anything is loaded)."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_gen_len is not None and max_gen_len < 1:
-        raise ValueError(f"max_gen_len must be >= 1, got {max_gen_len}")
+    if not _is_finite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not _is_finite(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if max_gen_len is not None and (not _is_int(max_gen_len) or max_gen_len < 1):
+        raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
 
 
 class Llama:
@@ -48,7 +62,7 @@ class Llama:
 
     @staticmethod
     def build(
-        ckpt_dir: Optional[Union[str, Path]] = None,
+        ckpt_dir: Union[str, Path, Checkpoint, None] = None,
         max_seq_len: int = 512,
         max_batch_size: int = 4,
         device: Union[str, torch.device] = "cpu",
@@ -56,20 +70,21 @@ class Llama:
         flash: bool = False,
         tokenizer_path: Optional[Union[str, Path]] = None,
     ) -> "Llama":
-        """Load a checkpoint in Meta or Hugging Face layout (default: the embedded tiny one). dtype
-        defaults to bfloat16 on CUDA and float32 elsewhere."""
-        ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else default_ckpt_dir()
+        """Load a checkpoint: a directory in Meta's or Hugging Face's layout, a tiny checkpoint's name or an
+        open Checkpoint (default: the embedded tiny one). dtype defaults to bfloat16 on CUDA and float32
+        elsewhere."""
+        checkpoint = open_checkpoint(ckpt_dir)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
         dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = load_model(ckpt_dir, max_seq_len, max_batch_size, device=device, dtype=dtype, flash=flash)
-        tokenizer = Tokenizer(tokenizer_path, ckpt_dir=ckpt_dir)
-        if model.vocab_size != tokenizer.n_words:
+        tokenizer = Tokenizer(tokenizer_path, ckpt_dir=checkpoint.dir)
+        if checkpoint.args.vocab_size != tokenizer.n_words:
             raise CheckpointError(
-                f"{config_path(ckpt_dir)}: vocab_size {model.vocab_size} differs from the tokenizer's "
+                f"{checkpoint.source}: vocab_size {checkpoint.args.vocab_size} differs from the tokenizer's "
                 f"{tokenizer.n_words} ({tokenizer.model_path})"
             )
+        model = checkpoint.load_model(max_seq_len, max_batch_size, device=device, dtype=dtype, flash=flash)
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
@@ -77,7 +92,12 @@ class Llama:
         self.tokenizer = tokenizer
 
     def check_request(
-        self, prompt_tokens: Sequence[Sequence[int]], temperature: float, top_p: float, max_gen_len: Optional[int]
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        temperature: float,
+        top_p: float,
+        max_gen_len: Optional[int],
+        seed: Optional[int] = None,
     ) -> None:
         """Raise ValueError for a request the model cannot serve, before any model work."""
         params = self.model.params
@@ -93,7 +113,7 @@ class Llama:
                     f"prompt {i} has {len(t)} tokens, at or beyond max_seq_len {params.max_seq_len}: "
                     "no room to generate"
                 )
-        check_sampling(temperature, top_p, max_gen_len)
+        check_sampling(temperature, top_p, max_gen_len, seed)
 
     @torch.inference_mode()
     def generate(
@@ -111,14 +131,14 @@ class Llama:
         max_seq_len). Right-padded prompts share one batch: prefill up to the shortest prompt, then
         one position at a time. `seed` seeds a private generator (on CPU the stream Meta draws after
         torch.manual_seed); `on_token(row, id)` sees each new token as it comes."""
-        self.check_request(prompt_tokens, temperature, top_p, max_gen_len)
+        self.check_request(prompt_tokens, temperature, top_p, max_gen_len, seed)
         params = self.model.params
         if max_gen_len is None or max_gen_len >= params.max_seq_len:
             max_gen_len = params.max_seq_len - 1
         device = self.model.output.weight.device
         bsz = len(prompt_tokens)
-        min_prompt_len = min(len(t) for t in prompt_tokens)
-        max_prompt_len = max(len(t) for t in prompt_tokens)
+        prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)
+        min_prompt_len, max_prompt_len = int(prompt_lens.min()), int(prompt_lens.max())
         total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
 
         pad_id = self.tokenizer.pad_id
@@ -127,9 +147,11 @@ class Llama:
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
         token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-        eos_reached = torch.zeros(bsz, dtype=torch.bool, device=device)
         input_text_mask = tokens != pad_id
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
+        # Where each row's output ends (exclusive), decided here once for the stream and the result:
+        # after max_gen_len new tokens, at the end of the buffer, or at its first stop token (below).
+        end = torch.clamp(prompt_lens + max_gen_len, max=total_len)
 
         # The cache has Meta's shape (max_batch_size, max_seq_len): the slices attention reads then
         # have Meta's strides too.
@@ -154,30 +176,24 @@ class Llama:
                         reduction="none",
                         ignore_index=pad_id,
                     )
-                new = ~input_text_mask[:, cur_pos] & ~eos_reached
-                eos_reached |= ~input_text_mask[:, cur_pos] & torch.isin(next_token, stop_tokens)
+                generated = (prompt_lens <= cur_pos) & (cur_pos < end)  # rows whose output reaches cur_pos
+                stopped = generated & torch.isin(next_token, stop_tokens)
+                end = torch.where(stopped, cur_pos, end)
                 if on_token is not None:
-                    for row in new.logical_and(~eos_reached).nonzero().flatten().tolist():
-                        if cur_pos < len(prompt_tokens[row]) + max_gen_len:
-                            on_token(row, int(next_token[row]))
+                    for row in (generated & ~stopped).nonzero().flatten().tolist():
+                        on_token(row, int(next_token[row]))
                 prev_pos = cur_pos
-                if eos_reached.all():
+                if bool((end <= cur_pos + 1).all()):  # every row's output is complete
                     break
         finally:
             self.model.clear_cache()
 
         out_tokens, out_logprobs = [], []
-        for i, toks in enumerate(tokens.tolist()):
-            prompt_len = len(prompt_tokens[i])
-            end = prompt_len + max_gen_len
-            for pos in range(prompt_len, min(end, len(toks))):
-                if toks[pos] in self.tokenizer.stop_tokens:
-                    end = pos
-                    break
-            start = 0 if echo else prompt_len
-            out_tokens.append(toks[start:end])
+        for i, (row, stop) in enumerate(zip(tokens.tolist(), end.tolist(), strict=True)):
+            start = 0 if echo else len(prompt_tokens[i])
+            out_tokens.append(row[start:stop])
             if token_logprobs is not None:
-                out_logprobs.append(token_logprobs[i].tolist()[start:end])
+                out_logprobs.append(token_logprobs[i, start:stop].tolist())
         return out_tokens, (out_logprobs if logprobs else None)
 
     def text_completion(

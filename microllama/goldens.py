@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import DTYPES, atomic_dir, load_model, parse_dtype, read_checkpoint, state_dict_sha256
+from .checkpoint import Checkpoint, open_checkpoint
+from .files import DTYPES, atomic_dir, parse_dtype, state_dict_sha256
 from .generation import Llama
 from .tiny import SHA256 as TINY_SHA256
-from .tiny import default_ckpt_dir
 from .tokenizer import Tokenizer
 from .tolerances import LOGITS_ATOL
 
@@ -293,23 +293,14 @@ def platform_fingerprint(device: Union[str, torch.device]) -> dict[str, str]:
     return fingerprint
 
 
-def checkpoint_record(ckpt_dir: Union[str, Path]) -> dict[str, Any]:
+def checkpoint_record(ckpt: Checkpoint) -> dict[str, Any]:
     """The manifest's checkpoint entry: state_dict_sha256 of the dense tensors (names, dtypes, shapes
     and bytes, so independent of torch's file format and of sharding), the number of Meta-layout
     tensor-parallel shard files it was read from, and, for an embedded tiny checkpoint, its name."""
-    digest = state_dict_sha256(read_checkpoint(ckpt_dir)[1])
+    digest = ckpt.sha256()
     tiny = next((name for name, sha in TINY_SHA256.items() if sha == digest), None)
-    shards = len(list(Path(ckpt_dir).glob("*.pth")))
-    return {"tiny": tiny, "dir": None if tiny else str(Path(ckpt_dir).resolve()), "sha256": digest, "shards": shards}
-
-
-def resolve_ckpt_dir(ckpt_dir: Optional[Union[str, Path]]) -> Path:
-    """A checkpoint directory, or the name of an embedded tiny config (built on first use)."""
-    if ckpt_dir is None:
-        return default_ckpt_dir("tiny")
-    if str(ckpt_dir) in TINY_SHA256 and not Path(ckpt_dir).exists():
-        return default_ckpt_dir(str(ckpt_dir))
-    return Path(ckpt_dir)
+    shards = len(ckpt.weight_files) if ckpt.layout == "meta" else 0
+    return {"tiny": tiny, "dir": None if tiny else str(ckpt.dir.resolve()), "sha256": digest, "shards": shards}
 
 
 def set_name(checkpoint: dict[str, Any], dtype: torch.dtype, device: str, world_size: int) -> str:
@@ -478,13 +469,15 @@ def verify(
             ckpt_dir = m["checkpoint"]["dir"]
         else:
             raise GoldenError(f"{golden.path}: its checkpoint {m['checkpoint']['dir']} is not here; pass --ckpt_dir")
-    ckpt_dir = resolve_ckpt_dir(ckpt_dir)
+    ckpt = open_checkpoint(ckpt_dir)
     if device is None:  # the set's own device, else the CPU (the check then says so and uses tolerances)
         device = m["device"] if torch.device(m["device"]).type != "cuda" or torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GoldenError(f"--device {device} was asked for, but torch sees no CUDA device here")
-    model = load_model(ckpt_dir, m["model"]["max_seq_len"], m["model"]["max_batch_size"], device, golden.dtype)
+    stored = ckpt.read_state_dict()
+    model = ckpt.load_model(m["model"]["max_seq_len"], m["model"]["max_batch_size"], device, golden.dtype,
+                            state_dict=stored)  # fmt: skip
     exact, mode = bit_exact_expected(golden, device)
     # A seed gives one random stream on the CPU and another on CUDA: sampled ids compare on one device type.
     sampling_comparable = device.type == torch.device(m["device"]).type
@@ -494,11 +487,11 @@ def verify(
         if s["temperature"] > 0 and not sampling_comparable
     }
     points, sha_equal = check_forwards(golden, model, exact)
-    llama = Llama(model, Tokenizer(ckpt_dir=ckpt_dir))
+    llama = Llama(model, Tokenizer(ckpt_dir=ckpt.dir))
     return Comparison(
         golden=golden,
-        ckpt_dir=ckpt_dir,
-        checkpoint_matches=state_dict_sha256(read_checkpoint(ckpt_dir)[1]) == m["checkpoint"]["sha256"],
+        ckpt_dir=ckpt.dir,
+        checkpoint_matches=state_dict_sha256(stored) == m["checkpoint"]["sha256"],
         exact=exact,
         mode=mode,
         points=points,

@@ -1,8 +1,6 @@
-"""The embedded default: tiny Llama 3.1-shaped checkpoints in Meta's layout, built from a seed.
+"""The embedded default: tiny Llama 3.1-shaped checkpoints in Meta's layout (their configurations
+are in microllama.family), built from a seed.
 
-They keep the real 128,256-token vocabulary, grouped-query attention, ffn_dim_multiplier and scaled
-RoPE. With rope_theta 500,000, head_dim 16 puts RoPE wavelengths in all three regimes of the 3.1
-scaling: 6 to 862 positions (kept), 4,447 (interpolated) and 22,950 and beyond (divided by 8).
 Weights come from numpy's PCG64, whose stream does not depend on the machine, so a seed gives the
 same bytes everywhere; the recorded sha256 makes drift (a new numpy, a new bf16 rounding) visible.
 """
@@ -15,25 +13,11 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .checkpoint import atomic_dir, state_dict_sha256
-from .model import ModelArgs, Transformer
+from . import family
+from .config import expected_shapes
+from .files import atomic_dir, state_dict_sha256
+from .model import ModelArgs
 
-CONFIGS: dict[str, dict] = {
-    "tiny": {
-        "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128256, "multiple_of": 32,
-        "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
-    },
-    # head_dim 128 like the real 8B model: RoPE pairs at all 64 of its frequencies.
-    "tiny-hd128": {
-        "dim": 256, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "vocab_size": 128256, "multiple_of": 64,
-        "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
-    },
-    # Four key/value heads: splits over 4 tensor-parallel ranks, as "tiny" (2 of them) cannot.
-    "tiny-kv4": {
-        "dim": 128, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4, "vocab_size": 128256, "multiple_of": 32,
-        "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True,
-    },
-}  # fmt: skip
 DEFAULT_SEED = 0
 # state_dict_sha256 of make_tiny(name, seed=DEFAULT_SEED); a mismatch means the bytes drifted.
 SHA256 = {
@@ -48,11 +32,8 @@ def tiny_state_dict(params: dict, seed: int) -> dict[str, torch.Tensor]:
     """bf16 weights for params, drawn in Meta's key order: unit-variance embeddings, linear layers with
     std 1/sqrt(fan_in), norms near 1, and an output scale that spreads logits over a few units."""
     rng = np.random.Generator(np.random.PCG64(seed))
-    args = ModelArgs.from_params(params)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
     state_dict = {}
-    for key, shape in shapes.items():
+    for key, shape in expected_shapes(ModelArgs.from_params(params)).items():
         if key.endswith("norm.weight"):
             values = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
         elif key == "tok_embeddings.weight":
@@ -65,11 +46,12 @@ def tiny_state_dict(params: dict, seed: int) -> dict[str, torch.Tensor]:
 
 
 def make_tiny(out_dir: Union[str, Path], name: str = "tiny", seed: int = DEFAULT_SEED) -> Path:
-    """Write params.json and consolidated.00.pth for CONFIGS[name] into out_dir (atomically: a
-    half-written directory is never left at out_dir). Returns out_dir."""
-    if name not in CONFIGS:
-        raise ValueError(f"unknown tiny config {name!r}; expected one of {', '.join(CONFIGS)}")
-    state_dict = tiny_state_dict(CONFIGS[name], seed)
+    """Write params.json and consolidated.00.pth of the tiny configuration `name` into out_dir
+    (atomically: a half-written directory is never left at out_dir). Returns out_dir."""
+    if name not in family.TINY:
+        raise ValueError(f"unknown tiny config {name!r}; expected one of {', '.join(family.TINY)}")
+    params = family.REGISTRY[name].params
+    state_dict = tiny_state_dict(params, seed)
     digest = state_dict_sha256(state_dict)
     if seed == DEFAULT_SEED and SHA256[name] and digest != SHA256[name]:
         raise RuntimeError(
@@ -77,7 +59,7 @@ def make_tiny(out_dir: Union[str, Path], name: str = "tiny", seed: int = DEFAULT
             f"(numpy {np.__version__}, torch {torch.__version__}); the goldens no longer apply to it"
         )
     with atomic_dir(out_dir) as tmp:
-        (tmp / "params.json").write_text(json.dumps(CONFIGS[name], indent=2) + "\n")
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
         torch.save(state_dict, tmp / "consolidated.00.pth")
         (tmp / "sha256.txt").write_text(digest + "\n")
     return Path(out_dir)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from microllama import goldens
-from microllama.checkpoint import parse_dtype, read_params
+from microllama.checkpoint import open_checkpoint
+from microllama.files import parse_dtype
 
 from .meta import meta_completions, meta_llama
 
@@ -77,7 +78,8 @@ def record(
     import torch.distributed as dist
 
     prompts = PROMPTS if prompts is None else list(prompts)
-    ckpt_dir = goldens.resolve_ckpt_dir(ckpt_dir)
+    ckpt = open_checkpoint(ckpt_dir)
+    ckpt_dir = ckpt.dir
     torch_dtype, world_size = parse_dtype(dtype), int(os.environ.get("WORLD_SIZE", 1))
     max_seq_len = long_context + 256
     progress(f"Meta's Llama3.build: {ckpt_dir}, {device}, {torch_dtype}, world size {world_size}")
@@ -100,11 +102,11 @@ def record(
     records = goldens.run_cases(llama.model, prompt_ids, long_ids.tolist(), CHUNK)
 
     if int(os.environ.get("RANK", 0)) == 0:
-        checkpoint = goldens.checkpoint_record(ckpt_dir)
+        checkpoint = goldens.checkpoint_record(ckpt)
         manifest = {
             "schema": goldens.SCHEMA_VERSION,
             "recorded_by": "reference_harness.record: Meta's llama-models Llama3.build / completion, unmodified",
-            "model": {**read_params(ckpt_dir), "max_seq_len": max_seq_len, "max_batch_size": len(prompts)},
+            "model": {**ckpt.params, "max_seq_len": max_seq_len, "max_batch_size": len(prompts)},
             "checkpoint": checkpoint,
             "dtype": str(torch_dtype).removeprefix("torch."),
             "device": device,
@@ -183,7 +185,7 @@ def record_goldens(
     """Record a golden set with Meta's code (default: the embedded tiny checkpoint into
     goldens/<name>), then check microllama against it and print the per-capture-point table."""
     if out is None:
-        checkpoint = goldens.checkpoint_record(goldens.resolve_ckpt_dir(ckpt_dir))
+        checkpoint = goldens.checkpoint_record(open_checkpoint(ckpt_dir))
         out = str(REPO / "goldens" / goldens.set_name(checkpoint, parse_dtype(dtype), device, world_size))
     start = time.time()
     launch(out, ckpt_dir, device, dtype, world_size)

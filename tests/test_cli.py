@@ -35,7 +35,7 @@ def test_make_tiny_writes_meta_layout(tmp_path, capsys):
     [
         (["generate", "--ckpt_dir", "/nonexistent/ckpt"], "checkpoint directory not found: /nonexistent/ckpt"),
         (["generate", "--prompt", "1, 2"], "--prompt must be text"),
-        (["generate", "--top_p", "2"], r"top_p must be in \(0, 1\]"),
+        (["generate", "--top_p", "2"], r"top_p must be a number in \(0, 1\]"),
         (["generate", "--dtype", "float8"], "unknown dtype 'float8'"),
     ],
     ids=["missing-ckpt", "prompt-parsed-as-tuple", "bad-top-p", "bad-dtype"],

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from microllama import family
-from microllama.checkpoint import args_from_params, read_checkpoint, save_meta
+from microllama.checkpoint import read_checkpoint
 from microllama.cli import main
+from microllama.config import args_from_params
+from microllama.meta_layout import save_meta
 from microllama.model import RopeScaling, Transformer, precompute_freqs_cis
-from microllama.tiny import CONFIGS, tiny_state_dict
+from microllama.tiny import tiny_state_dict
 
 # Parameter counts as published with the weights (the safetensors metadata of each Hugging Face repo).
 PUBLISHED_PARAMETERS = {
@@ -25,7 +27,9 @@ META_DESCRIPTORS = {"llama3.1-8b": "Llama3.1-8B", "llama3.1-70b": "Llama3.1-70B"
 
 @pytest.mark.parametrize("name", PUBLISHED_PARAMETERS)
 def test_parameter_count_matches_published_figure(name):
-    assert family.parameter_count(family.model_args(name), tied=name in family.TIED) == PUBLISHED_PARAMETERS[name]
+    assert (
+        family.parameter_count(family.model_args(name), tied=family.REGISTRY[name].tied) == PUBLISHED_PARAMETERS[name]
+    )
 
 
 @pytest.mark.reference
@@ -33,8 +37,7 @@ def test_parameter_count_matches_published_figure(name):
 def test_registry_is_metas_params_json(name):
     from reference_harness.meta import meta_arch_args
 
-    published = {k: v for k, v in family.FAMILY[name].items() if k != "rope_scale_factor"}
-    assert published == meta_arch_args(META_DESCRIPTORS[name])
+    assert family.REGISTRY[name].params == meta_arch_args(META_DESCRIPTORS[name])
 
 
 def test_kv_cache_bytes_per_token_of_8b_in_bf16_is_128_kib():
@@ -43,11 +46,11 @@ def test_kv_cache_bytes_per_token_of_8b_in_bf16_is_128_kib():
 
 
 def test_published_rope_factor_is_the_default_and_params_json_overrides_it():
-    params = {k: v for k, v in family.FAMILY["llama3.2-1b"].items() if k != "rope_scale_factor"}  # Meta's file
+    params = family.REGISTRY["llama3.2-1b"].params  # Meta's file
     assert args_from_params(params, "params.json").rope_scaling.factor == 32.0
     assert args_from_params({**params, "rope_scale_factor": 8.0}, "params.json").rope_scaling.factor == 8.0
-    assert args_from_params(family.FAMILY["llama3.1-8b"], "params.json").rope_scaling.factor == 8.0
-    assert args_from_params(CONFIGS["tiny"], "params.json").rope_scaling.factor == 8.0
+    assert args_from_params(family.REGISTRY["llama3.1-8b"].params, "params.json").rope_scaling.factor == 8.0
+    assert args_from_params(family.REGISTRY["tiny"].params, "params.json").rope_scaling.factor == 8.0
 
 
 def test_rope_factors_8_and_32_agree_on_high_frequencies_and_differ_on_low_ones():
@@ -71,7 +74,7 @@ def test_metas_reference_scales_by_8_where_llama_3_2_publishes_32():
 
 
 def test_rope_factor_changes_logits_after_position_0_only():
-    params = {**CONFIGS["tiny"], "n_layers": 1}
+    params = {**family.REGISTRY["tiny"].params, "n_layers": 1}
     state_dict = tiny_state_dict(params, seed=5)
     tokens = torch.randint(0, 128256, (1, 64), generator=torch.Generator().manual_seed(5))
     logits = []
@@ -90,7 +93,7 @@ def test_info_prints_config_parameters_and_kv_cache(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "parameters  1,235,814,400 (output tied to the embedding)" in out
     assert "factor 32" in out and "KV cache 32.0 KiB per token, 4.0 GiB for the full 131,072-token context" in out
-    params = {**CONFIGS["tiny"], "n_layers": 1}
+    params = {**family.REGISTRY["tiny"].params, "n_layers": 1}
     save_meta(tiny_state_dict(params, seed=0), params, tmp_path / "ckpt")
     main(["info", str(tmp_path / "ckpt")])
     out = capsys.readouterr().out

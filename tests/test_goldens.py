@@ -208,7 +208,7 @@ def test_microllama_on_the_sharded_checkpoint_matches_metas_tensor_parallel_gold
     golden = goldens.read_set(GOLDENS / name)
     assert golden.manifest["checkpoint"]["shards"] == shards
     sharded = tmp_path / f"mp{shards}"
-    cli_main(["convert", str(goldens.resolve_ckpt_dir(golden.manifest["checkpoint"]["tiny"])), str(sharded),
+    cli_main(["convert", golden.manifest["checkpoint"]["tiny"], str(sharded),
               "--to", "meta", "--shards", str(shards)])  # fmt: skip
     c = goldens.verify(GOLDENS / name, ckpt_dir=sharded)
     assert c.checkpoint_matches and not c.exact and not c.diverged

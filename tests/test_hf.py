@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from microllama import family
-from microllama.checkpoint import args_from_params, convert, load_model, load_pth, read_checkpoint, save_meta
+from microllama.checkpoint import convert, load_model, read_checkpoint
+from microllama.config import args_from_params
 from microllama.generation import Llama
-from microllama.hf import INDEX, config_from_params, params_from_config, permute_rotary, read_config, save_hf
+from microllama.hf_layout import INDEX, config_from_params, params_from_config, permute_rotary, read_config, save_hf
+from microllama.meta_layout import load_pth, save_meta
 from microllama.model import apply_rotary_emb, precompute_freqs_cis
-from microllama.tiny import CONFIGS, tiny_state_dict
+from microllama.tiny import tiny_state_dict
 from microllama.tolerances import LOGITS_ATOL
 
 
@@ -77,7 +79,7 @@ def test_hf_rotate_half_on_permuted_rows_is_metas_complex_rotation(n_heads, half
 
 
 def test_tied_output_is_written_once_and_read_as_the_embedding(tmp_path):
-    params = {**CONFIGS["tiny"], "n_layers": 1}
+    params = {**family.REGISTRY["tiny"].params, "n_layers": 1}
     state_dict = tiny_state_dict(params, seed=3)
     state_dict["output.weight"] = state_dict["tok_embeddings.weight"].clone()
     save_meta(state_dict, params, tmp_path / "meta")
@@ -152,7 +154,7 @@ def test_published_config_json_gives_metas_params_json_and_rope_factor(name):
     config = {**published, "model_type": "llama", "hidden_act": "silu", "vocab_size": 128256, "rms_norm_eps": 1e-5,
               "rope_theta": 500000.0, "rope_scaling": rope_scaling, "tie_word_embeddings": tie}  # fmt: skip
     params = params_from_config(config, Path("config.json"))
-    assert params == {k: v for k, v in family.FAMILY[name].items() if k != "rope_scale_factor"}
+    assert params == family.REGISTRY[name].params
     assert args_from_params(params, "params.json").rope_scaling.factor == factor
     assert config_from_params(params, tie, torch.bfloat16)["intermediate_size"] == published["intermediate_size"]
-    assert (name in family.TIED) == tie
+    assert family.REGISTRY[name].tied == tie

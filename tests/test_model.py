@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from microllama.checkpoint import CheckpointError, load_model
+from microllama.family import REGISTRY, TINY
 from microllama.model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim, precompute_freqs_cis
-from microllama.tiny import CONFIGS, SHA256, make_tiny
+from microllama.tiny import SHA256, make_tiny
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
 
@@ -34,7 +35,7 @@ def test_model_args_reject_impossible_values_and_wrong_types_naming_the_field(fi
 
 
 def test_model_args_read_meta_params_ignoring_unknown_keys():
-    params = {**CONFIGS["tiny"], "some_future_key": 1, "vision_chunk_size": -1}
+    params = {**REGISTRY["tiny"].params, "some_future_key": 1, "vision_chunk_size": -1}
     args = ModelArgs.from_params(params, max_seq_len=128)
     assert (args.dim, args.n_kv_heads, args.max_seq_len, args.use_scaled_rope) == (64, 2, 128, True)
 
@@ -103,17 +104,17 @@ def test_ffn_hidden_dim_follows_meta_sizing_for_llama31_8b():
 
 def test_tiny_rope_frequencies_fall_in_all_three_scaling_regimes():
     """Wavelengths below 2048 (kept), between 2048 and 8192 (interpolated), above 8192 (divided)."""
-    args = ModelArgs.from_params(CONFIGS["tiny"])
+    args = ModelArgs.from_params(REGISTRY["tiny"].params)
     unscaled = precompute_freqs_cis(args.head_dim, 2, args.rope_theta)[1].angle()
     wavelen = 2 * math.pi / unscaled
     assert (wavelen < 2048).any() and ((wavelen > 2048) & (wavelen < 8192)).any() and (wavelen > 8192).any()
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", TINY)
 def test_tiny_checkpoint_bytes_equal_recorded_sha256(tmp_path, name):
     out = make_tiny(tmp_path / name, name)
     assert (out / "sha256.txt").read_text().strip() == SHA256[name]
-    assert json.loads((out / "params.json").read_text()) == CONFIGS[name]
+    assert json.loads((out / "params.json").read_text()) == REGISTRY[name].params
     assert {v.dtype for v in torch.load(out / "consolidated.00.pth", weights_only=True).values()} == {torch.bfloat16}
 
 

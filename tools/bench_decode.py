@@ -15,8 +15,8 @@ from typing import Optional
 import fire
 import torch
 
-from microllama import family, tiny
-from microllama.checkpoint import parse_dtype
+from microllama import family
+from microllama.files import parse_dtype
 from microllama.model import ModelArgs, Transformer
 
 
@@ -58,7 +58,7 @@ def benchmark(
     repeats: int = 3,
 ) -> list[dict]:
     """One row per attention path: prefill tokens/s, decode ms/token and tokens/s, peak GPU memory."""
-    params = {**(tiny.CONFIGS.get(model) or family.FAMILY[model])}
+    params = {**family.lookup(model).params}
     if n_layers is not None:
         params["n_layers"] = n_layers
     device_ = torch.device(device)

@@ -22,8 +22,9 @@ import fire
 import torch
 
 from microllama import family
-from microllama.checkpoint import convert, load_model, save_meta
-from microllama.hf import save_hf
+from microllama.checkpoint import convert, load_model
+from microllama.hf_layout import save_hf
+from microllama.meta_layout import save_meta
 
 
 def _status(field: str) -> int:
@@ -36,7 +37,7 @@ def _status(field: str) -> int:
 
 def build(out: str, name: str = "llama3.2-1b", n_layers: int = 2, layout: str = "meta", seed: int = 0) -> Path:
     """Write a bf16 checkpoint of registry model `name` cut to n_layers, with random weights."""
-    params = {**family.FAMILY[name], "n_layers": n_layers}
+    params = {**family.REGISTRY[name].params, "n_layers": n_layers}
     args = family.model_args(name, n_layers=n_layers)
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
@@ -48,7 +49,6 @@ def build(out: str, name: str = "llama3.2-1b", n_layers: int = 2, layout: str = 
 def measure(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu") -> dict:
     """Load ckpt_dir in this process, read every weight once, and return the memory figures."""
     ckpt_bytes = sum(p.stat().st_size for p in Path(ckpt_dir).iterdir() if p.suffix in (".pth", ".safetensors"))
-    import microllama.hf  # noqa: F401  (imported lazily by load_model; modules are not what is measured)
 
     before = _status("VmRSS")
     start = time.perf_counter()

@@ -8,6 +8,7 @@ j * head_dim/2 + i. Reading undoes that; both directions are pure row permutatio
 """
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -15,17 +16,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import family, tiny
-from .checkpoint import (
-    CheckpointError,
-    StateDict,
-    args_from_params,
-    atomic_dir,
-    check_shapes,
-    expected_shapes,
-    own_tensors,
-    read_json,
-)
+from . import family
+from .config import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
+from .files import StateDict, atomic_dir, dtype_name, own_tensors, read_json
 from .model import ModelArgs, RopeScaling, ffn_hidden_dim
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -58,57 +51,77 @@ def permute_rotary(w: torch.Tensor, n_heads: int, to_hf: bool) -> torch.Tensor:
 
 
 _REQUIRED = object()
+_KINDS = {"int": "an integer", "number": "a finite number", "bool": "true or false", "object": "a JSON object",
+          "str": "a string"}  # fmt: skip
 
 
-def _get(config: dict[str, Any], key: str, source: Path, default: Any = _REQUIRED) -> Any:
-    if key not in config and default is _REQUIRED:
-        raise CheckpointError(f"{source}: missing key {key!r}")
-    return config.get(key, default)
+def _get(config: dict[str, Any], key: str, source: Path, kind: str, default: Any = _REQUIRED) -> Any:
+    """config[key], checked to be of `kind` (see _KINDS); `default` when absent (or missing-key error)."""
+    if key not in config:
+        if default is _REQUIRED:
+            raise CheckpointError(f"{source}: missing key {key!r}")
+        return default
+    value = config[key]
+    ok = {
+        "int": isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        "number": isinstance(value, numbers.Real) and not isinstance(value, bool) and abs(value) < float("inf"),
+        "bool": isinstance(value, bool),
+        "object": isinstance(value, dict),
+        "str": isinstance(value, str),
+    }[kind]
+    if not ok:
+        expected = "a positive integer" if kind == "int" else _KINDS[kind]
+        raise CheckpointError(f"{source}: {key} must be {expected}, got {json.dumps(value)}")
+    return value
 
 
 def params_from_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
     """Meta's params.json dict for a Llama config.json (transformers 4's rope_scaling or 5's rope_parameters)."""
-    if config.get("model_type", "llama") != "llama":
+    if _get(config, "model_type", source, "str", "llama") != "llama":
         raise CheckpointError(f"{source}: model_type {config['model_type']!r}, microllama reads 'llama'")
-    if config.get("hidden_act", "silu") != "silu":
+    if _get(config, "hidden_act", source, "str", "silu") != "silu":
         raise CheckpointError(f"{source}: hidden_act {config['hidden_act']!r}; Llama's SwiGLU uses 'silu'")
     for key in ("attention_bias", "mlp_bias"):
-        if config.get(key):
+        if _get(config, key, source, "bool", False):
             raise CheckpointError(f"{source}: {key} is true; Llama 3 has no biases")
-    n_heads = _get(config, "num_attention_heads", source)
+    n_heads = _get(config, "num_attention_heads", source, "int")
     params = {
-        "dim": _get(config, "hidden_size", source),
-        "n_layers": _get(config, "num_hidden_layers", source),
+        "dim": _get(config, "hidden_size", source, "int"),
+        "n_layers": _get(config, "num_hidden_layers", source, "int"),
         "n_heads": n_heads,
-        "n_kv_heads": _get(config, "num_key_value_heads", source, n_heads),
-        "vocab_size": _get(config, "vocab_size", source),
+        "n_kv_heads": _get(config, "num_key_value_heads", source, "int", n_heads),
+        "vocab_size": _get(config, "vocab_size", source, "int"),
     }
-    if config.get("head_dim", params["dim"] // n_heads) != params["dim"] // n_heads:
-        raise CheckpointError(f"{source}: head_dim {config['head_dim']} is not hidden_size / num_attention_heads")
+    head_dim = _get(config, "head_dim", source, "int", params["dim"] // n_heads)
+    if params["dim"] % n_heads or head_dim != params["dim"] // n_heads:
+        raise CheckpointError(f"{source}: head_dim {head_dim} is not hidden_size / num_attention_heads")
     # params.json gives the SwiGLU size as a rounding rule, config.json as a number: take the rule of the
     # known model with these shapes, or one that rounds up to exactly that number.
-    hidden = _get(config, "intermediate_size", source)
-    name = family.match(params, hidden, {**tiny.CONFIGS, **family.FAMILY})
+    hidden = _get(config, "intermediate_size", source, "int")
+    name = family.match(params["dim"], params["n_layers"], n_heads, params["n_kv_heads"], params["vocab_size"], hidden)
     if name is not None:
-        known = {**tiny.CONFIGS, **family.FAMILY}[name]
+        known = family.REGISTRY[name].params
         params.update(multiple_of=known["multiple_of"], ffn_dim_multiplier=known["ffn_dim_multiplier"])
     else:
         params.update(multiple_of=hidden, ffn_dim_multiplier=hidden / int(8 * params["dim"] / 3))
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_key = "rope_parameters" if "rope_parameters" in config else "rope_scaling"
+    rope = config.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{source}: {rope_key} must be a JSON object or null, got {json.dumps(rope)}")
+    rope_type = _get(rope, "rope_type", source, "str", _get(rope, "type", source, "str", "default"))
     if rope_type not in ("default", "llama3"):
         raise CheckpointError(f"{source}: RoPE type {rope_type!r}; microllama computes 'default' and 'llama3'")
     params.update(
-        norm_eps=_get(config, "rms_norm_eps", source),
-        rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
+        norm_eps=_get(config, "rms_norm_eps", source, "number"),
+        rope_theta=_get(rope, "rope_theta", source, "number", _get(config, "rope_theta", source, "number", 10000.0)),
         use_scaled_rope=rope_type == "llama3",
     )
     if rope_type == "llama3":
         # Only what the checkpoint's shapes would not imply (a family member's published RoPE factor).
-        inferred = args_from_params(params, source)
+        inferred = args_from_params(params, source).rope_scaling
         for hf_key, field in _ROPE.items():
-            value = _get(rope, hf_key, source)
-            if value != getattr(inferred.rope_scaling, field):
+            value = _get(rope, hf_key, source, "int" if field == "original_context" else "number")
+            if value != getattr(inferred, field):
                 params[RopeScaling.PARAMS_KEYS[field]] = value
     return params
 
@@ -139,24 +152,23 @@ def config_from_params(params: dict[str, Any], tied: bool, dtype: torch.dtype) -
         "mlp_bias": False,
         "bos_token_id": 128000,
         "eos_token_id": 128001,
-        "torch_dtype": str(dtype).removeprefix("torch."),
+        "torch_dtype": dtype_name(dtype),
     }
 
 
-def read_config(ckpt_dir: Union[str, Path]) -> tuple[dict[str, Any], bool]:
+def read_config(ckpt_dir: Path) -> tuple[dict[str, Any], bool]:
     """Meta's params dict for ckpt_dir/config.json, and whether the output is tied to the embedding."""
-    path = Path(ckpt_dir) / "config.json"
-    config = read_json(path)
-    return params_from_config(config, path), bool(config.get("tie_word_embeddings", False))
+    path = ckpt_dir / "config.json"
+    config = read_json(path, CheckpointError)
+    return params_from_config(config, path), _get(config, "tie_word_embeddings", path, "bool", False)
 
 
-def safetensors_files(ckpt_dir: Union[str, Path]) -> list[Path]:
+def safetensors_files(ckpt_dir: Path) -> list[Path]:
     """model.safetensors, or the files model.safetensors.index.json names."""
-    ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / INDEX).is_file():
-        weight_map = read_json(ckpt_dir / INDEX).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{ckpt_dir / INDEX}: no 'weight_map' of tensor names to files")
+        weight_map = read_json(ckpt_dir / INDEX, CheckpointError).get("weight_map")
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+            raise CheckpointError(f"{ckpt_dir / INDEX}: no 'weight_map' of tensor names to file names")
         paths = [ckpt_dir / name for name in sorted(set(weight_map.values()))]
         for path in paths:
             if not path.is_file():
@@ -174,26 +186,47 @@ def open_safetensors(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a complete safetensors file (truncated?): {e}") from e
 
 
+# safetensors' dtype names, as torch's.
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}  # fmt: skip
+
+
+def hf_stored_bytes(paths: list[Path]) -> dict[str, int]:
+    """Bytes of the tensors per dtype name, as stored (only the files' headers are read)."""
+    totals: dict[str, int] = {}
+    for path in paths:
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                s = f.get_slice(key)
+                dtype = _ST_DTYPES[s.get_dtype()]
+                nbytes = dtype.itemsize * int(torch.tensor(s.get_shape(), dtype=torch.int64).prod())
+                totals[dtype_name(dtype)] = totals.get(dtype_name(dtype), 0) + nbytes
+    return totals
+
+
 def read_hf(
-    ckpt_dir: Union[str, Path], args: ModelArgs, device: torch.device, dtype: Optional[torch.dtype]
+    paths: list[Path], args: ModelArgs, tied: bool, device: torch.device, dtype: Optional[torch.dtype]
 ) -> StateDict:
-    """Dense tensors in Meta's names, in dtype (None: as stored) on device, memory-mapped as read."""
-    _, tied = read_config(ckpt_dir)
+    """Dense, checked tensors in Meta's names from the safetensors files `paths`, in dtype (None: as
+    stored) on device, memory-mapped as read."""
     expected = {hf_name(k): s for k, s in expected_shapes(args).items() if not (tied and k == "output.weight")}
     meta_names = {hf_name(k): k for k in expected_shapes(args)}
-    paths = safetensors_files(ckpt_dir)
     state_dict: StateDict = {}
     for path in paths:
         with open_safetensors(path) as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             check_shapes(shapes, {k: s for k, s in expected.items() if k in shapes}, path, "config.json")
             for key in shapes:
-                tensor = f.get_tensor(key).to(device=device, dtype=dtype)
+                tensor = f.get_tensor(key)
+                check_dtype(tensor.dtype, key, path)
+                tensor = tensor.to(device=device, dtype=dtype)
+                check_finite(tensor, key, path)
                 if key.endswith(("q_proj.weight", "k_proj.weight")):
                     n = args.n_heads if key.endswith("q_proj.weight") else args.n_kv_heads
                     tensor = permute_rotary(tensor, n, to_hf=False)
                 state_dict[meta_names[key]] = tensor
-    source = Path(ckpt_dir) / (INDEX if len(paths) > 1 else "model.safetensors")
+    source = paths[0].parent / (INDEX if len(paths) > 1 else "model.safetensors")
     check_shapes({hf_name(k): tuple(v.shape) for k, v in state_dict.items()}, expected, source, "config.json")
     if tied:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]

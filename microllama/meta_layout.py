@@ -1,0 +1,181 @@
+"""Meta's checkpoint layout: params.json beside consolidated.00.pth, or beside one file per
+tensor-parallel rank (consolidated.00.pth ... consolidated.NN.pth) as Meta publishes 70B and 405B.
+
+fairscale splits each weight over the ranks (llama_models/llama3/model.py): RowParallelLinear (wo, w2)
+along its input, dim 1; ColumnParallelLinear (wq, wk, wv, w1, w3, output) along its output, dim 0;
+VocabParallelEmbedding along the vocabulary, dim 0; RMSNorm weights are replicated. Merging shards is
+therefore concatenation, and splitting is chunking.
+"""
+
+import ctypes
+import json
+import os
+import pickle
+import re
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .config import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
+from .files import StateDict, atomic_dir, dtype_name, own_tensors
+from .model import ModelArgs
+
+ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
+SHARD_NAME = re.compile(r"consolidated\.(\d{2})\.pth")
+
+
+def shard_dim(key: str) -> Optional[int]:
+    """The dim along which Meta's tensor parallelism splits the weight `key`; None if replicated."""
+    if key.endswith("norm.weight"):
+        return None
+    return 1 if key.endswith(ROW_PARALLEL) else 0
+
+
+def shard_shape(key: str, shape: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """The shape of one of n shards of the weight `key` of the given dense shape."""
+    dim = shard_dim(key)
+    return shape if dim is None else shape[:dim] + (shape[dim] // n,) + shape[dim + 1 :]
+
+
+def shard_files(ckpt_dir: Path, args: ModelArgs) -> list[Path]:
+    """consolidated.00.pth ... in rank order, checked to be a set of shards Meta's tensor parallelism can
+    have written: numbered from 00 without a gap, a count that divides the attention heads."""
+    paths = sorted(ckpt_dir.glob("*.pth"))
+    if not paths:
+        raise CheckpointError(f"{ckpt_dir}: no consolidated.*.pth checkpoint files beside params.json")
+    n = len(paths)
+    expected = [f"consolidated.{rank:02d}.pth" for rank in range(n)]
+    if [p.name for p in paths] != expected:
+        found = ", ".join(p.name for p in paths)
+        raise CheckpointError(
+            f"{ckpt_dir}: {n} *.pth files ({found}); a Meta checkpoint of {n} shards is "
+            f"{expected[0]}{f' ... {expected[-1]}' if n > 1 else ''}"
+        )
+    if args.n_heads % n or args.n_kv_heads % n:
+        raise CheckpointError(
+            f"{ckpt_dir}: {n} *.pth shards, but splitting attention over {n} tensor-parallel ranks needs "
+            f"n_heads ({args.n_heads}) and n_kv_heads ({args.n_kv_heads}) in params.json divisible by {n}"
+        )
+    return paths
+
+
+def load_pth(path: Path) -> StateDict:
+    """The tensors of one torch.save file, memory-mapped; a pickle that would build anything but tensors
+    is refused."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path):
+        if head.startswith(b"PK"):
+            raise CheckpointError(f"{path}: a truncated or damaged torch.save archive (its zip directory is missing)")
+        if head.startswith(b"\x80"):
+            raise CheckpointError(
+                f"{path}: a pickle, not the zip archive torch.save writes (torch >= 1.6); microllama memory-maps "
+                "weights and reads only that format: load it and torch.save it again"
+            )
+        raise CheckpointError(f"{path}: not a torch.save file (it begins with the bytes {head!r})")
+    try:
+        state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to unpickle: it holds objects other than tensors, whose loading could run code "
+            f"(torch.load weights_only=True): {str(e).splitlines()[0]}"
+        ) from e
+    except Exception as e:  # torch raises several types for damaged archives
+        raise CheckpointError(
+            f"{path}: a damaged torch.save archive: {type(e).__name__}: {str(e).splitlines()[0]}"
+        ) from e
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path} must hold a dict of tensors, got {type(state_dict).__name__}")
+    return state_dict
+
+
+def meta_stored_bytes(paths: list[Path]) -> dict[str, int]:
+    """Bytes of the tensors per dtype name, as stored (files are memory-mapped: only headers are read)."""
+    totals: dict[str, int] = {}
+    for path in paths:
+        for t in load_pth(path).values():
+            totals[dtype_name(t.dtype)] = totals.get(dtype_name(t.dtype), 0) + t.nbytes
+    return totals
+
+
+_MADV_DONTNEED = 4  # <sys/mman.h>, Linux
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Give back the resident pages of a tensor of a load_pth file once its values are copied: they stop
+    counting in this process's memory, and are read from the file again if touched (torch maps the file
+    privately and read-only). Only whole pages inside the tensor's bytes. Linux only; elsewhere the OS
+    reclaims them when it needs to."""
+    if _libc is None or not t.is_contiguous():
+        return
+    start = -(-t.data_ptr() // _PAGE) * _PAGE
+    end = (t.data_ptr() + t.nbytes) // _PAGE * _PAGE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
+
+
+def read_meta(
+    paths: list[Path], args: ModelArgs, device: torch.device, dtype: Optional[torch.dtype], config: Path
+) -> StateDict:
+    """The dense, checked tensors of the shard files `paths`, in dtype (None: as stored) on device.
+
+    All shards are memory-mapped at once and each merged tensor is assembled from its slices, whose
+    pages are given back as soon as they are copied: host memory holds the merged weights and little
+    more. A single file whose tensors need no conversion is used as mapped, without a copy."""
+    n = len(paths)
+    expected = expected_shapes(args)
+    per_shard = {key: shard_shape(key, shape, n) for key, shape in expected.items()}
+    shards = [load_pth(path) for path in paths]
+    what = config.name if n == 1 else f"{config.name} split over {n} shards"
+    for path, shard in zip(paths, shards, strict=True):
+        check_shapes({k: tuple(v.shape) for k, v in shard.items()}, per_shard, path, what)
+        for key, t in shard.items():
+            check_dtype(t.dtype, key, path)
+            if t.dtype != shards[0][key].dtype:
+                raise CheckpointError(f"{path}: tensor {key!r} is {t.dtype}, but {shards[0][key].dtype} in {paths[0]}")
+    merged: StateDict = {}
+    for key, shape in expected.items():
+        parts = [shard[key] for shard in shards]
+        dim = shard_dim(key)
+        if n == 1:
+            merged[key] = parts[0].to(device=device, dtype=dtype)
+        elif dim is None:
+            merged[key] = parts[0].to(device=device, dtype=dtype, copy=True)
+            for path, part in zip(paths[1:], parts[1:], strict=True):
+                if not torch.equal(part, parts[0]):
+                    raise CheckpointError(f"{path}: replicated tensor {key!r} differs from the one in {paths[0]}")
+        else:
+            merged[key] = torch.empty(shape, device=device, dtype=dtype or parts[0].dtype)
+            size = per_shard[key][dim]
+            for rank, part in enumerate(parts):
+                merged[key].narrow(dim, rank * size, size).copy_(part)
+        check_finite(merged[key], key, paths[0] if n == 1 else config.parent)
+        if merged[key].data_ptr() != parts[0].data_ptr():  # copied: the mapped pages are no longer needed
+            for part in parts:
+                release_pages(part)
+    return merged
+
+
+def save_meta(state_dict: StateDict, params: dict[str, Any], out_dir: Union[str, Path], n_shards: int = 1) -> Path:
+    """Write params.json and consolidated.NN.pth, the tensors split over n_shards tensor-parallel
+    ranks exactly as fairscale splits them. out_dir must be absent or empty."""
+    args = args_from_params(params, "params.json")
+    if n_shards < 1 or args.n_heads % n_shards or args.n_kv_heads % n_shards:
+        raise ValueError(
+            f"cannot split into {n_shards} shards: n_heads ({args.n_heads}) and n_kv_heads ({args.n_kv_heads}) "
+            "must be divisible by the shard count"
+        )
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        for rank in range(n_shards):
+            shard = {
+                k: v if shard_dim(k) is None else v.chunk(n_shards, dim=shard_dim(k))[rank]
+                for k, v in state_dict.items()
+            }
+            torch.save(own_tensors(shard), tmp / f"consolidated.{rank:02d}.pth")
+    return Path(out_dir)
