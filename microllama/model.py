@@ -1,9 +1,11 @@
 """The dense Llama 3.1 transformer: Meta's reference model with nn.Linear and nn.Embedding in place
 of fairscale's parallel layers, computing the same thing op for op on one device."""
 
+import contextlib
 import dataclasses
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -185,10 +187,12 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Keys and values of the positions seen so far; exists only while generating."""
+    """Keys and values of the positions seen so far, for up to max_batch_size sequences of up to
+    max_seq_len positions; exists only while generating."""
 
     def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, **factory):
         super().__init__()
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
         self.register_buffer("cache_k", torch.zeros(shape, **factory), persistent=False)
         self.register_buffer("cache_v", torch.zeros(shape, **factory), persistent=False)
@@ -311,20 +315,30 @@ class Transformer(nn.Module):
             )
 
     def clear_cache(self) -> None:
+        """Free every layer's KV cache: forward is back to whole sequences from position 0."""
         for layer in self.layers:
             layer.attention.cache = None
+
+    @contextlib.contextmanager
+    def kv_cache(self, max_batch_size: int, max_seq_len: int) -> Iterator[None]:
+        """`with model.kv_cache(b, n):` a KV cache in every layer inside the block, freed on exit, even on error."""
+        self.setup_cache(max_batch_size, max_seq_len)
+        try:
+            yield
+        finally:
+            self.clear_cache()
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Float32 logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen) placed at start_pos."""
         bsz, seqlen = tokens.shape
         cache = self.layers[0].attention.cache
         if start_pos and cache is None:
-            raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")
-        limit = self.params.max_seq_len if cache is None else cache.cache_k.shape[1]
+            raise ValueError(f"start_pos={start_pos} needs a KV cache: use `with model.kv_cache(...)` or setup_cache()")
+        owner, limit = ("model's", self.params.max_seq_len) if cache is None else ("KV cache's", cache.max_seq_len)
         if start_pos + seqlen > limit:
-            raise ValueError(f"positions up to {start_pos + seqlen} exceed the model's limit of {limit}")
-        if cache is not None and bsz > cache.cache_k.shape[0]:
-            raise ValueError(f"batch of {bsz} exceeds the KV cache's max_batch_size {cache.cache_k.shape[0]}")
+            raise ValueError(f"positions up to {start_pos + seqlen} exceed the {owner} limit of {limit} (max_seq_len)")
+        if cache is not None and bsz > cache.max_batch_size:
+            raise ValueError(f"batch of {bsz} exceeds the KV cache's max_batch_size {cache.max_batch_size}")
 
         h = self.tok_embeddings(tokens)
         freqs_cis = self.freqs_cis(h.device)[start_pos : start_pos + seqlen]
