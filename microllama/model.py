@@ -186,6 +186,19 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
+def causal_mask(seqlen: int, start_pos: int, flash: bool, like: torch.Tensor) -> tuple[Optional[torch.Tensor], bool]:
+    """How queries at positions start_pos .. start_pos + seqlen - 1 are kept from later keys: SDPA's pair
+    (attn_mask, is_causal). The mask is Meta's, additive, (seqlen, start_pos + seqlen) in like's dtype."""
+    if seqlen == 1:
+        return None, False  # one new token: every key so far is at or before it
+    if flash and start_pos == 0:
+        return None, True  # square scores: SDPA applies causality itself, no mask tensor
+    # Row i is position start_pos + i: it sees every cached position and itself, not later ones.
+    mask = torch.full((seqlen, seqlen), float("-inf"), device=like.device)
+    mask = torch.triu(mask, diagonal=1)
+    return torch.hstack([torch.zeros((seqlen, start_pos), device=like.device), mask]).type_as(like), False
+
+
 class KVCache(nn.Module):
     """Keys and values of the positions seen so far, for up to max_batch_size sequences of up to
     max_seq_len positions; exists only while generating."""
@@ -220,7 +233,12 @@ class Attention(nn.Module):
         self.cache: Optional[KVCache] = None
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        is_causal: bool = False,
     ) -> torch.Tensor:
         bsz, seqlen, _ = x.shape
         xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
@@ -234,8 +252,7 @@ class Attention(nn.Module):
 
         xq, keys, values = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
         if self.flash:
-            causal = mask is None and seqlen > 1
-            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, is_causal=causal)
+            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, is_causal=is_causal)
         else:
             scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
             if mask is not None:
@@ -276,9 +293,14 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        freqs_cis: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        is_causal: bool = False,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, is_causal)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -342,14 +364,9 @@ class Transformer(nn.Module):
 
         h = self.tok_embeddings(tokens)
         freqs_cis = self.freqs_cis(h.device)[start_pos : start_pos + seqlen]
-        mask = None
-        if seqlen > 1 and not (self.params.flash and start_pos == 0):
-            # Row i is position start_pos + i: it sees every cached position and itself, not later ones.
-            mask = torch.full((seqlen, seqlen), float("-inf"), device=h.device)
-            mask = torch.triu(mask, diagonal=1)
-            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=h.device), mask]).type_as(h)
+        mask, is_causal = causal_mask(seqlen, start_pos, self.params.flash, h)
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
+            h = layer(h, start_pos, freqs_cis, mask, is_causal)
         h = self.norm(h)
         return self.output(h).float()
 

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from microllama.checkpoint import CheckpointError, load_model
-from microllama.model import KVCache, ModelArgs, RopeScaling, Transformer, ffn_hidden_dim, precompute_freqs_cis
+from microllama.model import (
+    KVCache,
+    ModelArgs,
+    RopeScaling,
+    Transformer,
+    causal_mask,
+    ffn_hidden_dim,
+    precompute_freqs_cis,
+)
 from microllama.tiny import CONFIGS, SHA256, make_tiny
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
@@ -190,3 +198,21 @@ def test_bad_checkpoint_error_names_file_and_key(broken_ckpt, change, message):
 def test_missing_params_json_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="params.json"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["default", "flash"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_causal_mask_hides_later_positions_only(flash, dtype):
+    """Queries at positions 3, 4, 5 over keys 0..5: -inf above the diagonal of the new block, in h's dtype."""
+    mask, is_causal = causal_mask(3, 3, flash, torch.zeros(1, dtype=dtype))
+    inf = float("-inf")
+    expected = torch.tensor([[0, 0, 0, 0, inf, inf], [0, 0, 0, 0, 0, inf], [0, 0, 0, 0, 0, 0]], dtype=dtype)
+    assert not is_causal and mask.dtype == dtype and torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["default", "flash"])
+def test_causal_mask_is_left_to_sdpa_only_for_a_flash_prefill_from_position_0(flash):
+    like = torch.zeros(1)
+    assert causal_mask(1, 7, flash, like) == (None, False)  # one new token sees every key so far
+    mask, is_causal = causal_mask(4, 0, flash, like)
+    assert (mask is None, is_causal) == ((True, True) if flash else (False, False))
