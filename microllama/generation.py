@@ -155,8 +155,7 @@ class Llama:
 
         # The cache has Meta's shape (max_batch_size, max_seq_len): the slices attention reads then
         # have Meta's strides too.
-        self.model.setup_cache(params.max_batch_size, params.max_seq_len)
-        try:
+        with self.model.kv_cache(params.max_batch_size, params.max_seq_len):
             prev_pos = 0
             for cur_pos in range(min_prompt_len, total_len):
                 logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
@@ -185,8 +184,6 @@ class Llama:
                 prev_pos = cur_pos
                 if bool((end <= cur_pos + 1).all()):  # every row's output is complete
                     break
-        finally:
-            self.model.clear_cache()
 
         out_tokens, out_logprobs = [], []
         for i, (row, stop) in enumerate(zip(tokens.tolist(), end.tolist(), strict=True)):

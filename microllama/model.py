@@ -1,9 +1,13 @@
 """The dense Llama 3.1 transformer: Meta's reference model with nn.Linear and nn.Embedding in place
-of fairscale's parallel layers, computing the same thing op for op on one device."""
+of fairscale's parallel layers, computing the same thing op for op on one device. Read top to bottom:
+the configuration, then the pieces in the order a token meets them (norm, RoPE, attention with its KV
+cache, feed-forward, block, model)."""
 
+import contextlib
 import dataclasses
 import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -26,13 +30,12 @@ def _check_number(owner: str, name: str, value: Any, kind: str, positive: bool =
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3.1's RoPE frequency scaling (see apply_scaling), with the constants Meta hard-codes.
-    Llama 3.2's 1B and 3B publish a factor of 32. In params.json: rope_scale_factor,
-    rope_low_freq_factor, rope_high_freq_factor, rope_original_context."""
+    """Llama 3.1's RoPE frequency scaling (see apply_scaling); the defaults are the constants Meta hard-codes.
+    Llama 3.2's 1B and 3B publish a factor of 32. Their params.json keys are in PARAMS_KEYS."""
 
-    factor: float = 8.0  # wavelengths longer than original_context / low_freq_factor are divided by it
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0  # wavelengths shorter than original_context / high_freq_factor are kept
+    factor: float = 8.0  # frequencies whose wavelength exceeds original_context / low_freq_factor are divided by it
+    low_freq_factor: float = 1.0  # sets the long-wavelength bound, original_context / low_freq_factor
+    high_freq_factor: float = 4.0  # wavelengths below original_context / high_freq_factor are kept as they are
     original_context: int = 8192  # the context length of pre-training, before the 128K extension
 
     PARAMS_KEYS = {
@@ -57,21 +60,23 @@ class RopeScaling:
 class ModelArgs:
     """Meta's `params.json` fields, plus the run-time sizes and switches microllama adds."""
 
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None
-    vocab_size: int = 128256
+    # From a checkpoint's params.json; defaults as in Meta's ModelArgs, with Llama 3's vocab_size.
+    dim: int = 4096  # width of the residual stream: the vector each token is between blocks
+    n_layers: int = 32  # transformer blocks
+    n_heads: int = 32  # query heads, each of head_dim = dim // n_heads
+    n_kv_heads: Optional[int] = None  # key/value heads, each shared by n_heads // n_kv_heads query heads; None: n_heads
+    vocab_size: int = 128256  # Llama 3's tokenizer: 128,000 BPE tokens and 256 special tokens
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
-    use_scaled_rope: bool = False
+    ffn_dim_multiplier: Optional[float] = None  # scales the SwiGLU hidden size (1.3 in 3.1 8B and 70B, 1.2 in 405B)
+    norm_eps: float = 1e-5  # RMSNorm's epsilon, added to the mean square before the square root
+    rope_theta: float = 500000.0  # RoPE base: pair i of a head turns by position * rope_theta ** (-2i / head_dim)
+    use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling, with the constants below
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
 
-    max_seq_len: int = 2048
-    max_batch_size: int = 32
-    flash: bool = False  # attention through F.scaled_dot_product_attention
+    # Chosen when the model is built, not stored in the checkpoint.
+    max_seq_len: int = 2048  # longest sequence; the RoPE table covers twice this, as Meta's does
+    max_batch_size: int = 32  # sequences generated at once: the KV cache's batch size
+    flash: bool = False  # attention through F.scaled_dot_product_attention instead of Meta's explicit softmax
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -97,6 +102,7 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head; queries, keys and values are split into heads of this size."""
         return self.dim // self.n_heads
 
     @classmethod
@@ -116,6 +122,8 @@ class ModelArgs:
 
 
 class RMSNorm(nn.Module):
+    """x divided by its root mean square over the last dimension, times a learned gain; no mean subtracted, no bias."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -163,13 +171,39 @@ def precompute_freqs_cis(
 
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate consecutive pairs of q and k (bsz, seqlen, heads, head_dim) by freqs_cis (seqlen, head_dim // 2)."""
+    """RoPE: turn each pair of features of q and k by an angle proportional to the token's position, so that
+    q . k depends on how far apart two tokens are. Shapes are kept: (bsz, seqlen, heads, head_dim)."""
+    # Features (x0, x1), (x2, x3), ... become complex numbers x0 + i x1, so that turning is multiplying:
+    # (bsz, seqlen, heads, head_dim) -> (bsz, seqlen, heads, head_dim // 2, 2) -> complex (..., head_dim // 2).
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])  # broadcast over batch and heads
+    # (seqlen, head_dim // 2) -> (1, seqlen, 1, head_dim // 2): the same turn for every sequence and head.
+    freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
+    # Turn, then back to real pairs, flattened to (bsz, seqlen, heads, head_dim); float32 until the cast back.
     xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
     xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+class KVCache(nn.Module):
+    """Keys and values of the positions seen so far, for up to max_batch_size sequences of up to
+    max_seq_len positions; exists only while generating."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, **factory):
+        super().__init__()
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        # Buffers follow the model's .to(device); not persistent, so never saved with the weights.
+        self.register_buffer("cache_k", torch.zeros(shape, **factory), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape, **factory), persistent=False)
+
+    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store xk, xv (bsz, seqlen, n_kv_heads, head_dim) at start_pos; return the keys and values of all
+        positions so far, (bsz, start_pos + seqlen, n_kv_heads, head_dim)."""
+        bsz, seqlen = xk.shape[:2]
+        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
+        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
+        return self.cache_k[:bsz, : start_pos + seqlen], self.cache_v[:bsz, : start_pos + seqlen]
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -184,24 +218,22 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
-class KVCache(nn.Module):
-    """Keys and values of the positions seen so far; exists only while generating."""
-
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, **factory):
-        super().__init__()
-        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
-        self.register_buffer("cache_k", torch.zeros(shape, **factory), persistent=False)
-        self.register_buffer("cache_v", torch.zeros(shape, **factory), persistent=False)
-
-    def update(self, start_pos: int, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store xk, xv at start_pos and return all keys and values up to their end."""
-        bsz, seqlen = xk.shape[:2]
-        self.cache_k[:bsz, start_pos : start_pos + seqlen] = xk
-        self.cache_v[:bsz, start_pos : start_pos + seqlen] = xv
-        return self.cache_k[:bsz, : start_pos + seqlen], self.cache_v[:bsz, : start_pos + seqlen]
+def causal_mask(seqlen: int, start_pos: int, flash: bool, like: torch.Tensor) -> tuple[Optional[torch.Tensor], bool]:
+    """How queries at start_pos .. start_pos + seqlen - 1 are kept from later keys, as SDPA's (attn_mask,
+    is_causal); is_causal only with flash. The mask is Meta's: (seqlen, start_pos + seqlen), in like's dtype."""
+    if seqlen == 1:
+        return None, False  # one new token: every key so far is at or before it
+    if flash and start_pos == 0:
+        return None, True  # square scores, where SDPA's own is_causal (aligned top-left) is exact: no mask tensor
+    # Row i is position start_pos + i: it sees every cached position and itself, not later ones.
+    mask = torch.full((seqlen, seqlen), float("-inf"), device=like.device)
+    mask = torch.triu(mask, diagonal=1)
+    return torch.hstack([torch.zeros((seqlen, start_pos), device=like.device), mask]).type_as(like), False
 
 
 class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads (n_kv_heads <= n_heads), RoPE and an optional KV cache."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.n_heads = args.n_heads
@@ -213,32 +245,38 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.cache: Optional[KVCache] = None
+        self.cache: Optional[KVCache] = None  # set by Transformer.setup_cache while generating
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool
     ) -> torch.Tensor:
+        """x (bsz, seqlen, dim) at positions start_pos onwards -> (bsz, seqlen, dim); mask, is_causal: causal_mask's."""
         bsz, seqlen, _ = x.shape
-        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        # Project each token to queries, keys and values, split into heads.
+        xq = self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim)  # (bsz, seqlen, n_heads, head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)  # (bsz, seqlen, n_kv_heads, head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)  # rotate q and k by position; v is not rotated
 
+        # With a cache (generating): store these keys and values, attend over every position so far.
         keys, values = (xk, xv) if self.cache is None else self.cache.update(start_pos, xk, xv)
-        keys = repeat_kv(keys, self.n_rep)  # (bsz, cache_len + seqlen, n_heads, head_dim)
+        # Grouped-query: repeat k and v so that each query head has the keys and values of its group.
+        keys = repeat_kv(keys, self.n_rep)  # (bsz, start_pos + seqlen, n_heads, head_dim)
         values = repeat_kv(values, self.n_rep)
 
+        # Heads become a batch dimension: (bsz, n_heads, seqlen or start_pos + seqlen, head_dim).
         xq, keys, values = xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2)
-        if self.flash:
-            causal = mask is None and seqlen > 1
-            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, is_causal=causal)
+        if self.flash:  # one fused kernel for the scores, mask, softmax and weighted sum below
+            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask, is_causal=is_causal)
         else:
+            # Every query against every key, scaled so the scores' variance does not grow with head_dim.
             scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
             if mask is not None:
-                scores = scores + mask  # (bsz, n_heads, seqlen, cache_len + seqlen)
+                scores = scores + mask  # (bsz, n_heads, seqlen, start_pos + seqlen); -inf on later positions
             # Softmax in float32, then back to the activation dtype, as Meta does.
             scores = F.softmax(scores.float(), dim=-1).type_as(xq)
             output = torch.matmul(scores, values)  # (bsz, n_heads, seqlen, head_dim)
+        # Heads side by side again, (bsz, seqlen, n_heads * head_dim), then mixed back to dim by wo.
         output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.wo(output)
 
@@ -252,6 +290,8 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[floa
 
 
 class FeedForward(nn.Module):
+    """SwiGLU: silu(w1 x) gates w3 x, per feature; w2 brings the hidden size back to dim."""
+
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)
@@ -263,6 +303,8 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then h + feed_forward(norm(h))."""
+
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
@@ -272,13 +314,15 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
     def forward(
-        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor]
+        self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor, mask: Optional[torch.Tensor], is_causal: bool
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask)
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, is_causal)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
+    """Token ids -> embeddings -> n_layers blocks -> final norm -> logits over the vocabulary."""
+
     def __init__(self, params: ModelArgs):
         super().__init__()
         self.params = params
@@ -294,7 +338,9 @@ class Transformer(nn.Module):
     def freqs_cis(self, device: torch.device) -> torch.Tensor:
         """RoPE rotations for 2 * max_seq_len positions (Meta's table size), computed on `device` as
         Meta computes them on its default device: sin and cos differ in their last bits across devices."""
-        if self._freqs_cis is None or self._freqs_cis.device != device:
+        # A table made under inference_mode cannot be saved for backward: a training forward remakes it.
+        stale = self._freqs_cis is not None and self._freqs_cis.is_inference() and not torch.is_inference_mode_enabled()
+        if self._freqs_cis is None or self._freqs_cis.device != device or stale:
             p = self.params
             self._freqs_cis = precompute_freqs_cis(
                 p.head_dim, p.max_seq_len * 2, p.rope_theta, p.use_scaled_rope, device, p.rope_scaling
@@ -303,6 +349,11 @@ class Transformer(nn.Module):
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate a KV cache in every layer, in the model's dtype and on its device, for generation."""
+        if not 0 < max_seq_len <= self.params.max_seq_len or max_batch_size < 1:
+            raise ValueError(
+                f"a KV cache of {max_batch_size} x {max_seq_len} positions; the model takes 1 to max_seq_len "
+                f"{self.params.max_seq_len} positions and at least 1 sequence"
+            )
         weight = self.output.weight
         head_dim, n_kv_heads = self.params.head_dim, self.params.n_kv_heads
         for layer in self.layers:
@@ -311,33 +362,38 @@ class Transformer(nn.Module):
             )
 
     def clear_cache(self) -> None:
+        """Free every layer's KV cache: forward is back to whole sequences from position 0."""
         for layer in self.layers:
             layer.attention.cache = None
+
+    @contextlib.contextmanager
+    def kv_cache(self, max_batch_size: int, max_seq_len: int) -> Iterator[None]:
+        """`with model.kv_cache(b, n):` a KV cache in every layer inside the block, freed on exit, even on error."""
+        self.setup_cache(max_batch_size, max_seq_len)
+        try:
+            yield
+        finally:
+            self.clear_cache()
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Float32 logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen) placed at start_pos."""
         bsz, seqlen = tokens.shape
         cache = self.layers[0].attention.cache
         if start_pos and cache is None:
-            raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")
-        limit = self.params.max_seq_len if cache is None else cache.cache_k.shape[1]
+            raise ValueError(f"start_pos={start_pos} needs a KV cache: use `with model.kv_cache(...)` or setup_cache()")
+        owner, limit = ("model's", self.params.max_seq_len) if cache is None else ("KV cache's", cache.max_seq_len)
         if start_pos + seqlen > limit:
-            raise ValueError(f"positions up to {start_pos + seqlen} exceed the model's limit of {limit}")
-        if cache is not None and bsz > cache.cache_k.shape[0]:
-            raise ValueError(f"batch of {bsz} exceeds the KV cache's max_batch_size {cache.cache_k.shape[0]}")
+            raise ValueError(f"positions up to {start_pos + seqlen} exceed the {owner} limit of {limit} (max_seq_len)")
+        if cache is not None and bsz > cache.max_batch_size:
+            raise ValueError(f"batch of {bsz} exceeds the KV cache's max_batch_size {cache.max_batch_size}")
 
-        h = self.tok_embeddings(tokens)
-        freqs_cis = self.freqs_cis(h.device)[start_pos : start_pos + seqlen]
-        mask = None
-        if seqlen > 1 and not (self.params.flash and start_pos == 0):
-            # Row i is position start_pos + i: it sees every cached position and itself, not later ones.
-            mask = torch.full((seqlen, seqlen), float("-inf"), device=h.device)
-            mask = torch.triu(mask, diagonal=1)
-            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=h.device), mask]).type_as(h)
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        freqs_cis = self.freqs_cis(h.device)[start_pos : start_pos + seqlen]  # these positions' rotations
+        mask, is_causal = causal_mask(seqlen, start_pos, self.params.flash, h)
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask)
+            h = layer(h, start_pos, freqs_cis, mask, is_causal)
         h = self.norm(h)
-        return self.output(h).float()
+        return self.output(h).float()  # (bsz, seqlen, vocab_size)
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of a full forward (no cache); targets equal to ignore_index are skipped."""

@@ -8,7 +8,15 @@ import torch
 
 from microllama.checkpoint import CheckpointError, load_model
 from microllama.family import REGISTRY, TINY
-from microllama.model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim, precompute_freqs_cis
+from microllama.model import (
+    KVCache,
+    ModelArgs,
+    RopeScaling,
+    Transformer,
+    causal_mask,
+    ffn_hidden_dim,
+    precompute_freqs_cis,
+)
 from microllama.tiny import SHA256, make_tiny
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
@@ -88,12 +96,45 @@ def test_setup_cache_then_clear_cache_leaves_no_cache():
     assert all(layer.attention.cache is None for layer in model.layers)
 
 
+def test_kv_cache_reports_its_capacity():
+    cache = KVCache(3, 40, n_kv_heads=2, head_dim=8)
+    assert (cache.max_batch_size, cache.max_seq_len) == (3, 40)
+    assert cache.cache_k.shape == cache.cache_v.shape == (3, 40, 2, 8)
+
+
+def test_kv_cache_context_allocates_in_every_layer_and_frees_on_exit():
+    model = small_model()
+    with model.kv_cache(2, 32):
+        assert all((layer.attention.cache.max_batch_size, layer.attention.cache.max_seq_len) == (2, 32)
+                   for layer in model.layers)  # fmt: skip
+        model(torch.zeros(2, 5, dtype=torch.long), 0)
+        model(torch.zeros(2, 1, dtype=torch.long), 5)
+    assert all(layer.attention.cache is None for layer in model.layers)
+
+
+def test_kv_cache_context_frees_the_cache_when_the_block_raises():
+    model = small_model()
+    with pytest.raises(RuntimeError, match="inside the block"), model.kv_cache(2, 32):
+        raise RuntimeError("inside the block")
+    assert all(layer.attention.cache is None for layer in model.layers)
+
+
 def test_forward_rejects_start_pos_without_cache_and_positions_past_max_seq_len():
     model = small_model()
-    with pytest.raises(ValueError, match="setup_cache"):
+    with pytest.raises(ValueError, match="kv_cache"):
         model(torch.zeros(1, 2, dtype=torch.long), start_pos=3)
-    with pytest.raises(ValueError, match="limit of 64"):
+    with pytest.raises(ValueError, match="model's limit of 64"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_forward_rejects_a_batch_or_positions_beyond_the_cache_capacity():
+    model = small_model()
+    with model.kv_cache(2, 16):
+        with pytest.raises(ValueError, match="batch of 3 exceeds the KV cache's max_batch_size 2"):
+            model(torch.zeros(3, 4, dtype=torch.long), 0)
+        with pytest.raises(ValueError, match=r"positions up to 18 exceed the KV cache's limit of 16"):
+            model(torch.zeros(2, 8, dtype=torch.long), 10)
+        model(torch.zeros(2, 16, dtype=torch.long), 0)  # exactly the capacity is fine
 
 
 def test_ffn_hidden_dim_follows_meta_sizing_for_llama31_8b():
@@ -158,3 +199,38 @@ def test_bad_checkpoint_error_names_file_and_key(broken_ckpt, change, message):
 def test_missing_params_json_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="params.json"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["default", "flash"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_causal_mask_hides_later_positions_only(flash, dtype):
+    """Queries at positions 3, 4, 5 over keys 0..5: -inf above the diagonal of the new block, in h's dtype."""
+    mask, is_causal = causal_mask(3, 3, flash, torch.zeros(1, dtype=dtype))
+    inf = float("-inf")
+    expected = torch.tensor([[0, 0, 0, 0, inf, inf], [0, 0, 0, 0, 0, inf], [0, 0, 0, 0, 0, 0]], dtype=dtype)
+    assert not is_causal and mask.dtype == dtype and torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["default", "flash"])
+def test_causal_mask_is_left_to_sdpa_only_for_a_flash_prefill_from_position_0(flash):
+    like = torch.zeros(1)
+    assert causal_mask(1, 7, flash, like) == (None, False)  # one new token sees every key so far
+    mask, is_causal = causal_mask(4, 0, flash, like)
+    assert (mask is None, is_causal) == ((True, True) if flash else (False, False))
+
+
+def test_training_after_inference_mode_use_backpropagates():
+    """The RoPE table made under inference_mode (generation) is not reused by a training forward."""
+    model = small_model().train()
+    tokens = torch.randint(0, 97, (2, 16))
+    with torch.inference_mode():
+        model(tokens)
+    model.loss(tokens[:, :-1], tokens[:, 1:]).backward()
+    assert model.layers[0].attention.wq.weight.grad is not None
+
+
+def test_kv_cache_larger_than_max_seq_len_is_refused():
+    model = small_model()
+    with pytest.raises(ValueError, match="max_seq_len 64"):
+        model.setup_cache(1, 65)
+    assert all(layer.attention.cache is None for layer in model.layers)

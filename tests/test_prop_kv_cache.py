@@ -29,14 +29,11 @@ seeds = st.integers(0, 2**32 - 1)
 @torch.inference_mode()
 def cached_logits(model: Transformer, tokens: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Logits of tokens (bsz, seqlen) fed through a fresh KV cache in chunks of the given sizes."""
-    model.setup_cache(tokens.shape[0], model.params.max_seq_len)
-    try:
-        out, pos = [], 0
+    out, pos = [], 0
+    with model.kv_cache(tokens.shape[0], model.params.max_seq_len):
         for size in sizes:
             out.append(model(tokens[:, pos : pos + size], pos))
             pos += size
-    finally:
-        model.clear_cache()
     return torch.cat(out, dim=1)
 
 

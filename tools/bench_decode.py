@@ -32,8 +32,7 @@ def decode_run(model: Transformer, batch_size: int, prompt_len: int, gen_len: in
     device = model.output.weight.device
     tokens = torch.randint(0, model.vocab_size, (batch_size, prompt_len), device=device,
                            generator=torch.Generator(device=device).manual_seed(0))  # fmt: skip
-    model.setup_cache(batch_size, prompt_len + gen_len)
-    try:
+    with model.kv_cache(batch_size, prompt_len + gen_len):
         t0 = _clock(device)
         next_token = model(tokens, 0)[:, -1].argmax(-1, keepdim=True)
         t1 = _clock(device)
@@ -42,8 +41,6 @@ def decode_run(model: Transformer, batch_size: int, prompt_len: int, gen_len: in
             next_token = model(next_token, pos)[:, -1].argmax(-1, keepdim=True)
             out.append(next_token)
         t2 = _clock(device)
-    finally:
-        model.clear_cache()
     return t1 - t0, (t2 - t1) / max(gen_len - 1, 1), torch.cat(out, 1).tolist()
 
 
