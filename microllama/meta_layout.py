@@ -119,14 +119,26 @@ def release_pages(t: torch.Tensor) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
 
 
+def copy_releasing(dst: torch.Tensor, src: torch.Tensor, block_bytes: int = 1 << 26) -> None:
+    """dst.copy_(src) (converting dtype, moving device) in blocks of rows, each block's mapped pages
+    released once copied: the whole source is never resident beside its copy."""
+    rows = max(1, block_bytes * src.shape[0] // max(1, src.nbytes)) if src.dim() else 1
+    if not src.dim():
+        dst.copy_(src)
+        return
+    for start in range(0, src.shape[0], rows):
+        dst[start : start + rows].copy_(src[start : start + rows])
+        release_pages(src[start : start + rows])
+
+
 def read_meta(
     paths: list[Path], args: ModelArgs, device: torch.device, dtype: Optional[torch.dtype], config: Path
 ) -> StateDict:
     """The dense, checked tensors of the shard files `paths`, in dtype (None: as stored) on device.
 
     All shards are memory-mapped at once and each merged tensor is assembled from its slices, whose
-    pages are given back as soon as they are copied: host memory holds the merged weights and little
-    more. A single file whose tensors need no conversion is used as mapped, without a copy."""
+    pages are given back block by block as they are copied: host memory holds the merged weights and
+    a block more. A single file whose tensors need no conversion is used as mapped, without a copy."""
     n = len(paths)
     expected = expected_shapes(args)
     per_shard = {key: shard_shape(key, shape, n) for key, shape in expected.items()}
@@ -142,22 +154,23 @@ def read_meta(
     for key, shape in expected.items():
         parts = [shard[key] for shard in shards]
         dim = shard_dim(key)
-        if n == 1:
-            merged[key] = parts[0].to(device=device, dtype=dtype)
-        elif dim is None:
-            merged[key] = parts[0].to(device=device, dtype=dtype, copy=True)
+        if dim is None:
             for path, part in zip(paths[1:], parts[1:], strict=True):
                 if not torch.equal(part, parts[0]):
                     raise CheckpointError(f"{path}: replicated tensor {key!r} differs from the one in {paths[0]}")
+        if n == 1 and dtype in (None, parts[0].dtype) and device.type == "cpu":
+            merged[key] = parts[0]  # used as mapped: no copy
         else:
             merged[key] = torch.empty(shape, device=device, dtype=dtype or parts[0].dtype)
-            size = per_shard[key][dim]
-            for rank, part in enumerate(parts):
-                merged[key].narrow(dim, rank * size, size).copy_(part)
-        check_finite(merged[key], key, paths[0] if n == 1 else config.parent)
-        if merged[key].data_ptr() != parts[0].data_ptr():  # copied: the mapped pages are no longer needed
-            for part in parts:
-                release_pages(part)
+            if dim is None:
+                copy_releasing(merged[key], parts[0])
+                for part in parts[1:]:
+                    release_pages(part)
+            else:
+                size = per_shard[key][dim]
+                for rank, part in enumerate(parts):
+                    copy_releasing(merged[key].narrow(dim, rank * size, size), part)
+        check_finite(merged[key], key, paths[0] if n == 1 else paths[0].parent)
     return merged
 
 

@@ -51,6 +51,11 @@ def tokenizer_candidates(ckpt_dir: Optional[Union[str, Path]] = None) -> list[Pa
 
 
 def find_tokenizer_model(ckpt_dir: Optional[Union[str, Path]] = None) -> Path:
+    """The first tokenizer.model of tokenizer_candidates that exists. A $MICROLLAMA_TOKENIZER naming no
+    file is an error, not a reason to look elsewhere."""
+    named = os.environ.get(TOKENIZER_ENV)
+    if named and not Path(named).is_file():
+        raise FileNotFoundError(f"${TOKENIZER_ENV} names {named}, which is not a file")
     candidates = tokenizer_candidates(ckpt_dir)
     for path in candidates:
         if path.is_file():
@@ -64,8 +69,12 @@ def find_tokenizer_model(ckpt_dir: Optional[Union[str, Path]] = None) -> Path:
 
 def load_bpe_ranks(path: Path) -> dict[bytes, int]:
     """tokenizer.model is one 'base64-token rank' pair per line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a tiktoken BPE file ('base64-token rank' lines of text): {e}") from e
     ranks = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -73,6 +82,8 @@ def load_bpe_ranks(path: Path) -> dict[bytes, int]:
             ranks[base64.b64decode(token)] = int(rank)
         except ValueError as e:
             raise ValueError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:80]!r}") from e
+    if not ranks:
+        raise ValueError(f"{path}: holds no BPE ranks")
     return ranks
 
 

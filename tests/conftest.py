@@ -9,18 +9,19 @@ from hypothesis import HealthCheck, settings
 
 from microllama.tiny import default_ckpt_dir
 
-# ci: derandomized and bounded, so CI is reproducible and fast; dev: more examples (200, or
-# $HYPOTHESIS_MAX_EXAMPLES), random seeds. Tests with their own max_examples (costly ones) keep it.
+# fast (the default, what a plain `pytest` and CI run): derandomized and bounded, so every run checks
+# the same 25 examples per law in seconds. thorough (HYPOTHESIS_PROFILE=thorough): 200 examples, or
+# $HYPOTHESIS_MAX_EXAMPLES, from a new seed each run. Tests with their own max_examples (costly ones) keep it.
 settings.register_profile(
-    "ci", derandomize=True, max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    "fast", derandomize=True, max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile(
-    "dev",
+    "thorough",
     max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", 200)),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 HAVE_REFERENCE = all(importlib.util.find_spec(m) is not None for m in ("llama_models", "fairscale"))
 REFERENCE_REASON = "needs Meta's reference code: pip install -e '.[reference]' (llama-models==0.3.0, fairscale)"

@@ -155,3 +155,116 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     assert exit_info.value.code != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("microllama: error: ") and "no params.json" in err
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"dim": 64.0}, r"ModelArgs\.dim must be an integer, got 64\.0"),
+        ({"n_layers": 2.5}, r"ModelArgs\.n_layers must be an integer, got 2\.5"),
+        ({"n_heads": True}, r"ModelArgs\.n_heads must be an integer, got True"),
+        ({"use_scaled_rope": "false"}, r"ModelArgs\.use_scaled_rope must be true or false, got 'false'"),
+        ({"rope_theta": float("inf")}, r"ModelArgs\.rope_theta must be a finite number, got inf"),
+        ({"norm_eps": float("nan")}, r"ModelArgs\.norm_eps must be a finite number, got nan"),
+        ({"rope_scale_factor": "32"}, r"RopeScaling\.factor must be a finite number, got '32'"),
+    ],
+    ids=["float-dim", "fractional-layers", "bool-heads", "string-bool", "infinite-theta", "nan-eps", "string-factor"],
+)
+def test_params_json_of_the_wrong_type_is_one_error_naming_file_and_field(tmp_path, good, change, message):
+    ckpt = shutil.copytree(good["meta"], tmp_path / "c")
+    (ckpt / "params.json").write_text(json.dumps({**PARAMS, **change}))  # json writes inf and nan as Infinity, NaN
+    with pytest.raises(CheckpointError, match=rf"params\.json: {message}"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer, got 0"),
+        ({"num_attention_heads": "4"}, 'num_attention_heads must be a positive integer, got "4"'),
+        ({"hidden_size": 64.0}, "hidden_size must be a positive integer, got 64.0"),
+        ({"rope_scaling": "llama3"}, 'rope_scaling must be a JSON object or null, got "llama3"'),
+        ({"rms_norm_eps": "1e-5"}, 'rms_norm_eps must be a finite number, got "1e-5"'),
+        ({"tie_word_embeddings": "false"}, 'tie_word_embeddings must be true or false, got "false"'),
+        ({"rope_theta": float("inf")}, "rope_theta must be a finite number, got Infinity"),
+    ],
+    ids=["zero-heads", "string-heads", "float-hidden", "string-rope-scaling", "string-eps", "string-tie", "inf-theta"],
+)
+def test_config_json_of_the_wrong_type_is_one_error_naming_file_and_key(tmp_path, good, change, message):
+    ckpt = shutil.copytree(good["hf"], tmp_path / "c")
+    config = json.loads((ckpt / "config.json").read_text())
+    if "rope_theta" in change:
+        config["rope_scaling"]["rope_theta"] = change.pop("rope_theta")
+    (ckpt / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=rf"config\.json: {message}"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+def test_integer_weights_are_refused_not_cast(tmp_path, good, layout):
+    key = KEYS[layout]
+    ckpt = edited(good[layout], tmp_path / "c", lambda t: {**t, key: t[key].to(torch.int8)})
+    with pytest.raises(CheckpointError, match=rf"{FILES[layout]}: tensor '{key}' is torch\.int8"):
+        load_model(ckpt)
+
+
+@pytest.mark.parametrize("layout", ["meta", "hf"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_weight_holding_nan_or_infinity_is_refused(tmp_path, good, layout, value):
+    key = KEYS[layout]
+
+    def poison(t):
+        w = t[key].clone()
+        w[3, 5] = value
+        return {**t, key: w}
+
+    ckpt = edited(good[layout], tmp_path / "c", poison)
+    with pytest.raises(
+        CheckpointError, match=rf"{FILES[layout]}: tensor '{key}' holds {value} at flat index {3 * 64 + 5}"
+    ):
+        load_model(ckpt, dtype=torch.bfloat16)
+
+
+@pytest.fixture
+def two_shards(tmp_path, good):
+    return convert(good["meta"], tmp_path / "mp2", "meta", shards=2)
+
+
+def test_shards_of_mixed_dtypes_are_refused(two_shards):
+    shard = torch.load(two_shards / "consolidated.01.pth", weights_only=True)
+    shard["norm.weight"] = shard["norm.weight"].float()
+    torch.save(shard, two_shards / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth: tensor 'norm.weight' is torch\.float32, but "):
+        load_model(two_shards)
+
+
+def test_shard_numbers_with_a_gap_are_refused(two_shards):
+    (two_shards / "consolidated.01.pth").rename(two_shards / "consolidated.05.pth")
+    with pytest.raises(CheckpointError, match=r"2 \*\.pth files \(consolidated\.00\.pth, consolidated\.05\.pth\).*"
+                       r"consolidated\.00\.pth \.\.\. consolidated\.01\.pth"):  # fmt: skip
+        load_model(two_shards)
+
+
+def test_convert_to_hf_refuses_a_shard_count(tmp_path, good):
+    with pytest.raises(ValueError, match="--shards splits Meta's layout"):
+        convert(good["meta"], tmp_path / "hf2", "hf", shards=2)
+    assert not (tmp_path / "hf2").exists()
+
+
+def test_tokenizer_env_naming_a_missing_file_is_an_error(tmp_path, monkeypatch):
+    from microllama.tokenizer import TOKENIZER_ENV, Tokenizer
+
+    monkeypatch.setenv(TOKENIZER_ENV, str(tmp_path / "nope.model"))
+    with pytest.raises(FileNotFoundError, match=r"\$MICROLLAMA_TOKENIZER names .*nope\.model, which is not a file"):
+        Tokenizer()
+
+
+def test_garbage_tokenizer_model_names_the_file(tmp_path):
+    from microllama.tokenizer import Tokenizer
+
+    (tmp_path / "tokenizer.model").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"tokenizer\.model: not a tiktoken BPE file"):
+        Tokenizer(tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer.model").write_text("")
+    with pytest.raises(ValueError, match=r"tokenizer\.model: holds no BPE ranks"):
+        Tokenizer(tmp_path / "tokenizer.model")

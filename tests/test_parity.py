@@ -1,5 +1,8 @@
 """microllama against Meta's reference Transformer and generation, in-process, on the tiny checkpoints."""
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -48,17 +51,40 @@ def test_cached_decode_steps_bit_identical_to_meta(tiny_ckpt, dtype):
             assert_bit_identical(ours(tokens[:, start:end], start), meta(tokens[:, start:end], start))
 
 
+@contextlib.contextmanager
+def final_states_and_last_logits(model: torch.nn.Module, into: list, last: int) -> Iterator[None]:
+    """While active, keep the final norm's output (every position) in `into`, and let the output layer see
+    only the last `last` positions: 8,300 positions x 128,256 float32 logits would take 4.3 GB."""
+    handles = [
+        model.norm.register_forward_hook(lambda m, args, out: into.append(out.float())),
+        model.output.register_forward_pre_hook(lambda m, args: (args[0][:, -last:],)),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_logits_bit_identical_to_meta_beyond_8192_positions(tiny_ckpt, dtype):
-    """Past the original 8,192-token context, where Llama 3.1's RoPE scaling matters."""
+    """Past the original 8,192-token context, where Llama 3.1's RoPE scaling matters: the final hidden
+    states of an 8,300-position forward at every position, its last 64 positions' logits, and a cached
+    decode step at position 8,300."""
     n = 8300
     meta = meta_transformer(tiny_ckpt, dtype, max_seq_len=n + 1, max_batch_size=1)
     ours = load_model(tiny_ckpt, max_seq_len=n + 1, max_batch_size=1, dtype=dtype)
     ours.setup_cache(1, n + 1)
     tokens = random_tokens(1, n + 1, seed=2)
+    states: dict[str, list] = {"ours": [], "meta": []}
     with torch.inference_mode():
-        assert_bit_identical(ours(tokens[:, :n], 0), meta(tokens[:, :n], 0))
+        with final_states_and_last_logits(ours, states["ours"], 64):
+            ours_logits = ours(tokens[:, :n], 0)
+        with final_states_and_last_logits(meta, states["meta"], 64):
+            meta_logits = meta(tokens[:, :n], 0)
+        assert_bit_identical(states["ours"][0], states["meta"][0])
+        assert_bit_identical(ours_logits, meta_logits)
         assert_bit_identical(ours(tokens[:, n:], n), meta(tokens[:, n:], n))
 
 

@@ -81,12 +81,12 @@ def measure_in_subprocess(ckpt_dir: str, dtype: str = "bfloat16", device: str = 
 
 
 def run(out: str, name: str = "llama3.2-1b", n_layers: int = 2, device: str = "cpu", dtypes: Optional[list] = None):
-    """Build the checkpoint under OUT (once) in Meta's layout, one file and 2 shards, and Hugging Face's;
+    """Build the checkpoint under OUT (once) in Meta's layout, one file, 2 and 4 shards, and Hugging Face's;
     print the peak-memory ratio of each load."""
-    for layout in ("meta", "hf", "meta-2-shards"):
+    for layout in ("meta", "hf", "meta-2-shards", "meta-4-shards"):
         path = Path(out) / f"{name}-{n_layers}l-{layout}"
-        if not path.exists() and layout == "meta-2-shards":
-            convert(Path(out) / f"{name}-{n_layers}l-meta", path, "meta", shards=2)
+        if not path.exists() and layout.endswith("-shards"):
+            convert(Path(out) / f"{name}-{n_layers}l-meta", path, "meta", shards=int(layout.split("-")[1]))
         elif not path.exists():
             build(str(path), name, n_layers, layout)
         for dtype in dtypes or ["bfloat16", "float32"]:
