@@ -1,18 +1,21 @@
 """What every file microllama writes or reads needs, whatever the format: directories written
-atomically, sha256 digests, JSON objects, dtype names.
+atomically, sha256 digests, JSON objects, dtype names, memory-mapped weights converted without
+holding the whole file resident.
 
 Both checkpoint layouts and the golden sets build on this module; it imports nothing of microllama.
 """
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -152,3 +155,43 @@ def atomic_dir(out_dir: Union[str, Path], replace: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_MADV_DONTNEED = 4  # <sys/mman.h>, Linux
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Give back the resident pages of a memory-mapped weight whose values have been copied: they stop
+    counting in this process's memory, and are read from the file again if touched (weights are mapped
+    read-only). Only whole pages inside the tensor's bytes. Linux only; elsewhere the OS reclaims them
+    when it needs to."""
+    if _libc is None or not t.is_contiguous():
+        return
+    start = -(-t.data_ptr() // _PAGE) * _PAGE
+    end = (t.data_ptr() + t.nbytes) // _PAGE * _PAGE
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
+
+
+def copy_releasing(dst: torch.Tensor, src: torch.Tensor, block_bytes: int = 1 << 26) -> None:
+    """dst.copy_(src) (converting dtype, moving device) in blocks of rows, each block's mapped pages
+    released once copied: the whole source is never resident beside its copy."""
+    if not src.dim():
+        dst.copy_(src)
+        return
+    rows = max(1, block_bytes * src.shape[0] // max(1, src.nbytes))
+    for start in range(0, src.shape[0], rows):
+        dst[start : start + rows].copy_(src[start : start + rows])
+        release_pages(src[start : start + rows])
+
+
+def converted(t: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """t in dtype (None: its own) on device: t itself when nothing changes, else a copy made by
+    copy_releasing."""
+    if dtype in (None, t.dtype) and t.device == device:
+        return t
+    out = torch.empty(t.shape, device=device, dtype=dtype or t.dtype)
+    copy_releasing(out, t)
+    return out

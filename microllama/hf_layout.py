@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from . import family
 from .config import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
-from .files import StateDict, atomic_dir, dtype_name, own_tensors, read_json
+from .files import StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
 from .model import ModelArgs, RopeScaling, ffn_hidden_dim
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -220,7 +220,7 @@ def read_hf(
             for key in shapes:
                 tensor = f.get_tensor(key)
                 check_dtype(tensor.dtype, key, path)
-                tensor = tensor.to(device=device, dtype=dtype)
+                tensor = converted(tensor, device, dtype)
                 check_finite(tensor, key, path)
                 if key.endswith(("q_proj.weight", "k_proj.weight")):
                     n = args.n_heads if key.endswith("q_proj.weight") else args.n_kv_heads

@@ -7,12 +7,9 @@ VocabParallelEmbedding along the vocabulary, dim 0; RMSNorm weights are replicat
 therefore concatenation, and splitting is chunking.
 """
 
-import ctypes
 import json
-import os
 import pickle
 import re
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 
 from .config import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
-from .files import StateDict, atomic_dir, dtype_name, own_tensors
+from .files import StateDict, atomic_dir, converted, copy_releasing, dtype_name, own_tensors, release_pages
 from .model import ModelArgs
 
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
@@ -101,36 +98,6 @@ def meta_stored_bytes(paths: list[Path]) -> dict[str, int]:
     return totals
 
 
-_MADV_DONTNEED = 4  # <sys/mman.h>, Linux
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-
-
-def release_pages(t: torch.Tensor) -> None:
-    """Give back the resident pages of a tensor of a load_pth file once its values are copied: they stop
-    counting in this process's memory, and are read from the file again if touched (torch maps the file
-    privately and read-only). Only whole pages inside the tensor's bytes. Linux only; elsewhere the OS
-    reclaims them when it needs to."""
-    if _libc is None or not t.is_contiguous():
-        return
-    start = -(-t.data_ptr() // _PAGE) * _PAGE
-    end = (t.data_ptr() + t.nbytes) // _PAGE * _PAGE
-    if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_DONTNEED))
-
-
-def copy_releasing(dst: torch.Tensor, src: torch.Tensor, block_bytes: int = 1 << 26) -> None:
-    """dst.copy_(src) (converting dtype, moving device) in blocks of rows, each block's mapped pages
-    released once copied: the whole source is never resident beside its copy."""
-    rows = max(1, block_bytes * src.shape[0] // max(1, src.nbytes)) if src.dim() else 1
-    if not src.dim():
-        dst.copy_(src)
-        return
-    for start in range(0, src.shape[0], rows):
-        dst[start : start + rows].copy_(src[start : start + rows])
-        release_pages(src[start : start + rows])
-
-
 def read_meta(
     paths: list[Path], args: ModelArgs, device: torch.device, dtype: Optional[torch.dtype], config: Path
 ) -> StateDict:
@@ -158,18 +125,15 @@ def read_meta(
             for path, part in zip(paths[1:], parts[1:], strict=True):
                 if not torch.equal(part, parts[0]):
                     raise CheckpointError(f"{path}: replicated tensor {key!r} differs from the one in {paths[0]}")
-        if n == 1 and dtype in (None, parts[0].dtype) and device.type == "cpu":
-            merged[key] = parts[0]  # used as mapped: no copy
+        if n == 1 or dim is None:
+            merged[key] = converted(parts[0], device, dtype)  # as mapped when nothing changes
+            for part in parts[1:]:  # replicated, equal to parts[0]
+                release_pages(part)
         else:
             merged[key] = torch.empty(shape, device=device, dtype=dtype or parts[0].dtype)
-            if dim is None:
-                copy_releasing(merged[key], parts[0])
-                for part in parts[1:]:
-                    release_pages(part)
-            else:
-                size = per_shard[key][dim]
-                for rank, part in enumerate(parts):
-                    copy_releasing(merged[key].narrow(dim, rank * size, size), part)
+            size = per_shard[key][dim]
+            for rank, part in enumerate(parts):
+                copy_releasing(merged[key].narrow(dim, rank * size, size), part)
         check_finite(merged[key], key, paths[0] if n == 1 else paths[0].parent)
     return merged
 
