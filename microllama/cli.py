@@ -8,10 +8,8 @@ from typing import Optional, Union
 
 import fire
 
-from . import goldens, tiny
-from .checkpoint import convert as convert_checkpoint
-from .checkpoint import open_checkpoint
-from .generation import Llama, check_sampling
+# torch takes seconds to import, longer on a loaded machine, and `microllama --help` should not wait for it:
+# this module imports only the standard library and fire, and each command imports what it needs when it runs.
 
 
 class StreamPrinter:
@@ -46,6 +44,8 @@ def generate(
 ) -> None:
     """Complete one prompt (streamed) or a list of prompts (--prompt '["a", "b"]'). ckpt_dir defaults
     to the embedded tiny checkpoint, whose random weights produce fluent-looking nonsense."""
+    from .generation import Llama, check_sampling
+
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"--prompt must be text; fire read {prompt!r} as a Python literal: quote it twice")
@@ -62,8 +62,11 @@ def generate(
         print(f"{p}{c.generation}\n{'=' * 40}")
 
 
-def make_tiny(out_dir: str, name: str = "tiny", seed: int = tiny.DEFAULT_SEED) -> None:
-    """Write a tiny Meta-layout checkpoint (params.json, consolidated.00.pth) into OUT_DIR."""
+def make_tiny(out_dir: str, name: str = "tiny", seed: int = 0) -> None:
+    """Write the tiny Meta-layout checkpoint NAME (tiny, tiny-hd128, tiny-kv4; params.json,
+    consolidated.00.pth) into OUT_DIR; seed 0 gives the embedded one's weights."""
+    from . import tiny
+
     path = tiny.make_tiny(Path(out_dir), name, seed)
     print(f"wrote {path} (sha256 {(path / 'sha256.txt').read_text().strip()})")
 
@@ -71,6 +74,8 @@ def make_tiny(out_dir: str, name: str = "tiny", seed: int = tiny.DEFAULT_SEED) -
 def convert(src: str, dst: str, to: str, shards: int = 1) -> None:
     """Rewrite checkpoint SRC (Meta or Hugging Face layout) into DST in layout --to meta|hf, bit for bit;
     --shards N splits a Meta-layout output over N tensor-parallel ranks as Meta's fairscale code does."""
+    from .checkpoint import convert as convert_checkpoint
+
     path = convert_checkpoint(Path(src), Path(dst), to, shards)
     split = f", {shards} shards" if to == "meta" and shards > 1 else ""
     print(f"wrote {path} ({to} layout{split})")
@@ -79,6 +84,8 @@ def convert(src: str, dst: str, to: str, shards: int = 1) -> None:
 def info(target: str) -> None:
     """Configuration, parameter count, weight bytes and KV-cache bytes of TARGET: a checkpoint directory
     (either layout) or a model name (llama3.1-8b, llama3.1-70b, llama3.1-405b, llama3.2-1b, llama3.2-3b, tiny)."""
+    from .checkpoint import open_checkpoint
+
     print("\n".join(open_checkpoint(target).describe()))
 
 
@@ -86,6 +93,8 @@ def verify(golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str
     """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
     capture point and the first divergent one; exit status 1 on divergence. ckpt_dir defaults to the
     set's own checkpoint (a directory, or tiny / tiny-hd128)."""
+    from . import goldens
+
     comparison = goldens.verify(golden_dir, ckpt_dir, device)
     print(goldens.format_comparison(comparison))
     if comparison.diverged:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from microllama import Llama
+from microllama import Llama, tiny
 from microllama.cli import main
 
 PROMPT = "Clearly, the meaning of life is"
@@ -24,10 +24,21 @@ def test_generate_takes_a_list_of_prompts(capsys, tokenizer):
     assert out.startswith("Hi") and "\nSimply put," in out and out.count("=" * 40) == 2
 
 
-def test_make_tiny_writes_meta_layout(tmp_path, capsys):
+def test_make_tiny_writes_meta_layout_with_the_embedded_seed(tmp_path, capsys):
     main(["make-tiny", str(tmp_path / "t")])
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["consolidated.00.pth", "params.json", "sha256.txt"]
-    assert "sha256" in capsys.readouterr().out
+    assert capsys.readouterr().out == f"wrote {tmp_path / 't'} (sha256 {tiny.SHA256['tiny']})\n"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["convert", "-h"]])
+def test_help_does_not_import_torch(args):
+    code = (
+        "import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+        "from microllama.cli import main; main(sys.argv[1:])"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert result.returncode == 0 and "SYNOPSIS" in result.stderr  # fire writes help to stderr
+    assert result.stdout == "torch imported: False\n"
 
 
 @pytest.mark.parametrize(
