@@ -1,17 +1,26 @@
 """The `microllama` command: generate text, build the tiny checkpoint, verify against goldens, convert and
-describe checkpoints."""
+describe checkpoints. `run` is also the command line of the scripts in tools/."""
 
+import difflib
+import functools
+import inspect
+import json
+import math
+import re
 import sys
-from collections.abc import Sequence
+import typing
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import fire
 
-from . import goldens, tiny
-from .checkpoint import convert as convert_checkpoint
-from .checkpoint import open_checkpoint
-from .generation import Llama, check_sampling
+# torch takes seconds to import, longer on a loaded machine, and `microllama --help` or a misspelt flag should
+# not wait for it: this module imports only the standard library and fire, and each command imports what it
+# needs when it runs.
+
+Command = Callable[..., Any]
+DEFAULT_PROMPT = "Clearly, the meaning of life is"
 
 
 class StreamPrinter:
@@ -32,7 +41,9 @@ class StreamPrinter:
 
 
 def generate(
-    prompt: Union[str, Sequence[str]] = "Clearly, the meaning of life is",
+    prompt: Optional[str] = None,
+    *,
+    prompts: Optional[list[str]] = None,
     ckpt_dir: Optional[str] = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
@@ -44,26 +55,37 @@ def generate(
     flash: bool = False,
     tokenizer_path: Optional[str] = None,
 ) -> None:
-    """Complete one prompt (streamed) or a list of prompts (--prompt '["a", "b"]'). ckpt_dir defaults
-    to the embedded tiny checkpoint, whose random weights produce fluent-looking nonsense."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"--prompt must be text; fire read {prompt!r} as a Python literal: quote it twice")
-    check_sampling(temperature, top_p, max_gen_len)  # before a checkpoint that may take minutes to load
-    llama = Llama.build(ckpt_dir, max_seq_len, len(prompts), device=device, dtype=dtype, flash=flash,
+    """Complete PROMPT (default: "Clearly, the meaning of life is"), streamed as it comes, or each of --prompts,
+    a JSON list of strings: --prompts '["first", "second"]'. ckpt_dir: a checkpoint directory or a tiny
+    checkpoint's name (default: tiny, whose random weights produce fluent-looking nonsense)."""
+    if prompt is not None and prompts is not None:
+        raise ValueError("give --prompt or --prompts, not both")
+    texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
+    from .generation import Llama, check_sampling
+
+    check_sampling(temperature, top_p, max_gen_len, seed)  # before a checkpoint that may take minutes to load
+    if max_seq_len < 1:
+        raise ValueError(f"--max_seq_len must be at least 1, got {max_seq_len}")
+    llama = Llama.build(ckpt_dir, max_seq_len, len(texts), device=device, dtype=dtype, flash=flash,
                         tokenizer_path=tokenizer_path)  # fmt: skip
-    if len(prompts) == 1:
-        print(prompts[0], end="", flush=True)
-        llama.text_completion(prompts, temperature, top_p, max_gen_len, seed=seed,
+    # The whole request is checked before the prompt is echoed, so that an error does not follow it.
+    tokens = [llama.tokenizer.encode(t, bos=True, eos=False) for t in texts]
+    llama.check_request(tokens, temperature, top_p, max_gen_len, seed)
+    if len(texts) == 1:
+        print(texts[0], end="", flush=True)
+        llama.text_completion(texts, temperature, top_p, max_gen_len, seed=seed,
                               on_token=StreamPrinter(llama.tokenizer.decode))  # fmt: skip
         print()
         return
-    for p, c in zip(prompts, llama.text_completion(prompts, temperature, top_p, max_gen_len, seed=seed), strict=True):
+    for p, c in zip(texts, llama.text_completion(texts, temperature, top_p, max_gen_len, seed=seed), strict=True):
         print(f"{p}{c.generation}\n{'=' * 40}")
 
 
-def make_tiny(out_dir: str, name: str = "tiny", seed: int = tiny.DEFAULT_SEED) -> None:
-    """Write a tiny Meta-layout checkpoint (params.json, consolidated.00.pth) into OUT_DIR."""
+def make_tiny(out_dir: str, name: str = "tiny", seed: int = 0) -> None:
+    """Write the tiny Meta-layout checkpoint NAME (tiny, tiny-hd128, tiny-kv4; params.json,
+    consolidated.00.pth) into OUT_DIR; seed 0 gives the embedded one's weights."""
+    from . import tiny
+
     path = tiny.make_tiny(Path(out_dir), name, seed)
     print(f"wrote {path} (sha256 {(path / 'sha256.txt').read_text().strip()})")
 
@@ -71,6 +93,8 @@ def make_tiny(out_dir: str, name: str = "tiny", seed: int = tiny.DEFAULT_SEED) -
 def convert(src: str, dst: str, to: str, shards: int = 1) -> None:
     """Rewrite checkpoint SRC (Meta or Hugging Face layout) into DST in layout --to meta|hf, bit for bit;
     --shards N splits a Meta-layout output over N tensor-parallel ranks as Meta's fairscale code does."""
+    from .checkpoint import convert as convert_checkpoint
+
     path = convert_checkpoint(Path(src), Path(dst), to, shards)
     split = f", {shards} shards" if to == "meta" and shards > 1 else ""
     print(f"wrote {path} ({to} layout{split})")
@@ -79,6 +103,8 @@ def convert(src: str, dst: str, to: str, shards: int = 1) -> None:
 def info(target: str) -> None:
     """Configuration, parameter count, weight bytes and KV-cache bytes of TARGET: a checkpoint directory
     (either layout) or a model name (llama3.1-8b, llama3.1-70b, llama3.1-405b, llama3.2-1b, llama3.2-3b, tiny)."""
+    from .checkpoint import open_checkpoint
+
     print("\n".join(open_checkpoint(target).describe()))
 
 
@@ -86,6 +112,8 @@ def verify(golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str
     """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
     capture point and the first divergent one; exit status 1 on divergence. ckpt_dir defaults to the
     set's own checkpoint (a directory, or tiny / tiny-hd128)."""
+    from . import goldens
+
     comparison = goldens.verify(golden_dir, ckpt_dir, device)
     print(goldens.format_comparison(comparison))
     if comparison.diverged:
@@ -95,12 +123,148 @@ def verify(golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str
 COMMANDS = {"generate": generate, "make-tiny": make_tiny, "verify": verify, "convert": convert, "info": info}
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def run(
+    commands: Union[Command, dict[str, Command]], argv: Optional[Sequence[str]] = None, name: Optional[str] = None
+) -> None:
+    """The command line of microllama and of tools/: fire's help (-h, --help) and flag spellings, with argv
+    checked against the command's signature before anything runs. A misspelt flag, a missing or extra
+    argument or a value that is not of the parameter's type (str: any text; int; float: finite; bool;
+    list[str]: a JSON list) is refused, and every error is one line `NAME: error: ...`, exit status 1
+    (Ctrl-C: `NAME: interrupted`, 130)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = name or Path(sys.argv[0]).name
     try:
-        fire.Fire(COMMANDS, command=argv, name="microllama")
+        if "-h" in argv or "--help" in argv or (not argv and isinstance(commands, dict)):
+            fire.Fire(commands, command=argv, name=name)  # fire's help: nothing runs
+            return
+        if isinstance(commands, dict):
+            command, label, argv = _pick_command(commands, argv[0]), f"{name} {argv[0]}", argv[1:]
+        else:
+            command, label = commands, name
+        # fire calls the command with the arguments checked here, and shows what it returns.
+        fire.Fire(functools.partial(command, **_parse_args(command, argv, label)), command=[], name=label)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"microllama: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _pick_command(commands: dict[str, Command], word: str) -> Command:
+    if word not in commands:
+        what = f"the command comes first, got {word}" if word.startswith("-") else f"unknown command {word!r}"
+        raise ValueError(f"{what}{_did_you_mean(word, commands)}; commands: {', '.join(commands)}")
+    return commands[word]
+
+
+def _did_you_mean(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _is_flag(arg: str) -> bool:
+    """fire's rule: --name, or - and a letter (so -1 is a value)."""
+    return arg.startswith("--") or re.match("-[a-zA-Z]", arg) is not None
+
+
+def _parse_args(command: Command, args: Sequence[str], label: str) -> dict[str, Any]:
+    """Keyword arguments for `command` from fire's spellings: --name value, --name=value, --name alone or
+    --noname / --no-name for a bool, - or _ within names, -n for the only parameter starting with n, and
+    positional values in the signature's order. ValueError, naming the flag, for anything else."""
+    params = inspect.signature(command).parameters
+    types = typing.get_type_hints(inspect.unwrap(command))
+    flags = ", ".join(f"--{p}" for p in params)
+    given: dict[str, str] = {}
+    positional: list[str] = []
+    i = 0
+    while i < len(args):
+        arg, i = args[i], i + 1
+        if not _is_flag(arg):
+            positional.append(arg)
+            continue
+        flag, has_value, value = arg.partition("=")
+        word = flag.lstrip("-").replace("-", "_")
+        key = _param_named(word, params)
+        negated = word[2:].lstrip("_")  # --noflash, --no-flash
+        if key is None and word.startswith("no") and types.get(negated) is bool and not has_value:
+            key, has_value, value = negated, "=", "false"
+        if key is None:
+            suggestion = _did_you_mean(flag, [f"--{p}" for p in params])
+            raise ValueError(f"unknown flag {flag}{suggestion}; {label} takes {flags}")
+        if not has_value:  # fire's rule: the next argument is the value, unless it is a flag or there is none
+            if i < len(args) and not _is_flag(args[i]):
+                value, i = args[i], i + 1
+            elif types.get(key) is bool:
+                value = "true"
+            else:
+                raise ValueError(f"--{key} needs a value (--{key}=VALUE for one that starts with -)")
+        if key in given:
+            raise ValueError(f"--{key} is given twice")
+        given[key] = value
+    names = [p for p, param in params.items() if param.kind is param.POSITIONAL_OR_KEYWORD]
+    free = [p for p in names if p not in given]
+    if len(positional) > len(free):
+        takes = f"{len(names)} positional ({' '.join(p.upper() for p in names)})" if names else "no positional"
+        raise ValueError(
+            f"unexpected argument {positional[len(free)]!r} (quote text that has spaces): {label} "
+            f"takes {takes} arguments at most; flags: {flags}"
+        )
+    given.update(zip(free, positional, strict=False))
+    missing = [p for p, param in params.items() if param.default is param.empty and p not in given]
+    if missing:
+        raise ValueError(f"{label} needs {' '.join(p.upper() for p in missing)} (or --{', --'.join(missing)})")
+    return {p: _parse_value(p, types.get(p, str), text) for p, text in given.items()}
+
+
+def _param_named(key: str, params: Sequence[str]) -> Optional[str]:
+    """The parameter that flag `key` sets: its name, or the single letter the name alone starts with."""
+    if key in params or len(key) != 1:
+        return key if key in params else None
+    starting = [p for p in params if p.startswith(key)]
+    if len(starting) > 1:
+        raise ValueError(f"-{key} could be any of --{', --'.join(starting)}")
+    return starting[0] if starting else None
+
+
+def _parse_value(name: str, annotation: Any, text: str) -> Any:
+    """The value of --name from its text, by the parameter's type; ValueError naming the flag if it is not one.
+    Optional[T] is parsed as T: None is only ever the default."""
+    if typing.get_origin(annotation) is Union:
+        inner = [t for t in typing.get_args(annotation) if t is not type(None)]
+        annotation = inner[0] if len(inner) == 1 else annotation
+    if annotation is str:
+        return text
+    if annotation is bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"--{name} must be true or false, got {text!r}")
+        return text.lower() == "true"
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--{name} must be an integer, got {text!r}") from None
+    if annotation is float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, got {text!r}")
+        return value
+    if annotation == list[str]:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = None
+        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            raise ValueError(f'--{name} must be a non-empty JSON list of strings, such as \'["a", "b"]\', got {text!r}')
+        return value
+    raise TypeError(f"--{name}: no command-line parser for {annotation}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run(COMMANDS, argv, "microllama")
 
 
 if __name__ == "__main__":

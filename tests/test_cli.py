@@ -1,47 +1,269 @@
-"""The `microllama` command line: streaming generation, make-tiny, one-line errors."""
+"""The `microllama` command line: text stays text, every argument is checked before any work (and before torch
+is imported), every error is one line, --help is quick, streamed generation, make-tiny, convert."""
 
 import re
 import subprocess
 import sys
+from pathlib import Path
+from typing import Optional
 
 import pytest
 
-from microllama import Llama
-from microllama.cli import main
+from microllama import Llama, tiny
+from microllama.cli import main, run
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Clearly, the meaning of life is"
+# `microllama ARGS` in a fresh interpreter, whose last line of stdout says whether it imported torch.
+FRESH = (
+    "import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+    "from microllama.cli import main; main(sys.argv[1:])"
+)
 
 
-def test_generate_streams_the_greedy_completion_after_the_prompt(capsys, tiny_ckpt, tokenizer):
-    main(["generate", "--prompt", PROMPT, "--temperature", "0", "--max_gen_len", "8"])
-    expected = Llama.build(tiny_ckpt, max_seq_len=512, max_batch_size=1).text_completion([PROMPT], 0, max_gen_len=8)
-    assert capsys.readouterr().out == PROMPT + expected[0].generation + "\n"
+def microllama(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FRESH, *args], capture_output=True, text=True, cwd=ROOT)
 
 
-def test_generate_takes_a_list_of_prompts(capsys, tokenizer):
-    main(["generate", "--prompt", '["Hi", "Simply put,"]', "--temperature", "0", "--max_gen_len", "3"])
-    out = capsys.readouterr().out
-    assert out.startswith("Hi") and "\nSimply put," in out and out.count("=" * 40) == 2
+def assert_one_line_error(stderr: str, message: str, prog: str = "microllama") -> None:
+    assert stderr.count("\n") == 1 and stderr.startswith(f"{prog}: error: "), stderr
+    assert re.search(message, stderr), stderr
 
 
-def test_make_tiny_writes_meta_layout(tmp_path, capsys):
-    main(["make-tiny", str(tmp_path / "t")])
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["consolidated.00.pth", "params.json", "sha256.txt"]
-    assert "sha256" in capsys.readouterr().out
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of main(args) in this process."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if a command gets as far as loading a checkpoint."""
+
+    def build(*args, **kwargs):
+        raise AssertionError("a checkpoint was loaded")
+
+    monkeypatch.setattr(Llama, "build", staticmethod(build))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_ckpt, tokenizer):
+    return Llama.build(tiny_ckpt, max_seq_len=512, max_batch_size=1)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["generate", "--help"], ["convert", "-h"]])
+def test_help_does_not_import_torch(args):
+    result = microllama(*args)  # fire writes help to stderr
+    assert result.returncode == 0 and "Traceback" not in result.stderr and "SYNOPSIS" in result.stderr
+    assert result.stdout == "torch imported: False\n"
+
+
+def test_generate_help_lists_the_flags_and_the_json_list_of_prompts():
+    help_text = " ".join(microllama("generate", "--help").stderr.split())
+    assert all(f"--{flag}=" in help_text for flag in ("prompts", "temperature", "max_gen_len", "flash"))
+    assert '--prompts \'["first", "second"]\'' in help_text
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["generate", "--ckpt_dir", "/nonexistent/ckpt"], "checkpoint directory not found: /nonexistent/ckpt"),
-        (["generate", "--prompt", "1, 2"], "--prompt must be text"),
-        (["generate", "--top_p", "2"], r"top_p must be a number in \(0, 1\]"),
-        (["generate", "--dtype", "float8"], "unknown dtype 'float8'"),
+        (["generate", "--temprature", "0"], r"unknown flag --temprature \(did you mean --temperature\?\); "
+         r"microllama generate takes --prompt, --prompts, --ckpt_dir, --temperature, --top_p, "),
+        (["convert", "a", "b", "--to", "hf", "--shard", "2"], r"unknown flag --shard \(did you mean --shards\?\); "
+         r"microllama convert takes --src, --dst, --to, --shards$"),
+        (["generate", "Hello", "world"], r"unexpected argument 'world' \(quote text that has spaces\)"),
+        (["info", "tiny", "extra"], r"unexpected argument 'extra'.*microllama info takes 1 positional \(TARGET\)"),
+        (["make-tiny"], r"microllama make-tiny needs OUT_DIR \(or --out_dir\)"),
+        (["generat"], r"unknown command 'generat' \(did you mean generate\?\); commands: generate, make-tiny, "),
+        (["--temperature", "0"], r"the command comes first, got --temperature"),
+        (["generate", "--prompt"], r"--prompt needs a value \(--prompt=VALUE for one that starts with -\)"),
+        (["generate", "-p", "x"], r"-p could be any of --prompt, --prompts"),
+        (["generate", "--seed", "1", "--seed", "2"], r"--seed is given twice"),
+        (["generate", "--temperature", "nan"], r"--temperature must be a finite number, got 'nan'"),
+        (["generate", "--temperature", "inf"], r"--temperature must be a finite number, got 'inf'"),
+        (["generate", "--temperature", "hot"], r"--temperature must be a finite number, got 'hot'"),
+        (["generate", "--top_p=1e999"], r"--top_p must be a finite number, got '1e999'"),
+        (["generate", "--max_gen_len", "1.5"], r"--max_gen_len must be an integer, got '1\.5'"),
+        (["generate", "--seed", "1.5"], r"--seed must be an integer, got '1\.5'"),
+        (["generate", "--seed", "2**70"], r"--seed must be an integer, got '2\*\*70'"),
+        (["generate", "--max_seq_len", "many"], r"--max_seq_len must be an integer, got 'many'"),
+        (["generate", "--flash", "maybe"], r"--flash must be true or false, got 'maybe'"),
+        (["generate", "--prompts", "[]"], r"--prompts must be a non-empty JSON list of strings, such as "),
+        (["generate", "--prompts", "first prompt"], r"--prompts must be a non-empty JSON list of strings"),
+        (["generate", "--prompts", '"one"'], r"--prompts must be a non-empty JSON list of strings"),
+        (["generate", "--prompts", "[1, 2]"], r"--prompts must be a non-empty JSON list of strings"),
+        (["generate", "--prompts", '{"a": "b"}'], r"--prompts must be a non-empty JSON list of strings"),
+        (["convert", "a", "b", "--to", "hf", "--shards", "two"], r"--shards must be an integer, got 'two'"),
+        (["make-tiny", "out", "--seed", "0.5"], r"--seed must be an integer, got '0\.5'"),
     ],
-    ids=["missing-ckpt", "prompt-parsed-as-tuple", "bad-top-p", "bad-dtype"],
-)
-def test_cli_error_is_one_line_and_nonzero_exit(args, message):
-    result = subprocess.run([sys.executable, "-m", "microllama.cli", *args], capture_output=True, text=True)
+)  # fmt: skip
+def test_argument_errors_are_one_line_before_torch_is_imported(args, message):
+    result = microllama(*args)
     assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("microllama: error: ")
-    assert re.search(message, result.stderr)
+    assert_one_line_error(result.stderr, message)
+    assert result.stdout == "torch imported: False\n"  # nothing ran, nothing was printed
+
+
+def test_misspelt_flag_does_no_work(tmp_path, capsys):
+    status, out, err = run_main(capsys, "make-tiny", str(tmp_path / "t"), "--sed", "1")
+    assert status == 1 and out == "" and "unknown flag --sed (did you mean --seed?)" in err
+    assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--temperature", "-1"], r"temperature must be a finite number >= 0, got -1\.0"),
+        (["--top_p", "2"], r"top_p must be a number in \(0, 1\], got 2\.0"),
+        (["--top_p", "0"], r"top_p must be a number in \(0, 1\], got 0\.0"),
+        (["--max_gen_len", "0"], r"max_gen_len must be an integer >= 1, got 0"),
+        (["--seed", "-1"], r"seed must be an integer from 0 to 2\*\*64 - 1, got -1"),
+        (["--seed", str(2**70)], r"seed must be an integer from 0 to 2\*\*64 - 1, got 1180591620717411303424"),
+        (["--max_seq_len", "0"], r"--max_seq_len must be at least 1, got 0"),
+        (["--prompt", "a", "--prompts", '["b"]'], r"give --prompt or --prompts, not both"),
+    ],
+)
+def test_generate_refuses_bad_values_before_loading_a_checkpoint(args, message, capsys, no_loading):
+    status, out, err = run_main(capsys, "generate", *args)
+    assert status == 1 and out == ""
+    assert_one_line_error(err, message)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["generate", "--ckpt_dir", "/nonexistent/ckpt"], r"checkpoint directory not found: /nonexistent/ckpt"),
+        (["generate", "--dtype", "float8"], r"unknown dtype 'float8'"),
+        (["convert", "tiny", "out", "--to", "hf", "--shards", "2"], r"--shards splits Meta's layout over tensor-par"),
+        (["convert", "tiny", "out", "--to", "safetensors"], r"--to must be 'meta' or 'hf', got 'safetensors'"),
+        (["make-tiny", "out", "--name", "huge"], r"unknown tiny config 'huge'"),
+        (["info", "/nonexistent/ckpt"], r"checkpoint directory not found: /nonexistent/ckpt \(nor is it a named"),
+        (["verify", "/nonexistent/set"], r"/nonexistent/set/manifest\.json not found"),
+    ],
+)
+def test_every_command_reports_errors_in_one_line_with_status_1(args, message, capsys):
+    status, out, err = run_main(capsys, *args)
+    assert status == 1 and out == ""
+    assert_one_line_error(err, message)
+
+
+def test_generate_refuses_a_prompt_too_long_before_echoing_it(capsys, tokenizer):
+    status, out, err = run_main(capsys, "generate", "--prompt", "word " * 20, "--max_seq_len", "8")
+    assert status == 1 and out == ""
+    assert_one_line_error(err, r"prompt 0 has \d+ tokens, at or beyond max_seq_len 8: no room to generate")
+
+
+def test_generate_streams_the_greedy_completion_after_the_prompt(capsys, tiny_llama):
+    main(["generate", "--prompt", PROMPT, "--temperature", "0", "--max_gen_len", "8"])
+    expected = tiny_llama.text_completion([PROMPT], 0, max_gen_len=8)
+    assert capsys.readouterr().out == PROMPT + expected[0].generation + "\n"
+
+
+@pytest.mark.parametrize("prompt", ["Hello, world", "1984", "None", "True", '{"a": 1}', '["a", "b"]', "-1", ""])
+def test_generate_takes_the_prompt_as_plain_text(prompt, capsys, tiny_llama):
+    main(["generate", "--prompt", prompt, "--temperature", "0", "--max_gen_len", "2"])
+    expected = tiny_llama.text_completion([prompt], 0, max_gen_len=2)
+    assert capsys.readouterr().out == prompt + expected[0].generation + "\n"
+
+
+def test_generate_takes_the_prompt_as_its_positional_argument(capsys, tiny_llama):
+    main(["generate", "Hello, world", "--temperature=0", "--max-gen-len", "2"])
+    expected = tiny_llama.text_completion(["Hello, world"], 0, max_gen_len=2)
+    assert capsys.readouterr().out == "Hello, world" + expected[0].generation + "\n"
+
+
+def test_generate_takes_a_json_list_of_prompts(capsys, tokenizer):
+    main(["generate", "--prompts", '["Hi", "Simply put, 1984"]', "--temperature", "0", "--max_gen_len", "3"])
+    out = capsys.readouterr().out
+    assert out.startswith("Hi") and "\nSimply put, 1984" in out and out.count("=" * 40) == 2
+
+
+def test_generate_takes_a_tiny_checkpoint_by_name(capsys, tiny_hd128_ckpt, tokenizer):
+    main(["generate", "--ckpt_dir", "tiny-hd128", "--temperature", "0", "--max_gen_len", "2"])
+    expected = Llama.build(tiny_hd128_ckpt, max_seq_len=512, max_batch_size=1).text_completion([PROMPT], 0, 0.9, 2)
+    assert capsys.readouterr().out == PROMPT + expected[0].generation + "\n"
+
+
+def test_make_tiny_writes_meta_layout_with_the_embedded_seed(tmp_path, capsys):
+    main(["make-tiny", str(tmp_path / "t")])
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["consolidated.00.pth", "params.json", "sha256.txt"]
+    assert capsys.readouterr().out == f"wrote {tmp_path / 't'} (sha256 {tiny.SHA256['tiny']})\n"
+
+
+def test_convert_names_the_layout_and_the_shard_count(tmp_path, capsys, tiny_ckpt):
+    main(["convert", str(tiny_ckpt), str(tmp_path / "mp2"), "--to", "meta", "--shards", "2"])
+    main(["convert", str(tmp_path / "mp2"), str(tmp_path / "hf"), "--to=hf"])
+    main(["convert", str(tmp_path / "hf"), str(tmp_path / "meta"), "meta"])
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {tmp_path / 'mp2'} (meta layout, 2 shards)",
+        f"wrote {tmp_path / 'hf'} (hf layout)",
+        f"wrote {tmp_path / 'meta'} (meta layout)",
+    ]
+
+
+def test_info_takes_a_tiny_checkpoint_by_name(capsys):
+    main(["info", "tiny"])
+    assert "parameters" in capsys.readouterr().out
+
+
+DEFAULTS = {"text": "t", "max_len": 0, "count": 1, "ratio": 0.5, "flash": False, "names": None}
+
+
+def parsed(*argv: str) -> dict:
+    """The arguments run() passes to a command from argv."""
+    got = {}
+
+    def command(
+        text: str = "t",
+        max_len: int = 0,
+        *,
+        count: int = 1,
+        ratio: float = 0.5,
+        flash: bool = False,
+        names: Optional[list[str]] = None,
+    ) -> None:
+        got.update(text=text, max_len=max_len, count=count, ratio=ratio, flash=flash, names=names)
+
+    run(command, argv, "prog")
+    return got
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], {}),
+        (["--count", "3"], {"count": 3}),
+        (["--count=3"], {"count": 3}),
+        (["-c", "3"], {"count": 3}),
+        (["--max-len", "5"], {"max_len": 5}),
+        (["--max_len=-5"], {"max_len": -5}),
+        (["--ratio", "-0.25"], {"ratio": -0.25}),
+        (["--ratio", "1e-3"], {"ratio": 0.001}),
+        (["--flash"], {"flash": True}),
+        (["--flash", "--count", "2"], {"flash": True, "count": 2}),
+        (["--flash=false"], {}),
+        (["--flash", "False"], {}),
+        (["--noflash"], {}),
+        (["--no-flash"], {}),
+        (["--names", '["a", "b"]'], {"names": ["a", "b"]}),
+        (["hello, world"], {"text": "hello, world"}),
+        (["1984", "7"], {"text": "1984", "max_len": 7}),
+        (["--text", "None"], {"text": "None"}),
+        (["--text=--x"], {"text": "--x"}),
+        (["--text", "-1"], {"text": "-1"}),
+        (["--max_len", "3", "words"], {"text": "words", "max_len": 3}),
+    ],
+)
+def test_run_takes_fires_spellings_and_keeps_text_as_text(argv, expected):
+    assert parsed(*argv) == {**DEFAULTS, **expected}
+
+
+def test_ctrl_c_stops_quietly_with_status_130():
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(interrupted, [], "tool")
+    assert exit_info.value.code == 130

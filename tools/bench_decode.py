@@ -8,16 +8,20 @@ median of --repeats runs after one warm-up; CUDA work is synchronised before eac
 decode loop feeds back the argmax, as greedy generation does.
 """
 
+import functools
 import statistics
+import sys
 import time
-from typing import Optional
+from pathlib import Path
+from typing import Any, Optional
 
-import fire
 import torch
 
-from microllama import family
-from microllama.files import parse_dtype
-from microllama.model import ModelArgs, Transformer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from this checkout
+
+from microllama import cli, family  # noqa: E402
+from microllama.files import parse_dtype  # noqa: E402
+from microllama.model import ModelArgs, Transformer  # noqa: E402
 
 
 def _clock(device: torch.device) -> float:
@@ -55,10 +59,20 @@ def benchmark(
     repeats: int = 3,
 ) -> list[dict]:
     """One row per attention path: prefill tokens/s, decode ms/token and tokens/s, peak GPU memory."""
+    for name, count in {
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "gen_len": gen_len,
+        "repeats": repeats,
+    }.items():
+        if count < 1:
+            raise ValueError(f"{name} must be at least 1, got {count}")
     params = {**family.lookup(model).params}
     if n_layers is not None:
         params["n_layers"] = n_layers
     device_ = torch.device(device)
+    if device_.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
     dtype_ = parse_dtype(dtype) if dtype else torch.bfloat16 if device_.type == "cuda" else torch.float32
     rows = []
     weights = None
@@ -92,7 +106,8 @@ def benchmark(
     return rows
 
 
-def main(**kwargs) -> None:
+@functools.wraps(benchmark)  # the command line takes benchmark's flags
+def main(**kwargs: Any) -> None:
     rows = benchmark(**kwargs)
     print(f"{'path':<8} {'prefill tok/s':>14} {'decode ms/step':>15} {'decode tok/s':>13} {'peak GPU GiB':>13}")
     for r in rows:
@@ -104,4 +119,4 @@ def main(**kwargs) -> None:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    cli.run(main)

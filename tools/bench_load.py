@@ -18,13 +18,14 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import fire
 import torch
 
-from microllama import family
-from microllama.checkpoint import convert, load_model
-from microllama.hf_layout import save_hf
-from microllama.meta_layout import save_meta
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from this checkout
+
+from microllama import cli, family  # noqa: E402
+from microllama.checkpoint import convert, load_model  # noqa: E402
+from microllama.hf_layout import save_hf  # noqa: E402
+from microllama.meta_layout import save_meta  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -37,7 +38,7 @@ def _status(field: str) -> int:
 
 def build(out: str, name: str = "llama3.2-1b", n_layers: int = 2, layout: str = "meta", seed: int = 0) -> Path:
     """Write a bf16 checkpoint of registry model `name` cut to n_layers, with random weights."""
-    params = {**family.REGISTRY[name].params, "n_layers": n_layers}
+    params = {**family.lookup(name).params, "n_layers": n_layers}
     args = family.model_args(name, n_layers=n_layers)
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
@@ -80,9 +81,11 @@ def measure_in_subprocess(ckpt_dir: str, dtype: str = "bfloat16", device: str = 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(out: str, name: str = "llama3.2-1b", n_layers: int = 2, device: str = "cpu", dtypes: Optional[list] = None):
+def run(
+    out: str, name: str = "llama3.2-1b", n_layers: int = 2, device: str = "cpu", dtypes: Optional[list[str]] = None
+) -> None:
     """Build the checkpoint under OUT (once) in Meta's layout, one file, 2 and 4 shards, and Hugging Face's;
-    print the peak-memory ratio of each load."""
+    print the peak-memory ratio of each load (in each of --dtypes, a JSON list: '["bfloat16"]')."""
     for layout in ("meta", "hf", "meta-2-shards", "meta-4-shards"):
         path = Path(out) / f"{name}-{n_layers}l-{layout}"
         if not path.exists() and layout.endswith("-shards"):
@@ -99,5 +102,7 @@ def run(out: str, name: str = "llama3.2-1b", n_layers: int = 2, device: str = "c
             )
 
 
+COMMANDS = {"run": run, "build": build, "measure": measure}
+
 if __name__ == "__main__":
-    fire.Fire({"run": run, "build": build, "measure": measure})
+    cli.run(COMMANDS)
