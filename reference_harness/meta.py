@@ -14,6 +14,14 @@ Everything odd about running it is handled here, once:
 - Global state. Meta's checkpoint loader sets torch's default tensor type to bfloat16, and
   `Llama3.build` sets the default device. `restore_torch_defaults()` puts both back; Meta's
   `generate` makes its tensors on the default device, so `meta_completions` sets it for the call.
+  Meta's sampling draws from torch's global generator: `meta_generate` seeds it for the call and
+  gives the caller's state back after.
+- Its tokenizer. `Llama3` needs a tokenizer only for pad and stop ids, each result's text, and the
+  `<|image|>` id its ChatFormat looks up; `meta_generator` hands it a stand-in over any vocabulary, so
+  Meta's loop runs on small random models fed token ids directly.
+- Its stream. `Llama3.generate` yields one result per row per step, for every row until the batch
+  ends, past a row's stop token and past its own max_gen_len; `cut_stream` reads each row's
+  completion off it as microllama returns it.
 """
 
 import contextlib
@@ -22,9 +30,10 @@ import importlib.util
 import os
 import sys
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -90,16 +99,18 @@ def restore_torch_defaults() -> Iterator[None]:
         torch.set_default_device(None)
 
 
-def meta_transformer(
-    ckpt_dir: Union[str, Path], dtype: torch.dtype, max_seq_len: int, max_batch_size: int, device: str = "cpu"
+def meta_model_from_state_dict(
+    params: dict[str, Any],
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    max_seq_len: int,
+    max_batch_size: int,
+    device: str = "cpu",
 ) -> torch.nn.Module:
-    """Meta's Transformer in `dtype`, holding ckpt_dir's consolidated.00.pth (world size 1)."""
-    import json
-
+    """Meta's Transformer for a params.json dict, in `dtype` (its KV cache too), holding state_dict
+    (world size 1). Meta's RoPE scaling is its hard-coded Llama 3.1 one."""
     meta = import_meta()
     init_model_parallel(1, device)
-    params = json.loads((Path(ckpt_dir) / "params.json").read_text())
-    state_dict = torch.load(Path(ckpt_dir) / "consolidated.00.pth", map_location=device, weights_only=True)
     with restore_torch_defaults():
         torch.set_default_dtype(dtype)
         torch.set_default_device(device)
@@ -108,6 +119,17 @@ def meta_transformer(
         )
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def meta_transformer(
+    ckpt_dir: Union[str, Path], dtype: torch.dtype, max_seq_len: int, max_batch_size: int, device: str = "cpu"
+) -> torch.nn.Module:
+    """Meta's Transformer in `dtype`, holding ckpt_dir's consolidated.00.pth (world size 1)."""
+    import json
+
+    params = json.loads((Path(ckpt_dir) / "params.json").read_text())
+    state_dict = torch.load(Path(ckpt_dir) / "consolidated.00.pth", map_location=device, weights_only=True)
+    return meta_model_from_state_dict(params, state_dict, dtype, max_seq_len, max_batch_size, device)
 
 
 def meta_llama(
@@ -133,26 +155,86 @@ def meta_completions(
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Generated ids per prompt from Meta's `Llama3.completion` stream, and Meta's log-probability of
     each, cut as microllama cuts them: at the first stop token (excluded) or after max_gen_len tokens."""
-    tokens: list[list[int]] = [[] for _ in prompts]
-    logprobs: list[list[float]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
     with restore_torch_defaults():
         # Meta's generate makes its token tensors on the default device, which its build set globally.
         torch.set_default_device(next(llama.model.parameters()).device)
         settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True)
         steps = list(llama.completion(list(prompts), **settings))
+    return cut_stream(steps, len(prompts), llama.tokenizer.stop_tokens, max_gen_len)
+
+
+def cut_stream(
+    steps: Iterable[Sequence[Any]], n_rows: int, stop_tokens: Sequence[int], max_gen_len: Optional[int]
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's ids and log-probabilities from a stream of Meta's per-step GenerationResults, as
+    microllama returns them: echoed prompt ids (source "input") first, then generated ids up to the
+    first stop token (excluded) or max_gen_len of them. Log-probabilities are the generated ids' only:
+    the stream reports the prompt's as zeros, before it has computed them. With max_gen_len None the
+    stream itself ends each row, at max_seq_len."""
+    tokens: list[list[int]] = [[] for _ in range(n_rows)]
+    logprobs: list[list[float]] = [[] for _ in range(n_rows)]
+    generated = [0] * n_rows
+    done = [False] * n_rows
     for step in steps:
         for r in step:
             i = r.batch_idx
             if r.ignore_token or done[i]:
                 continue
-            if r.token in llama.tokenizer.stop_tokens:
+            if r.source == "input":
+                tokens[i].append(r.token)
+            elif r.token in stop_tokens:
                 done[i] = True
             else:
                 tokens[i].append(r.token)
                 logprobs[i].extend(r.logprobs)
-                done[i] = len(tokens[i]) >= max_gen_len
+                generated[i] += 1
+                done[i] = max_gen_len is not None and generated[i] >= max_gen_len
     return tokens, logprobs
+
+
+@dataclass
+class StandInTokenizer:
+    """What Meta's Llama3 reads of its tokenizer when fed token ids: pad and stop ids, a text for each
+    result (here the id), and the `<|image|>` id its ChatFormat looks up (here one no model emits)."""
+
+    pad_id: int
+    stop_tokens: list[int]
+    special_tokens: dict[str, int] = field(default_factory=lambda: {"<|image|>": -2})
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(map(str, ids))
+
+
+def meta_generator(model: torch.nn.Module, pad_id: int, stop_tokens: Sequence[int]) -> Any:
+    """Meta's `Llama3` (its generation loop) around Meta's Transformer `model`, with a stand-in tokenizer
+    of pad_id and stop_tokens."""
+    meta = import_meta()
+    return meta.generation.Llama3(model, StandInTokenizer(pad_id, list(stop_tokens)), model.params)
+
+
+def meta_generate(
+    llama: Any,
+    prompt_tokens: Sequence[Sequence[int]],
+    max_gen_len: Optional[int],
+    temperature: float,
+    top_p: float,
+    echo: bool = False,
+    seed: Optional[int] = None,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """Meta's `Llama3.generate` on token ids, after `torch.manual_seed(seed)` when seed is given, read
+    with cut_stream: per row the ids microllama's `generate` returns, and the generated ids' Meta
+    log-probabilities."""
+    from llama_models.llama3.chat_format import LLMInput
+
+    inputs = [LLMInput(tokens=list(t)) for t in prompt_tokens]
+    settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True, echo=echo)
+    device = next(llama.model.parameters()).device
+    with restore_torch_defaults(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_default_device(device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        steps = list(llama.generate(inputs, **settings))
+    return cut_stream(steps, len(inputs), llama.tokenizer.stop_tokens, max_gen_len)
 
 
 def meta_merged_state_dict(ckpt_dir: Union[str, Path]) -> dict[str, torch.Tensor]:
@@ -169,6 +251,15 @@ def meta_merged_state_dict(ckpt_dir: Union[str, Path]) -> dict[str, torch.Tensor
         return maybe_reshard_state_dict(
             sorted(Path(ckpt_dir).glob("*.pth")), n_kv_heads=params.get("n_kv_heads") or params["n_heads"]
         )
+
+
+def meta_ffn_hidden_dims(configs: Iterable[tuple[int, int, Optional[float]]]) -> list[int]:
+    """For each (dim, multiple_of, ffn_dim_multiplier), the SwiGLU hidden size Meta's FeedForward gives
+    a model of width dim: its w1's out-features. Each is built one input wide: FeedForward sizes the
+    hidden layer from its hidden_dim argument (4 * dim) alone, so even a 405B's size costs nothing."""
+    feed_forward = import_meta().model.FeedForward
+    init_model_parallel(1)
+    return [feed_forward(1, 4 * dim, multiple_of, m).w1.weight.shape[0] for dim, multiple_of, m in configs]
 
 
 def meta_arch_args(descriptor: str) -> dict[str, Any]:
