@@ -22,7 +22,8 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 class Completion:
     generation: str
     tokens: list[int]  # generated ids (prompt ids first when echo), without the stop token
-    logprobs: Optional[list[float]] = None  # log-probability of each id in tokens
+    # Log-probability of each id in tokens, as Meta computes it (a generated pad id scores 0).
+    logprobs: Optional[list[float]] = None
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -6,8 +6,9 @@ expected output is a few lines of Python; and small random transformers, compare
 `Llama3.generate` on the same weights, where ids and float32 log-probabilities must be equal exactly.
 Small vocabularies make stop tokens common."""
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,8 +34,7 @@ LOGPROB_TOL = dict(atol=1e-6, rtol=1e-6)
 class ScriptedLM(nn.Module):
     """A causal language model whose next token is a fixed function of the whole prefix (`favoured`),
     its logit 4, 5 or 6 (by position) above the others' 0: a log-probability read at the wrong
-    position shows. Keeps the prefix it has seen, as a KV cache would, between setup_cache and
-    clear_cache."""
+    position shows. Keeps the prefix it has seen, as a KV cache would, inside `with kv_cache(...)`."""
 
     def __init__(self, successors: Sequence[int], max_seq_len: int, max_batch_size: int):
         super().__init__()
@@ -57,18 +57,20 @@ class ScriptedLM(nn.Module):
     def logprob(self, prefix: Sequence[int], token: int) -> float:
         return torch.log_softmax(self.next_logits(prefix), dim=-1)[token].item()
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
+    @contextlib.contextmanager
+    def kv_cache(self, max_batch_size: int, max_seq_len: int) -> Iterator[None]:
         self.history = torch.zeros(max_batch_size, max_seq_len, dtype=torch.long)
-
-    def clear_cache(self) -> None:
-        self.history = None
+        try:
+            yield
+        finally:
+            self.history = None
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.params.max_seq_len}")
         if self.history is None:
-            assert start_pos == 0, "start_pos > 0 needs setup_cache"
+            assert start_pos == 0, "start_pos > 0 needs a kv_cache"
             rows = tokens.tolist()
         else:
             self.history[:bsz, start_pos : start_pos + seqlen] = tokens
@@ -312,7 +314,7 @@ class ScaledLogits(nn.Module):
         super().__init__()
         self.inner, self.scale = model, scale
         self.params, self.output = model.params, model.output
-        self.setup_cache, self.clear_cache = model.setup_cache, model.clear_cache
+        self.kv_cache = model.kv_cache
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         return self.inner(tokens, start_pos) / self.scale
