@@ -4,8 +4,8 @@
              [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Every rank runs Meta's tensor-parallel model (gloo on CPU, nccl on CUDA; Meta's build reshards a
-one-shard checkpoint for N ranks); rank 0 writes the set through microllama.goldens. `launch()` starts
-torchrun from Python, and `record_goldens()` (tools/record_goldens.py) records and then verifies.
+one-shard checkpoint for N ranks); rank 0 writes the set through microllama.golden_format. `launch()`
+starts torchrun from Python, and `record_goldens()` (tools/record_goldens.py) records and then verifies.
 """
 
 import importlib.metadata
@@ -14,15 +14,34 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 
-from microllama import goldens
+from microllama.capture import long_context_ids, platform_fingerprint, run_cases, summarize_logits
 from microllama.checkpoint import open_checkpoint
-from microllama.files import parse_dtype
+from microllama.files import tensor_sha256
+from microllama.golden_format import (
+    DTYPES,
+    LONG_RANGE,
+    SCHEMA_VERSION,
+    LogitsSpec,
+    LongRange,
+    Manifest,
+    ModelEntry,
+    Outputs,
+    Sampling,
+    Versions,
+    capture_points,
+    checkpoint_entry,
+    full_vocab_rows,
+    set_name,
+    write_set,
+)
+from microllama.verify import Comparison, format_comparison, verify
 
 from .meta import meta_completions, meta_llama
 
@@ -47,20 +66,27 @@ CHUNK = 512
 TOP_K = 32
 # Full-vocabulary rows cost 0.5 MB each in float32; two (a short and the long-range context) keep
 # all committed sets under 10 MB. Every position keeps top-k, logsumexp and the sha256 of all bits.
-FULL_VOCAB_CASES = ["prompt 0", goldens.LONG_RANGE]
-# Completions in one batch each: greedy of the four classic prompts, seeded top-p of the three short
-# ones. Meta's loop runs from the shortest prompt's end to the longest's plus max_gen_len, and top-p
-# sorts the whole vocabulary at every step: this keeps checking all committed sets within seconds.
+FULL_VOCAB_CASES = ["prompt 0", LONG_RANGE]
 MAX_GEN_LEN = 16
 SEED = 1  # Meta's Llama3.build default
-SAMPLING = {
-    "greedy": {"n_prompts": 4, "temperature": 0.0, "top_p": 0.9},
-    "top_p": {"n_prompts": 3, "temperature": 0.6, "top_p": 0.9, "seed": SEED},
-}
+
+
+def sampling(prompts: list[str], max_gen_len: int) -> dict[str, Sampling]:
+    """Completions in one batch each: greedy of the four classic prompts, seeded top-p of the three short
+    ones. Meta's loop runs from the shortest prompt's end to the longest's plus max_gen_len, and top-p
+    sorts the whole vocabulary at every step: this keeps checking all committed sets within seconds."""
+    return {
+        "greedy": Sampling(prompts=prompts[:4], temperature=0.0, top_p=0.9, max_gen_len=max_gen_len),
+        "top_p": Sampling(prompts=prompts[:3], temperature=0.6, top_p=0.9, seed=SEED, max_gen_len=max_gen_len),
+    }
+
+
+def is_rank_0() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def progress(message: str) -> None:
-    if int(os.environ.get("RANK", 0)) == 0:
+    if is_rank_0():
         print(f"[record {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
@@ -79,66 +105,56 @@ def record(
 
     prompts = PROMPTS if prompts is None else list(prompts)
     ckpt = open_checkpoint(ckpt_dir)
-    ckpt_dir = ckpt.dir
-    torch_dtype, world_size = parse_dtype(dtype), int(os.environ.get("WORLD_SIZE", 1))
+    torch_dtype, world_size = DTYPES[dtype], int(os.environ.get("WORLD_SIZE", 1))
     max_seq_len = long_context + 256
-    progress(f"Meta's Llama3.build: {ckpt_dir}, {device}, {torch_dtype}, world size {world_size}")
-    llama = meta_llama(ckpt_dir, torch_dtype, max_seq_len, len(prompts), SEED, device, world_size)
+    progress(f"Meta's Llama3.build: {ckpt.dir}, {device}, {torch_dtype}, world size {world_size}")
+    llama = meta_llama(ckpt.dir, torch_dtype, max_seq_len, len(prompts), SEED, device, world_size)
     prompt_ids = [llama.formatter.encode_content(p).tokens for p in prompts]
 
-    settings, completions = {}, {}
-    for kind, s in SAMPLING.items():
-        settings[kind] = {"prompts": prompts[: s["n_prompts"]], **s, "max_gen_len": max_gen_len}
-        del settings[kind]["n_prompts"]
-        progress(f"{kind} completions of {len(settings[kind]['prompts'])} prompts, {max_gen_len} tokens")
-        if "seed" in s:
-            torch.manual_seed(s["seed"])  # as Llama3.build does: the draw does not depend on earlier work
-        completions[kind], _ = meta_completions(
-            llama, settings[kind]["prompts"], s["temperature"], s["top_p"], max_gen_len
-        )
+    settings, completions = sampling(prompts, max_gen_len), {}
+    for kind, s in settings.items():
+        progress(f"{kind} completions of {len(s.prompts)} prompts, {max_gen_len} tokens")
+        if s.seed is not None:
+            torch.manual_seed(s.seed)  # as Llama3.build does: the draw does not depend on earlier work
+        completions[kind], _ = meta_completions(llama, s.prompts, s.temperature, s.top_p, max_gen_len)
 
     progress(f"forward passes with capture hooks; long-range step at position {long_context}")
-    long_ids = goldens.long_context_ids(long_context + 1)
-    records = goldens.run_cases(llama.model, prompt_ids, long_ids.tolist(), CHUNK)
+    long_ids = long_context_ids(long_context + 1)
+    records = run_cases(llama.model, prompt_ids, long_ids.tolist(), CHUNK, progress=is_rank_0())
 
-    if int(os.environ.get("RANK", 0)) == 0:
-        checkpoint = goldens.checkpoint_record(ckpt)
-        manifest = {
-            "schema": goldens.SCHEMA_VERSION,
-            "recorded_by": "reference_harness.record: Meta's llama-models Llama3.build / completion, unmodified",
-            "model": {**ckpt.params, "max_seq_len": max_seq_len, "max_batch_size": len(prompts)},
-            "checkpoint": checkpoint,
-            "dtype": str(torch_dtype).removeprefix("torch."),
-            "device": device,
-            "world_size": world_size,
-            "versions": {
-                "torch": torch.__version__,
-                "llama-models": importlib.metadata.version("llama-models"),
-                "fairscale": importlib.metadata.version("fairscale"),
-                "numpy": np.__version__,
-                "python": sys.version.split()[0],
-            },
-            "platform": goldens.platform_fingerprint(device),
-            "prompts": prompts,
-            "completions": settings,
-            "long_range": {"context": long_context, "chunk": CHUNK, "ids": "numpy PCG64 seed 0"},
-            "logits": {"top_k": TOP_K, "full_vocab_cases": FULL_VOCAB_CASES},
-            "capture_points": goldens.capture_points(len(llama.model.layers)),
-        }
-        full_rows = goldens.full_vocab_rows(records.rows, FULL_VOCAB_CASES)
-        data = {
-            "outputs.json": {
-                "prompt_ids": prompt_ids,
-                "completions": completions,
-                "completion_text": {k: [llama.tokenizer.decode(t) for t in v] for k, v in completions.items()},
-                "logits_sha256": [goldens.tensor_sha256(t) for t in records.logits],
-                "rows": records.rows,
-            },
-            "logits.npz": goldens.summarize_logits(records.logits, TOP_K, full_rows),
-            "activations.npz": {name: t.numpy() for name, t in records.activations.items()},
-            "long_context.npz": {"ids": long_ids},
-        }
-        goldens.write_set(out, manifest, data)
+    if is_rank_0():
+        manifest = Manifest(
+            schema=SCHEMA_VERSION,
+            recorded_by="reference_harness.record: Meta's llama-models Llama3.build / completion, unmodified",
+            model=ModelEntry(params=ckpt.params, max_seq_len=max_seq_len, max_batch_size=len(prompts)),
+            checkpoint=checkpoint_entry(ckpt),
+            dtype=dtype,
+            device=device,
+            world_size=world_size,
+            versions=Versions(
+                torch=torch.__version__,
+                llama_models=importlib.metadata.version("llama-models"),
+                fairscale=importlib.metadata.version("fairscale"),
+                numpy=np.__version__,
+                python=sys.version.split()[0],
+            ),
+            platform=platform_fingerprint(device),
+            prompts=prompts,
+            completions=settings,
+            long_range=LongRange(context=long_context, chunk=CHUNK, ids="numpy PCG64 seed 0"),
+            logits=LogitsSpec(top_k=TOP_K, full_vocab_cases=FULL_VOCAB_CASES),
+            capture_points=capture_points(len(llama.model.layers)),
+        )
+        outputs = Outputs(
+            prompt_ids=prompt_ids,
+            completions=completions,
+            completion_text={k: [llama.tokenizer.decode(t) for t in v] for k, v in completions.items()},
+            logits_sha256=[tensor_sha256(t) for t in records.logits],
+            rows=records.rows,
+        )
+        full_rows = full_vocab_rows(records.rows, FULL_VOCAB_CASES)
+        activations = {name: t.numpy() for name, t in records.activations.items()}
+        write_set(out, manifest, outputs, summarize_logits(records.logits, TOP_K, full_rows), activations, long_ids)
         progress(f"wrote {out}")
     dist.barrier()
     dist.destroy_process_group()
@@ -175,24 +191,35 @@ def json_list(items: list[str]) -> str:
     return json.dumps(list(items))
 
 
+@dataclass(frozen=True, kw_only=True)
+class RecordCheck:
+    """microllama against a fresh recording."""
+
+    out: Path
+    fresh: Comparison
+
+    @property
+    def diverged(self) -> bool:
+        return not self.fresh.passed
+
+
 def record_goldens(
     out: Optional[str] = None,
     ckpt_dir: Optional[str] = None,
     device: str = "cpu",
     dtype: str = "float32",
     world_size: int = 1,
-) -> goldens.Comparison:
+) -> RecordCheck:
     """Record a golden set with Meta's code (default: the embedded tiny checkpoint into
     goldens/<name>), then check microllama against it and print the per-capture-point table."""
     if out is None:
-        checkpoint = goldens.checkpoint_record(open_checkpoint(ckpt_dir))
-        out = str(REPO / "goldens" / goldens.set_name(checkpoint, parse_dtype(dtype), device, world_size))
+        out = REPO / "goldens" / set_name(checkpoint_entry(open_checkpoint(ckpt_dir)), dtype, device, world_size)
     start = time.time()
     launch(out, ckpt_dir, device, dtype, world_size)
     print(f"recorded {out} in {time.time() - start:.1f} s; checking microllama against it", file=sys.stderr)
-    comparison = goldens.verify(out, ckpt_dir, device)
-    print(goldens.format_comparison(comparison))
-    return comparison
+    fresh = verify(out, ckpt_dir, device, progress=True)
+    print(format_comparison(fresh))
+    return RecordCheck(out=Path(out), fresh=fresh)
 
 
 if __name__ == "__main__":
