@@ -1,13 +1,16 @@
 """microllama against the committed golden sets (recorded from Meta's code), and the laws of the
 golden format itself: reads verified against the manifest, atomic and deterministic writes, hooks named
-like modules."""
+like modules; and of the recorder: requests checked before torchrun starts, nothing left running."""
 
 import dataclasses
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +407,48 @@ def test_capture_points_follow_module_names_and_residual_is_x_plus_attention(tin
     assert {name: len(parts) for name, parts in captured.items()} == dict.fromkeys(captured, 1)  # hooks removed
 
 
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    def refuse(cmd, **kwargs):
+        raise AssertionError(f"torchrun was started: {cmd}")
+
+    monkeypatch.setattr(record, "run_process_group", refuse)
+
+
+@pytest.mark.parametrize("target", ["file", "directory"])
+def test_record_goldens_refuses_an_out_that_is_not_a_golden_set_before_torchrun(target, tmp_path, no_torchrun):
+    out = tmp_path / "out"
+    if target == "file":
+        out.write_text("a user's file")
+    else:
+        out.mkdir()
+        (out / "data.csv").write_text("a user's file")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(GoldenError, match=rf"^{re.escape(str(out))} exists and is .*: a golden set is written only to"):
+        record.record_goldens(out=str(out))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert (out if target == "file" else out / "data.csv").read_text() == "a user's file"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"dtype": "float64"}, r"--dtype 'float64': a golden set is recorded in float32 or bfloat16"),
+        ({"ckpt_dir": "/nonexistent/ckpt"}, r"checkpoint directory not found: /nonexistent/ckpt"),
+        ({"world_size": 0}, r"--world_size 0: expected a positive number of ranks"),
+        ({"world_size": 3}, r"--world_size 3: .*n_heads 4 and n_kv_heads 2"),
+        ({"device": "cuda"}, r"--device cuda: torch sees no CUDA device here"),
+    ],
+    ids=["dtype-float64", "ckpt_dir-missing", "world_size-0", "world_size-not-dividing-heads", "cuda-without-cuda"],
+)
+def test_record_goldens_checks_its_arguments_before_torchrun(args, message, tmp_path, no_torchrun):
+    if args.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match=message):
+        record.record_goldens(out=str(tmp_path / "set"), **args)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.reference
 @pytest.mark.slow
 def test_record_then_verify_round_trip_is_exact_and_byte_reproducible(tmp_path):
@@ -417,6 +462,71 @@ def test_record_then_verify_round_trip_is_exact_and_byte_reproducible(tmp_path):
     c = verify(a)
     assert c.exact and c.passed
     assert [p.name for p in c.points if p.max_abs != 0] == [] and all(c.logits_sha256_equal)
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_record_goldens_records_into_the_cache_and_checks_the_committed_set_too(tmp_path, monkeypatch, capsys):
+    """The README's main job leaves the work tree as it is: the set goes to $MICROLLAMA_CACHE/goldens, and
+    microllama is checked against it and against the committed set of the same name."""
+    committed = GOLDENS / "tiny-fp32-cpu-ws1"
+    before = {p.name: p.read_bytes() for p in committed.iterdir()}
+    monkeypatch.setenv("MICROLLAMA_CACHE", str(tmp_path))
+    result = record.record_goldens()
+    assert result.out == tmp_path / "goldens" / "tiny-fp32-cpu-ws1"
+    assert result.fresh.exact and result.fresh.passed
+    assert result.committed is not None and result.committed.passed and not result.diverged
+    same_platform = result.fresh.golden.manifest.platform == result.committed.golden.manifest.platform
+    if same_platform:
+        assert result.differing_files == []
+    assert {p.name: p.read_bytes() for p in committed.iterdir()} == before
+    out = capsys.readouterr().out
+    assert out.count("verdict: pass") == 2
+    assert ("byte-identical to the committed" in out) == (result.differing_files == [])
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == pid]
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_interrupting_record_goldens_leaves_no_torchrun_process_running(tmp_path):
+    """SIGINT to tools/record_goldens.py alone (not its group, as a terminal's Ctrl-C would send): torchrun
+    runs in a session of its own, record_goldens passes the signal on, torchrun stops its worker, and
+    nothing of the recording is left running or written."""
+    log = open(tmp_path / "stderr.txt", "w")
+    tool = [sys.executable, str(REPO / "tools" / "record_goldens.py"), "--out", str(tmp_path / "set")]
+    parent = subprocess.Popen(tool, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
+    deadline, torchrun, workers = time.time() + 120, [], []
+    while time.time() < deadline and parent.poll() is None and not workers:
+        torchrun = _children(parent.pid)
+        workers = [w for t in torchrun for w in _children(t)]
+        time.sleep(0.2)
+    assert workers, (tmp_path / "stderr.txt").read_text()
+    time.sleep(2)  # the worker is inside Meta's code
+    os.kill(parent.pid, signal.SIGINT)
+    parent.wait(timeout=record.GRACE_S + 20)
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in torchrun + workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert [pid for pid in torchrun + workers if _alive(pid)] == []
+    assert not (tmp_path / "set").exists()
 
 
 @pytest.mark.reference
