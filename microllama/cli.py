@@ -108,15 +108,19 @@ def info(target: str) -> None:
     print("\n".join(open_checkpoint(target).describe()))
 
 
-def verify(golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None) -> None:
+def verify(
+    golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None, other_checkpoint: bool = False
+) -> None:
     """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
-    capture point and the first divergent one; exit status 1 on divergence. ckpt_dir defaults to the
-    set's own checkpoint (a directory, or tiny / tiny-hd128)."""
-    from . import goldens
+    capture point, the first divergent one and a verdict on stdout, progress on stderr; exit status 1 when
+    the check fails. ckpt_dir defaults to the set's own checkpoint (a directory, or tiny / tiny-hd128); one whose
+    sha256 is not the recording's fails the check unless --other_checkpoint says that is intended."""
+    from .verify import format_comparison
+    from .verify import verify as verify_golden_set
 
-    comparison = goldens.verify(golden_dir, ckpt_dir, device)
-    print(goldens.format_comparison(comparison))
-    if comparison.diverged:
+    comparison = verify_golden_set(golden_dir, ckpt_dir, device, other_checkpoint=other_checkpoint, progress=True)
+    print(format_comparison(comparison))
+    if not comparison.passed:
         sys.exit(1)
 
 
