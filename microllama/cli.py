@@ -109,7 +109,7 @@ def info(target: str) -> None:
 
 
 def verify(
-    golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None, other_checkpoint: bool = False
+    golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None, *, other_checkpoint: bool = False
 ) -> None:
     """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
     capture point, the first divergent one and a verdict on stdout, progress on stderr; exit status 1 when
