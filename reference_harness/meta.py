@@ -176,3 +176,43 @@ def meta_arch_args(descriptor: str) -> dict[str, Any]:
     from llama_models.sku_list import resolve_model
 
     return dict(resolve_model(descriptor).arch_args)
+
+
+def meta_chat_format() -> Any:
+    """Meta's ChatFormat over Meta's tokenizer."""
+    import_meta()
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    return ChatFormat(Tokenizer.get_instance())
+
+
+def meta_message(message: dict[str, Any]) -> Any:
+    """Meta's RawMessage of a message in microllama's dict form ({"role", "content", "context", "stop_reason",
+    "tool_calls": [{"tool_name", "arguments", "call_id"}]})."""
+    import_meta()
+    from llama_models.datatypes import RawMessage, StopReason, ToolCall
+
+    calls = [ToolCall(call_id=c.get("call_id", ""), tool_name=c["tool_name"], arguments=c["arguments"])
+             for c in message.get("tool_calls", [])]  # fmt: skip
+    stop = message.get("stop_reason")
+    return RawMessage(role=message["role"], content=message["content"], context=message.get("context"),
+                      stop_reason=None if stop is None else StopReason(stop), tool_calls=calls)  # fmt: skip
+
+
+def meta_tool_prompt_format(name: str) -> Any:
+    import_meta()
+    from llama_models.datatypes import ToolPromptFormat
+
+    return ToolPromptFormat(name)
+
+
+def plain_message(message: Any) -> dict[str, Any]:
+    """A RawMessage as microllama's dict form, tool names as strings, without call ids (Meta's are random)."""
+    d = {"role": message.role, "content": message.content}
+    if message.stop_reason is not None:
+        d["stop_reason"] = message.stop_reason.value
+    if message.tool_calls:
+        d["tool_calls"] = [{"tool_name": getattr(c.tool_name, "value", c.tool_name), "arguments": c.arguments}
+                           for c in message.tool_calls]  # fmt: skip
+    return d
