@@ -216,3 +216,46 @@ def plain_message(message: Any) -> dict[str, Any]:
         d["tool_calls"] = [{"tool_name": getattr(c.tool_name, "value", c.tool_name), "arguments": c.arguments}
                            for c in message.tool_calls]  # fmt: skip
     return d
+
+
+def meta_chat_completions(
+    llama: Any, dialogs: Sequence[Sequence[dict[str, Any]]], temperature: float, top_p: float, max_gen_len: int
+) -> list[dict[str, Any]]:
+    """Meta's `Llama3.chat_completion` on dialogs in microllama's dict form: per dialog the generated ids (cut as
+    microllama cuts them: at the first stop token, excluded, or after max_gen_len), the stop token (None
+    without one), the log-probability of each id, and the reply parsed by Meta's ChatFormat.
+
+    llama-models 0.3.0's chat_completion yields tokens and leaves parsing to its caller. The parse here is the
+    one Meta's earlier `Llama.chat_completion` (llama-models 0.0.x) made: the ids with their stop token through
+    `decode_assistant_message`, end_of_turn for <|eot_id|>, end_of_message for <|eom_id|>, out_of_tokens
+    without a stop token. <|end_of_text|>, at which Meta's generate also stops, has no reason of Meta's; it is
+    end_of_turn here, as in microllama, and not part of the parsed text."""
+    from llama_models.datatypes import StopReason
+
+    tok = llama.tokenizer
+    rows = [{"tokens": [], "stop_token": None, "logprobs": []} for _ in dialogs]
+    done = [False] * len(dialogs)
+    with restore_torch_defaults():
+        torch.set_default_device(next(llama.model.parameters()).device)
+        batch = [[meta_message(m) for m in dialog] for dialog in dialogs]
+        settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True)
+        steps = list(llama.chat_completion(batch, **settings))
+    for step in steps:
+        for r in step:
+            i, row = r.batch_idx, rows[r.batch_idx]
+            if r.ignore_token or done[i]:
+                continue
+            if r.token in tok.stop_tokens:
+                row["stop_token"], done[i] = r.token, True
+            else:
+                row["tokens"].append(r.token)
+                row["logprobs"].extend(r.logprobs)
+                done[i] = len(row["tokens"]) >= max_gen_len
+    eot, eom = tok.special_tokens["<|eot_id|>"], tok.special_tokens["<|eom_id|>"]
+    for row in rows:
+        stop = row["stop_token"]
+        reason = {None: StopReason.out_of_tokens, eom: StopReason.end_of_message}.get(stop, StopReason.end_of_turn)
+        ids = row["tokens"] + ([stop] if stop in (eot, eom) else [])
+        row["stop_reason"] = reason.value
+        row["message"] = plain_message(llama.formatter.decode_assistant_message(ids, reason))
+    return rows
