@@ -1,5 +1,6 @@
 """Batched text generation with a KV cache: Meta's decoding loop, greedy or top-p."""
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -106,7 +107,12 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+
+    @functools.cached_property
+    def formatter(self) -> ChatFormat:
+        """Dialogs to ids and replies back; made on first use, so a stand-in tokenizer without Llama 3's special
+        tokens still serves generate and text_completion."""
+        return ChatFormat(self.tokenizer)
 
     def check_request(
         self,
