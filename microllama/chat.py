@@ -18,7 +18,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any, Optional, Union
 
@@ -81,26 +81,12 @@ def as_message(message: Union[Message, Mapping[str, Any]]) -> Message:
             raise DialogError("message has no role")
         if "content" not in message:
             raise DialogError(f"{message['role']!r} message has no content")
-        calls = message.get("tool_calls") or []
-        if not isinstance(calls, list):
-            raise DialogError(f"tool_calls must be a list, got {type(calls).__name__}")
-        message = Message(
-            message["role"],
-            message["content"],
-            message.get("context"),
-            message.get("stop_reason"),
-            [as_tool_call(c) for c in calls],
-        )
+        message = Message(**{**message, "tool_calls": message.get("tool_calls") or []})
     elif not isinstance(message, Message):
         raise DialogError(f'a message is a Message or a {{"role": ..., "content": ...}} dict, got {message!r:.80}')
-    else:
-        message = Message(
-            message.role,
-            message.content,
-            message.context,
-            message.stop_reason,
-            [as_tool_call(c) for c in message.tool_calls],
-        )
+    if not isinstance(message.tool_calls, list):
+        raise DialogError(f"tool_calls must be a list, got {type(message.tool_calls).__name__}")
+    message = replace(message, tool_calls=[as_tool_call(c) for c in message.tool_calls])
     role = message.role
     if role not in ROLES:
         hint = " (the tool role is written ipython in the prompt; give it as tool)" if role == "ipython" else ""
@@ -138,6 +124,8 @@ def as_tool_call(call: Union[ToolCall, Mapping[str, Any]]) -> ToolCall:
     needs = "code" if call.tool_name == "code_interpreter" else "query" if call.tool_name in BUILTIN_TOOLS else None
     if needs and not (isinstance(call.arguments, dict) and needs in call.arguments):
         raise DialogError(f"tool call {call.tool_name}: arguments must have {needs!r}, got {call.arguments!r:.80}")
+    if needs == "code" and not isinstance(call.arguments["code"], str):
+        raise DialogError(f"tool call code_interpreter: the code must be text, got {call.arguments['code']!r:.80}")
     return call
 
 

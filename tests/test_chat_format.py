@@ -481,6 +481,20 @@ def test_messages_are_dataclasses_or_dicts_alike(fmt):
             [{"role": "assistant", "content": "", "tool_calls": [{"name": "f"}]}],
             r"a tool call is \{'tool_name': \.\.\., 'arguments'",
         ),
+        (
+            [
+                {
+                    "role": "assistant",
+                    "content": "",
+                    "tool_calls": [{"tool_name": "code_interpreter", "arguments": {"code": 1}}],
+                }
+            ],
+            r"code_interpreter: the code must be text, got 1",
+        ),
+        (
+            [{"role": "assistant", "content": "", "tool_calls": {"tool_name": "f"}}],
+            r"tool_calls must be a list, got dict",
+        ),
         ("hello", r"a dialog is a list of messages, got str"),
         (["hello"], r"message 0: a message is a Message or a \{\"role\""),
     ],
