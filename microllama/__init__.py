@@ -5,9 +5,11 @@ from typing import Any
 
 # Imported on first use, so that `microllama --help` does not wait for torch to import.
 _EXPORTS = {
+    "ChatCompletion": "generation",
     "Checkpoint": "checkpoint",
     "Completion": "generation",
     "Llama": "generation",
+    "Message": "chat",
     "ModelArgs": "model",
     "Tokenizer": "tokenizer",
     "Transformer": "model",

@@ -115,7 +115,7 @@ def open_checkpoint(target: Union[str, Path, Checkpoint, None] = None) -> Checkp
         return target
     if target is None:
         target = "tiny"
-    path = Path(target)
+    path = Path(target).expanduser()
     if not path.exists() and str(target) in family.REGISTRY:
         named = family.REGISTRY[str(target)]
         if named.tiny:

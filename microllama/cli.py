@@ -1,5 +1,5 @@
-"""The `microllama` command: generate text, build the tiny checkpoint, verify against goldens, convert and
-describe checkpoints. `run` is also the command line of the scripts in tools/."""
+"""The `microllama` command: generate text, chat, train, build the tiny checkpoint, verify against goldens,
+convert and describe checkpoints. `run` is also the command line of the scripts in tools/."""
 
 import dataclasses
 import difflib
@@ -24,23 +24,6 @@ Command = Callable[..., Any]
 DEFAULT_PROMPT = "Clearly, the meaning of life is"
 
 
-class StreamPrinter:
-    """Prints one row's tokens as text as they come, holding back bytes that do not yet form a character."""
-
-    def __init__(self, decode, out=None):
-        self.decode, self.out = decode, out or sys.stdout
-        self.tokens: list[int] = []
-        self.shown = 0
-
-    def __call__(self, row: int, token: int) -> None:
-        self.tokens.append(token)
-        text = self.decode(self.tokens)
-        if not text.endswith("\ufffd"):
-            self.out.write(text[self.shown :])
-            self.out.flush()
-            self.shown = len(text)
-
-
 def generate(
     prompt: Optional[str] = None,
     *,
@@ -63,6 +46,7 @@ def generate(
         raise ValueError("give --prompt or --prompts, not both")
     texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
     from .generation import Llama, check_sampling
+    from .terminal import StreamPrinter
 
     check_sampling(temperature, top_p, max_gen_len, seed)  # before a checkpoint that may take minutes to load
     if max_seq_len < 1:
@@ -109,16 +93,79 @@ def info(target: str) -> None:
     print("\n".join(open_checkpoint(target).describe()))
 
 
-def verify(golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None) -> None:
+def verify(
+    golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None, *, other_checkpoint: bool = False
+) -> None:
     """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
-    capture point and the first divergent one; exit status 1 on divergence. ckpt_dir defaults to the
-    set's own checkpoint (a directory, or tiny / tiny-hd128)."""
-    from . import goldens
+    capture point, the first divergent one and a verdict on stdout, progress on stderr; exit status 1 when
+    the check fails. ckpt_dir defaults to the set's own checkpoint (a directory, or tiny / tiny-hd128); one whose
+    sha256 is not the recording's fails the check unless --other_checkpoint says that is intended."""
+    from .verify import format_comparison
+    from .verify import verify as verify_golden_set
 
-    comparison = goldens.verify(golden_dir, ckpt_dir, device)
-    print(goldens.format_comparison(comparison))
-    if comparison.diverged:
+    comparison = verify_golden_set(golden_dir, ckpt_dir, device, other_checkpoint=other_checkpoint, progress=True)
+    print(format_comparison(comparison))
+    if not comparison.passed:
         sys.exit(1)
+
+
+def chat(
+    *,
+    ckpt_dir: Optional[str] = None,
+    system: Optional[str] = None,
+    dialogs: Optional[str] = None,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_gen_len: int = 128,
+    max_seq_len: int = 512,
+    max_batch_size: int = 4,
+    seed: Optional[int] = None,
+    tool_prompt_format: str = "json",
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+    flash: bool = False,
+    tokenizer_path: Optional[str] = None,
+) -> None:
+    """Talk with a model in Llama 3.1's dialog format: an interactive session (--system TEXT: a system prompt;
+    type /reset, /system TEXT, /tool TEXT or /exit; Ctrl-C stops a reply), or with --dialogs FILE the reply to
+    each line of a JSONL file (a JSON list of {"role": ..., "content": ...} messages per line, answered in
+    batches of --max_batch_size) written to stdout as JSONL. ckpt_dir: a checkpoint directory or a tiny
+    checkpoint's name (default: tiny, whose random weights reply with nonsense)."""
+    from .chat import TOOL_PROMPT_FORMATS
+    from .generation import check_sampling
+
+    check_sampling(temperature, top_p, max_gen_len, seed)  # before a checkpoint that may take minutes to load
+    for flag, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
+        if value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
+    if tool_prompt_format not in TOOL_PROMPT_FORMATS:
+        raise ValueError(
+            f"--tool_prompt_format must be one of {', '.join(TOOL_PROMPT_FORMATS)}, got {tool_prompt_format!r}"
+        )
+    if dialogs is not None and system is not None:
+        raise ValueError("--system is for the interactive session; with --dialogs, put system messages in the file")
+    from .checkpoint import open_checkpoint
+    from .generation import Llama
+    from .terminal import COMMANDS_HELP, ChatSession, answer_dialogs, read_dialogs
+
+    read = read_dialogs(Path(dialogs)) if dialogs is not None else None  # a bad file is reported before loading
+    checkpoint = open_checkpoint(ckpt_dir)
+    batch = min(max_batch_size, len(read)) if read is not None else 1
+    llama = Llama.build(checkpoint, max_seq_len, batch, device=device, dtype=dtype, flash=flash,
+                        tokenizer_path=tokenizer_path)  # fmt: skip
+    sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, seed=seed,
+                    tool_prompt_format=tool_prompt_format)  # fmt: skip
+    if read is not None:
+        answer_dialogs(llama, Path(dialogs), read, **sampling)
+        return
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where the platform has it)
+    except ImportError:
+        pass
+    nonsense = " (random weights: its replies are nonsense)" if checkpoint.tiny else ""
+    print(f"microllama chat: {checkpoint.name}{nonsense}, max_seq_len {max_seq_len}, max_gen_len {max_gen_len}")
+    print(COMMANDS_HELP)
+    ChatSession(llama, system, **sampling).run()
 
 
 def _config_command(config: type, run_config: Callable[[Any], None]) -> Command:
@@ -174,8 +221,16 @@ def _train_command() -> Command:
 
 
 train = _train_command()
-COMMANDS = {"generate": generate, "train": train, "plot": plot, "make-tiny": make_tiny, "verify": verify,
-            "convert": convert, "info": info}  # fmt: skip
+COMMANDS = {
+    "generate": generate,
+    "make-tiny": make_tiny,
+    "verify": verify,
+    "convert": convert,
+    "info": info,
+    "chat": chat,
+    "train": train,
+    "plot": plot,
+}
 
 
 def run(

@@ -5,10 +5,10 @@
 - `.jsonl`: one object per line, with a `text` string (a document) or a `messages` list (a chat for
   supervised fine-tuning: only the assistant's turns are targets, see encode_dialog).
 
-A document is `<|begin_of_text|>` text `<|end_of_text|>`; a chat is encoded as Meta's ChatFormat encodes a
-dialog. The corpus is tokenized once into a cache keyed by the files' contents and the tokenizer: token
-ids, document offsets and a target flag per token, memory-mapped; a second run reuses it. `pack` puts
-documents into rows of seq_len tokens that `Batches` serves in a seeded order, epoch after epoch.
+A document is `<|begin_of_text|>` text `<|end_of_text|>`; a chat is encoded by microllama.chat, as Meta's
+ChatFormat encodes a dialog. The corpus is tokenized once into a cache keyed by the files' contents and the
+tokenizer: token ids, document offsets and a target flag per token, memory-mapped; a second run reuses it.
+`pack` puts documents into rows of seq_len tokens that `Batches` serves in a seeded order, epoch after epoch.
 """
 
 import hashlib
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .chat import ChatFormat, DialogError, Message, as_dialog
 from .files import atomic_dir, file_sha256
 from .tokenizer import Tokenizer
 
@@ -30,26 +31,23 @@ IGNORE_INDEX = -100  # a position with this target asks nothing (cross_entropy's
 SEPARATOR = re.compile(r"^<\|endoftext\|>[ \t]*\r?$", re.MULTILINE)
 SUFFIXES = (".txt", ".jsonl")
 CACHE_FORMAT = 1  # bump when what the cache holds, or how documents are encoded, changes
-# Meta's ChatFormat roles and the header each gets (a tool's result is the "ipython" turn).
-CHAT_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "ipython"}
 
 
 class DataError(ValueError):
     """Training data that cannot be used as given; the message names the file (and line)."""
 
 
-def encode_dialog(tokenizer: Tokenizer, messages: Sequence[dict[str, str]]) -> tuple[list[int], list[int]]:
+def encode_dialog(tokenizer: Tokenizer, dialog: list[Message]) -> tuple[list[int], list[int]]:
     """A chat's token ids as Meta's ChatFormat encodes a dialog (without the assistant header it appends to
-    prompt a reply), and per token 1 where it is a target: the assistant's content and its <|eot_id|>.
-    Headers, system, user and tool turns are context only. (microllama's chat module, once there, owns this.)"""
-    special = tokenizer.special_tokens
+    prompt a reply), and per token 1 where it is a target: what the assistant wrote and its <|eot_id|> (or
+    <|eom_id|>). Headers, system, user and tool turns are context only."""
+    chat_format = ChatFormat(tokenizer)
     tokens, targets = [tokenizer.bos_id], [0]
-    for message in messages:
-        header = [special["<|start_header_id|>"], *tokenizer.encode(CHAT_ROLES[message["role"]], bos=False, eos=False),
-                  special["<|end_header_id|>"], *tokenizer.encode("\n\n", bos=False, eos=False)]  # fmt: skip
-        body = tokenizer.encode(message["content"], bos=False, eos=False) + [tokenizer.eot_id]
-        tokens += header + body
-        targets += [0] * len(header) + [int(message["role"] == "assistant")] * len(body)
+    for message in dialog:
+        encoded = chat_format.encode_message(message)
+        header = len(chat_format.encode_header(message.role))
+        tokens += encoded
+        targets += [0] * header + [int(message.role == "assistant")] * (len(encoded) - header)
     return tokens, targets
 
 
@@ -78,19 +76,15 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _messages(value: Any, where: str) -> list[dict[str, str]]:
-    """value checked to be a chat: a list of {"role", "content"} turns with at least one assistant turn."""
-    if not isinstance(value, list) or not value:
-        raise DataError(f'{where}: "messages" must be a non-empty list of turns')
-    for j, turn in enumerate(value):
-        if not isinstance(turn, dict) or set(turn) - {"role", "content"} or not isinstance(turn.get("content"), str):
-            raise DataError(f'{where}: message {j} must be an object with a "role" and a "content" string')
-        if turn.get("role") not in CHAT_ROLES:
-            roles = ", ".join(CHAT_ROLES)
-            raise DataError(f"{where}: message {j} has role {turn.get('role')!r}; expected one of {roles}")
-    if not any(turn["role"] == "assistant" for turn in value):
+def _dialog(value: Any, where: str) -> list[Message]:
+    """value checked to be a chat (microllama.chat's messages) with at least one assistant turn."""
+    try:
+        dialog = as_dialog(value)
+    except DialogError as e:
+        raise DataError(f"{where}: {e}") from None
+    if not any(message.role == "assistant" for message in dialog):
         raise DataError(f"{where}: a chat without an assistant turn has nothing to learn")
-    return value
+    return dialog
 
 
 def read_documents(path: Path, tokenizer: Tokenizer) -> Iterator[tuple[list[int], list[int]]]:
@@ -111,7 +105,7 @@ def read_documents(path: Path, tokenizer: Tokenizer) -> Iterator[tuple[list[int]
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: not valid JSON ({e})") from None
         if isinstance(record, dict) and "messages" in record:
-            yield encode_dialog(tokenizer, _messages(record["messages"], where))
+            yield encode_dialog(tokenizer, _dialog(record["messages"], where))
         elif isinstance(record, dict) and isinstance(record.get("text"), str):
             if record["text"].strip():
                 tokens = tokenizer.encode(record["text"], bos=True, eos=True)

@@ -1,5 +1,6 @@
 """Batched text generation with a KV cache: Meta's decoding loop, greedy or top-p."""
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -10,6 +11,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .chat import ChatFormat, DialogError, Message, as_dialog, check_prompt
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .files import parse_dtype
 from .model import Transformer
@@ -24,6 +26,21 @@ class Completion:
     tokens: list[int]  # generated ids (prompt ids first when echo), without the stop token
     # Log-probability of each id in tokens, as Meta computes it (a generated pad id scores 0).
     logprobs: Optional[list[float]] = None
+
+
+@dataclass
+class Generated:
+    tokens: list[list[int]]  # per row: generated ids (prompt ids first when echo), without the stop token
+    logprobs: Optional[list[list[float]]]
+    stop_tokens: list[Optional[int]]  # per row: the stop token it ended with, None when max_gen_len or max_seq_len
+
+
+@dataclass
+class ChatCompletion:
+    message: Message  # the parsed reply: its content, or its tool call (content ""), and its stop reason
+    tokens: list[int]  # generated ids, without the stop token
+    stop_reason: str  # end_of_turn, end_of_message or out_of_tokens, from the stop token (see ChatFormat)
+    logprobs: Optional[list[float]] = None  # log-probability of each id in tokens
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -92,6 +109,12 @@ class Llama:
         self.model = model
         self.tokenizer = tokenizer
 
+    @functools.cached_property
+    def formatter(self) -> ChatFormat:
+        """Dialogs to ids and replies back; made on first use, so a stand-in tokenizer without Llama 3's special
+        tokens still serves generate and text_completion."""
+        return ChatFormat(self.tokenizer)
+
     def check_request(
         self,
         prompt_tokens: Sequence[Sequence[int]],
@@ -116,7 +139,6 @@ class Llama:
                 )
         check_sampling(temperature, top_p, max_gen_len, seed)
 
-    @torch.inference_mode()
     def generate(
         self,
         prompt_tokens: Sequence[Sequence[int]],
@@ -132,6 +154,22 @@ class Llama:
         max_seq_len). Right-padded prompts share one batch: prefill up to the shortest prompt, then
         one position at a time. `seed` seeds a private generator (on CPU the stream Meta draws after
         torch.manual_seed); `on_token(row, id)` sees each new token as it comes."""
+        out = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed, on_token)
+        return out.tokens, out.logprobs
+
+    @torch.inference_mode()
+    def _generate(
+        self,
+        prompt_tokens: Sequence[Sequence[int]],
+        max_gen_len: Optional[int],
+        temperature: float,
+        top_p: float,
+        logprobs: bool,
+        echo: bool,
+        seed: Optional[int],
+        on_token: Optional[Callable[[int, int], None]],
+    ) -> Generated:
+        """generate's loop; the result also says which stop token ended each row."""
         self.check_request(prompt_tokens, temperature, top_p, max_gen_len, seed)
         params = self.model.params
         if max_gen_len is None or max_gen_len >= params.max_seq_len:
@@ -153,6 +191,7 @@ class Llama:
         # Where each row's output ends (exclusive), decided here once for the stream and the result:
         # after max_gen_len new tokens, at the end of the buffer, or at its first stop token (below).
         end = torch.clamp(prompt_lens + max_gen_len, max=total_len)
+        stop_token = torch.full_like(prompt_lens, -1)  # the stop token that ended each row, -1 while none has
 
         # The cache has Meta's shape (max_batch_size, max_seq_len): the slices attention reads then
         # have Meta's strides too.
@@ -179,6 +218,7 @@ class Llama:
                 generated = (prompt_lens <= cur_pos) & (cur_pos < end)  # rows whose output reaches cur_pos
                 stopped = generated & torch.isin(next_token, stop_tokens)
                 end = torch.where(stopped, cur_pos, end)
+                stop_token = torch.where(stopped, next_token, stop_token)
                 if on_token is not None:
                     for row in (generated & ~stopped).nonzero().flatten().tolist():
                         on_token(row, int(next_token[row]))
@@ -192,7 +232,8 @@ class Llama:
             out_tokens.append(row[start:stop])
             if token_logprobs is not None:
                 out_logprobs.append(token_logprobs[i, start:stop].tolist())
-        return out_tokens, (out_logprobs if logprobs else None)
+        stops = [None if t < 0 else t for t in stop_token.tolist()]
+        return Generated(out_tokens, out_logprobs if logprobs else None, stops)
 
     def text_completion(
         self,
@@ -211,3 +252,43 @@ class Llama:
         prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, seed, on_token)
         return [Completion(self.tokenizer.decode(t), t, None if lps is None else lps[i]) for i, t in enumerate(tokens)]
+
+    def chat_completion(
+        self,
+        dialogs: Sequence[Sequence[Union[Message, dict[str, Any]]]],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: Optional[int] = None,
+        logprobs: bool = False,
+        seed: Optional[int] = None,
+        tool_prompt_format: str = "json",
+        on_token: Optional[Callable[[int, int], None]] = None,
+    ) -> list[ChatCompletion]:
+        """The assistant's reply to each dialog (a list of Message or {"role", "content"} dicts, see chat.py),
+        generated until <|eot_id|>, <|eom_id|> or max_gen_len, and parsed as Meta parses it. Custom tool calls
+        in earlier assistant turns are written in tool_prompt_format ("json" or "function_tag")."""
+        if isinstance(dialogs, (str, dict, Message)) or (dialogs and isinstance(dialogs[0], (dict, Message))):
+            raise TypeError("dialogs must be a list of dialogs (each a list of messages), not one dialog")
+        if not dialogs:
+            raise DialogError("no dialogs given: the batch is empty")
+        prompt_tokens = []
+        for i, dialog in enumerate(dialogs):
+            try:
+                messages = as_dialog(dialog)
+                check_prompt(messages)
+                prompt_tokens.append(self.formatter.encode_dialog_prompt(messages, tool_prompt_format))
+            except DialogError as e:
+                raise DialogError(f"dialog {i}: {e}") from None
+            if len(prompt_tokens[-1]) >= self.model.params.max_seq_len:
+                raise DialogError(
+                    f"dialog {i} is {len(prompt_tokens[-1])} tokens, at or beyond max_seq_len "
+                    f"{self.model.params.max_seq_len}: no room for a reply"
+                )
+        out = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed, on_token)
+        return [
+            ChatCompletion(
+                self.formatter.decode_reply(tokens, stop), tokens, self.formatter.stop_reason(stop),
+                None if out.logprobs is None else out.logprobs[i],
+            )
+            for i, (tokens, stop) in enumerate(zip(out.tokens, out.stop_tokens, strict=True))
+        ]  # fmt: skip

@@ -1,8 +1,8 @@
 """Train or fine-tune a Llama 3.1-shaped model: one loop, read top to bottom (data, forward, loss, backward,
 step, log, save), with features as switches on it.
 
-    microllama train --data data/tinytales.txt --out_dir runs/tales
-    python -m microllama.train --data chats.jsonl --mode lora --ckpt_dir ~/llama/Meta-Llama-3.1-8B --device cuda
+    microllama train corpus/tinytales.txt --out_dir runs/tales
+    python -m microllama.train chats.jsonl --mode lora --ckpt_dir ~/llama/Meta-Llama-3.1-8B --device cuda
 
 - Data (microllama.data): documents packed into rows of max_seq_len tokens; attention stays inside each
   document and its positions restart at 0 (Transformer's `documents`); chats train on assistant turns only.
@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 from tqdm.auto import tqdm
 
+from . import cli
 from . import train_checkpoint as ckpts
 from .checkpoint import Checkpoint, open_checkpoint
 from .data import Batch, Batches, Corpus, load_corpus, make_batch, pack, split_documents
@@ -128,7 +129,8 @@ def run_record(cfg: TrainConfig, checkpoint: Checkpoint, corpus: Corpus, dtype: 
             "params": checkpoint.params,
             "fingerprint": ckpts.files_fingerprint(list(checkpoint.weight_files)),
         },
-        "data": {"corpus": corpus.key, "files": list(corpus.files), "documents": len(corpus)},
+        "data": {"corpus": corpus.key, "documents": len(corpus)},
+        "data_files": list(corpus.files),
         "dtype": str(dtype).removeprefix("torch."),
         "versions": {"torch": torch.__version__},
     }
@@ -283,8 +285,7 @@ def plot(run_dir: str) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from . import cli
-
+    """`python -m microllama.train ...`: the same flags and checks as `microllama train`."""
     cli.run(cli.train, argv, "python -m microllama.train")
 
 

@@ -73,5 +73,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# What may differ between a run and its resumption: neither changes what is computed.
-RESUMABLE = ("resume", "stop_at")
+# What may differ between a run and its resumption, none changing what is computed: the data is compared by
+# content (the corpus's key), not by the path that names it, and out_dir is where the checkpoint was found.
+RESUMABLE = ("resume", "stop_at", "data", "out_dir")

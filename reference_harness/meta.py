@@ -283,3 +283,86 @@ def meta_arch_args(descriptor: str) -> dict[str, Any]:
     from llama_models.sku_list import resolve_model
 
     return dict(resolve_model(descriptor).arch_args)
+
+
+def meta_chat_format() -> Any:
+    """Meta's ChatFormat over Meta's tokenizer."""
+    import_meta()
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer
+
+    return ChatFormat(Tokenizer.get_instance())
+
+
+def meta_message(message: dict[str, Any]) -> Any:
+    """Meta's RawMessage of a message in microllama's dict form ({"role", "content", "context", "stop_reason",
+    "tool_calls": [{"tool_name", "arguments", "call_id"}]})."""
+    import_meta()
+    from llama_models.datatypes import RawMessage, StopReason, ToolCall
+
+    calls = [ToolCall(call_id=c.get("call_id", ""), tool_name=c["tool_name"], arguments=c["arguments"])
+             for c in message.get("tool_calls", [])]  # fmt: skip
+    stop = message.get("stop_reason")
+    return RawMessage(role=message["role"], content=message["content"], context=message.get("context"),
+                      stop_reason=None if stop is None else StopReason(stop), tool_calls=calls)  # fmt: skip
+
+
+def meta_tool_prompt_format(name: str) -> Any:
+    import_meta()
+    from llama_models.datatypes import ToolPromptFormat
+
+    return ToolPromptFormat(name)
+
+
+def plain_message(message: Any) -> dict[str, Any]:
+    """A RawMessage as microllama's dict form, tool names as strings, without call ids (Meta's are random)."""
+    d = {"role": message.role, "content": message.content}
+    if message.stop_reason is not None:
+        d["stop_reason"] = message.stop_reason.value
+    if message.tool_calls:
+        d["tool_calls"] = [{"tool_name": getattr(c.tool_name, "value", c.tool_name), "arguments": c.arguments}
+                           for c in message.tool_calls]  # fmt: skip
+    return d
+
+
+def meta_chat_completions(
+    llama: Any, dialogs: Sequence[Sequence[dict[str, Any]]], temperature: float, top_p: float, max_gen_len: int
+) -> list[dict[str, Any]]:
+    """Meta's `Llama3.chat_completion` on dialogs in microllama's dict form: per dialog the generated ids (cut as
+    microllama cuts them: at the first stop token, excluded, or after max_gen_len), the stop token (None
+    without one), the log-probability of each id, and the reply parsed by Meta's ChatFormat.
+
+    llama-models 0.3.0's chat_completion yields tokens and leaves parsing to its caller. The parse here is the
+    one Meta's earlier `Llama.chat_completion` (llama-models 0.0.x) made: the ids with their stop token through
+    `decode_assistant_message`, end_of_turn for <|eot_id|>, end_of_message for <|eom_id|>, out_of_tokens
+    without a stop token. <|end_of_text|>, at which Meta's generate also stops, has no reason of Meta's; it is
+    end_of_turn here, as in microllama, and not part of the parsed text."""
+    from llama_models.datatypes import StopReason
+
+    tok = llama.tokenizer
+    rows = [{"tokens": [], "stop_token": None, "logprobs": []} for _ in dialogs]
+    done = [False] * len(dialogs)
+    with restore_torch_defaults():
+        torch.set_default_device(next(llama.model.parameters()).device)
+        batch = [[meta_message(m) for m in dialog] for dialog in dialogs]
+        settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True)
+        steps = list(llama.chat_completion(batch, **settings))
+    for step in steps:
+        for r in step:
+            i, row = r.batch_idx, rows[r.batch_idx]
+            if r.ignore_token or done[i]:
+                continue
+            if r.token in tok.stop_tokens:
+                row["stop_token"], done[i] = r.token, True
+            else:
+                row["tokens"].append(r.token)
+                row["logprobs"].extend(r.logprobs)
+                done[i] = len(row["tokens"]) >= max_gen_len
+    eot, eom = tok.special_tokens["<|eot_id|>"], tok.special_tokens["<|eom_id|>"]
+    for row in rows:
+        stop = row["stop_token"]
+        reason = {None: StopReason.out_of_tokens, eom: StopReason.end_of_message}.get(stop, StopReason.end_of_turn)
+        ids = row["tokens"] + ([stop] if stop in (eot, eom) else [])
+        row["stop_reason"] = reason.value
+        row["message"] = plain_message(llama.formatter.decode_assistant_message(ids, reason))
+    return rows

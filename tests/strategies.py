@@ -2,6 +2,8 @@
 models they run on."""
 
 import dataclasses
+import json
+import string
 from dataclasses import dataclass, field
 
 import torch
@@ -137,3 +139,124 @@ def greedy_is_decisive(logits: torch.Tensor, atol: float, rtol: float) -> bool:
     tolerances: only then must two computations within that tolerance pick the same greedy token."""
     top = logits.topk(2, dim=-1).values
     return bool((top[..., 0] - top[..., 1] > 2 * (atol + rtol * top[..., 0].abs())).all())
+
+
+# Dialogs and assistant replies (tests/test_chat_format.py). Tool-call arguments are what Meta's ToolCall
+# accepts: a dict of primitives, lists of primitives and dicts of primitives.
+BUILTIN_TOOL_NAMES = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
+ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
+primitives = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(unicode_chars, max_size=6)
+argument_values = (
+    primitives | st.lists(primitives, max_size=3) | st.dictionaries(st.text(max_size=4), primitives, max_size=3)
+)
+tool_arguments = st.dictionaries(st.text(unicode_chars, max_size=6), argument_values, max_size=3)
+identifiers = st.tuples(
+    st.sampled_from(string.ascii_letters + "_"), st.text(string.ascii_letters + string.digits + "_", max_size=8)
+).map("".join)
+
+
+def chat_text(max_pieces: int = 5) -> st.SearchStrategy[str]:
+    """Message text: unicode, whitespace runs, and special-token text (which must stay text)."""
+    piece = (
+        st.text(unicode_chars, max_size=12)
+        | st.text(whitespace_chars, min_size=1, max_size=3)
+        | special_token_text
+        | st.just(ASSISTANT_HEADER)
+    )
+    return st.lists(piece, max_size=max_pieces).map("".join)
+
+
+@st.composite
+def tool_calls(draw: st.DrawFn) -> dict:
+    kind = draw(st.sampled_from(["builtin", "code", "custom"]))
+    if kind == "builtin":
+        return {"tool_name": draw(st.sampled_from(BUILTIN_TOOL_NAMES[:3])), "arguments": {"query": draw(chat_text(3))}}
+    if kind == "code":
+        return {"tool_name": "code_interpreter", "arguments": {"code": draw(chat_text(3))}}
+    return {
+        "tool_name": draw(identifiers | st.text(unicode_chars, min_size=1, max_size=8)),
+        "arguments": draw(tool_arguments),
+    }
+
+
+@st.composite
+def chat_messages(draw: st.DrawFn) -> dict:
+    role = draw(st.sampled_from(["system", "user", "assistant", "tool"]))
+    message = {"role": role, "content": draw(chat_text())}
+    if role == "user" and draw(st.booleans()):
+        message["context"] = draw(chat_text(3))
+    if role == "assistant":
+        stop = draw(st.sampled_from([None, "end_of_turn", "end_of_message", "out_of_tokens"]))
+        if stop is not None:
+            message["stop_reason"] = stop
+        calls = draw(st.lists(tool_calls(), max_size=2))
+        if calls:
+            message["tool_calls"] = calls
+    return message
+
+
+def dialogs(max_size: int = 6) -> st.SearchStrategy[list[dict]]:
+    return st.lists(chat_messages(), max_size=max_size)
+
+
+# Replies in every form Meta's parser looks for, well- and ill-formed: plain text, builtin calls, <function=...>
+# tags, JSON objects with or without "name"/"parameters"/"type", Python lists of calls with literal and
+# non-literal arguments; with or without <|python_tag|>, the assistant header, a stop token's text and spaces.
+tool_names = st.sampled_from(BUILTIN_TOOL_NAMES) | identifiers
+python_literals = st.recursive(
+    primitives | st.binary(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=3), inner, max_size=2)
+        | st.frozensets(st.integers(), max_size=3)
+    ),
+    max_leaves=5,
+)
+
+
+@st.composite
+def python_call_lists(draw: st.DrawFn) -> str:
+    calls = []
+    for _ in range(draw(st.integers(1, 2))):
+        kwargs = draw(
+            st.dictionaries(identifiers, python_literals.map(repr) | st.sampled_from(["x", "1j", "f()"]), max_size=3)
+        )
+        calls.append(f"{draw(tool_names)}({', '.join(f'{k}={v}' for k, v in kwargs.items())})")
+    return f"[{', '.join(calls)}]"
+
+
+@st.composite
+def json_calls(draw: st.DrawFn) -> str:
+    obj = draw(st.fixed_dictionaries({}, optional={
+        "type": st.sampled_from(["function", "other"]),
+        "name": tool_names | st.none() | st.integers(),
+        "parameters": tool_arguments | st.text(max_size=5) | st.lists(primitives, max_size=2) | st.none()
+        | st.dictionaries(st.text(max_size=3), st.lists(st.lists(primitives, max_size=2), max_size=2), max_size=2),
+    }))  # fmt: skip
+    return json.dumps(obj, indent=draw(st.sampled_from([None, 4])), ensure_ascii=draw(st.booleans()))
+
+
+@st.composite
+def function_tags(draw: st.DrawFn) -> str:
+    args = json.dumps(draw(tool_arguments | st.just({})))
+    if draw(st.booleans()):
+        args = args.replace('"', "'")  # Meta reads single quotes as double quotes
+    return f"<function={draw(tool_names)}>{args}</function>"
+
+
+@st.composite
+def builtin_call_texts(draw: st.DrawFn) -> str:
+    query = draw(st.text(unicode_chars, max_size=10).map(lambda s: s.replace('"', "")))
+    return f'{draw(tool_names)}.call(query="{query}")'
+
+
+@st.composite
+def assistant_replies(draw: st.DrawFn) -> str:
+    body = draw(chat_text() | builtin_call_texts() | function_tags() | json_calls() | python_call_lists())
+    if draw(st.booleans()):  # text around the call
+        body = draw(chat_text(2)) + body + draw(chat_text(2))
+    prefix = draw(st.sampled_from(["", "<|python_tag|>", ASSISTANT_HEADER, ASSISTANT_HEADER + "<|python_tag|>"]))
+    suffix = draw(st.sampled_from(["", "<|eot_id|>", "<|eom_id|>"]))
+    spaces = st.sampled_from(["", " ", "  "])
+    return draw(spaces) + prefix + body + suffix + draw(spaces)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from microllama.chat import as_dialog
 from microllama.data import (
     IGNORE_INDEX,
     Batches,
@@ -56,11 +57,11 @@ def test_jsonl_text_and_messages(tmp_path, tokenizer):
     path = write(tmp_path / "a.jsonl", json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"messages": DIALOG}))
     (text, text_targets), (chat, chat_targets) = read_documents(path, tokenizer)
     assert text == tokenizer.encode("hello", bos=True, eos=True)
-    assert (chat, chat_targets) == encode_dialog(tokenizer, DIALOG)
+    assert (chat, chat_targets) == encode_dialog(tokenizer, as_dialog(DIALOG))
 
 
 def test_sft_targets_are_the_assistant_turns_and_their_end_of_turn_only(tokenizer):
-    tokens, targets = encode_dialog(tokenizer, DIALOG)
+    tokens, targets = encode_dialog(tokenizer, as_dialog(DIALOG))
     learned = [t for t, keep in zip(tokens, targets, strict=True) if keep]
     assert tokenizer.decode(learned) == "Blue.<|eot_id|>Green.<|eot_id|>"
     assert len(tokens) == len(targets) and tokens[0] == tokenizer.bos_id
@@ -75,12 +76,21 @@ def test_dialog_tokens_equal_metas_chat_format(meta_tokenizer):
     from microllama.tokenizer import Tokenizer
 
     chat_format = ChatFormat(meta_tokenizer)
-    dialog = DIALOG + [{"role": "tool", "content": '{"temperature": 21}'}, {"role": "assistant", "content": " ok "}]
-    messages = [RawMessage(role=m["role"], content=m["content"], stop_reason=StopReason.end_of_turn) for m in dialog]
+    dialog = DIALOG + [
+        {"role": "assistant", "content": "Let me look.", "stop_reason": "end_of_message"},
+        {"role": "tool", "content": '{"temperature": 21}'},
+        {"role": "assistant", "content": " ok "},
+    ]
+    stops = {None: StopReason.end_of_turn, "end_of_message": StopReason.end_of_message}
+    messages = [RawMessage(role=m["role"], content=m["content"], stop_reason=stops[m.get("stop_reason")])
+                for m in dialog]  # fmt: skip
     expected = chat_format.encode_dialog_prompt(messages).tokens
     header = chat_format._encode_header("assistant")
-    ours, _ = encode_dialog(Tokenizer(), dialog)
+    ours, targets = encode_dialog(Tokenizer(), as_dialog(dialog))
     assert ours + header == expected
+    assert Tokenizer().decode([t for t, keep in zip(ours, targets, strict=True) if keep]) == (
+        "Blue.<|eot_id|>Green.<|eot_id|>Let me look.<|eom_id|> ok <|eot_id|>"
+    )
 
 
 @pytest.mark.parametrize(
@@ -92,11 +102,12 @@ def test_dialog_tokens_equal_metas_chat_format(meta_tokenizer):
         ("bad.jsonl", '{"text": "ok"}\n{"text": 3}\n', r"bad\.jsonl:2: expected an object with a \"text\" string"),
         ("broken.jsonl", '{"text": "ok"}\n{"text": \n', r"broken\.jsonl:2: not valid JSON"),
         ("role.jsonl", json.dumps({"messages": [{"role": "robot", "content": "hi"}]}),
-         r"role\.jsonl:1: message 0 has role 'robot'; expected one of system, user, assistant, tool"),
-        ("turn.jsonl", json.dumps({"messages": [{"role": "user"}]}), r"turn\.jsonl:1: message 0 must be an object"),
+         r"role\.jsonl:1: message 0: unknown role 'robot'; roles: system, user, assistant, tool"),
+        ("turn.jsonl", json.dumps({"messages": [{"role": "user"}]}), r"turn\.jsonl:1: message 0: 'user' message has no "
+                                                                     r"content"),
         ("silent.jsonl", json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
          r"silent\.jsonl:1: a chat without an assistant turn"),
-        ("list.jsonl", json.dumps({"messages": "hi"}), r"list\.jsonl:1: \"messages\" must be a non-empty list"),
+        ("list.jsonl", json.dumps({"messages": "hi"}), r"list\.jsonl:1: a dialog is a list of messages, got str"),
         ("notes.md", "# notes", r"notes\.md: expected a \.txt or \.jsonl file"),
     ],
 )  # fmt: skip
@@ -179,7 +190,7 @@ def test_rows_never_ask_a_document_for_another_ones_tokens(lengths, seq_len):
 
 
 def test_batches_continue_across_epochs_and_resume_from_a_position(tmp_path, tokenizer):
-    corpus = load_corpus(ROOT / "data" / "tinytales.txt", tokenizer, tmp_path / "cache")
+    corpus = load_corpus(ROOT / "corpus" / "tinytales.txt", tokenizer, tmp_path / "cache")
     docs = np.arange(40)
     one = Batches(corpus, docs, 64, 8, seed=1, pad_id=tokenizer.pad_id)
     n_rows = len(one.packing(0).rows)
@@ -194,9 +205,9 @@ def test_batches_continue_across_epochs_and_resume_from_a_position(tmp_path, tok
 
 
 def test_shipped_corpus_is_what_its_script_writes(tmp_path):
-    """data/tinytales.txt is tools/make_corpus.py's output, byte for byte (and small enough to ship)."""
+    """corpus/tinytales.txt is tools/make_corpus.py's output, byte for byte (and small enough to ship)."""
     from tools.make_corpus import make_corpus
 
     make_corpus(str(tmp_path / "tales.txt"))
-    shipped = (ROOT / "data" / "tinytales.txt").read_bytes()
+    shipped = (ROOT / "corpus" / "tinytales.txt").read_bytes()
     assert (tmp_path / "tales.txt").read_bytes() == shipped and len(shipped) < 300_000

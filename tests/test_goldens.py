@@ -1,27 +1,41 @@
 """microllama against the committed golden sets (recorded from Meta's code), and the laws of the
-golden format itself: verified reads, atomic and deterministic writes, hooks named like modules."""
+golden format itself: reads verified against the manifest, atomic and deterministic writes, hooks named
+like modules; and of the recorder: requests checked before torchrun starts, nothing left running."""
 
+import dataclasses
 import json
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from microllama import goldens
-from microllama.checkpoint import load_model
+from microllama import capture, golden_format
+from microllama.checkpoint import load_model, open_checkpoint
 from microllama.cli import main as cli_main
 from microllama.generation import Llama
+from microllama.golden_format import GoldenError, read_set, write_set
+from microllama.meta_layout import save_meta
+from microllama.tolerances import LOGITS_ATOL
+from microllama.verify import format_comparison, verify
+from reference_harness import record
 
-GOLDENS = Path(__file__).resolve().parents[1] / "goldens"
+REPO = Path(__file__).resolve().parents[1]
+GOLDENS = REPO / "goldens"
 COMMITTED = [
     "tiny-fp32-cpu-ws1", "tiny-bf16-cpu-ws1", "tiny-fp32-cpu-ws2", "tiny-hd128-bf16-cpu-ws1",
     "tiny-fp32-cuda-ws1", "tiny-bf16-cuda-ws1",  # recorded on an H200: checked here across platforms
     "tiny-kv4-fp32-cpu-ws4",  # Meta at 4 ranks, each loading its own shard of a 4-shard checkpoint
 ]  # fmt: skip
 SETS = sorted({p.parent.name for p in GOLDENS.glob("*/manifest.json")} | set(COMMITTED))
+replace = dataclasses.replace
 
 
 def test_committed_golden_sets_are_all_present():
@@ -45,20 +59,28 @@ def test_microllama_reproduces_golden_set(name, tokenizer):
     random streams from one seed). The world-size-2 set is never bit-exact: Meta's row-parallel layers
     add partial sums in another order than dense matmuls. The CUDA sets, checked on a CPU, measure the
     distance between platforms: at most 1.3e-5 (float32) and 0.125 (bfloat16) on logits."""
-    c = goldens.verify(GOLDENS / name)
+    c = verify(GOLDENS / name)
     assert c.checkpoint_matches
     assert c.prompt_ids_equal
     assert c.completions_equal == {kind: [True] * len(v) for kind, v in c.completions_equal.items()}
     assert "greedy" in c.completions_equal  # greedy ids are compared on every platform
-    if c.golden.manifest["device"] != "cpu" and not torch.cuda.is_available():
+    if c.golden.manifest.device != "cpu" and not torch.cuda.is_available():
         assert not c.exact and set(c.completions_not_compared) == {"top_p"}
-    if c.golden.manifest["world_size"] > 1:
+    if c.golden.manifest.world_size > 1:
         assert not c.exact
     if c.exact:
         assert [p.name for p in c.points if p.max_abs != 0] == []
         assert all(c.logits_sha256_equal)
     assert [p.name for p in c.points if p.diverges] == []
-    assert c.first_divergent is None
+    assert c.first_divergent is None and c.passed
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_committed_set_rewritten_from_its_parsed_values_is_byte_identical(name, tmp_path):
+    g = read_set(GOLDENS / name)
+    out = write_set(tmp_path / name, g.manifest, g.outputs, g.logits, g.activations, g.long_context)
+    for file in [*golden_format.DATA_FILES, "manifest.json"]:
+        assert (out / file).read_bytes() == (GOLDENS / name / file).read_bytes(), file
 
 
 @pytest.fixture
@@ -72,21 +94,21 @@ def test_tampered_golden_file_fails_naming_file_and_sha256(golden_copy, file):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(goldens.GoldenError, match=rf"{file}: sha256 mismatch"):
-        goldens.read_set(golden_copy)
+    with pytest.raises(GoldenError, match=rf"{file}: sha256 mismatch"):
+        read_set(golden_copy)
 
 
 def test_truncated_golden_file_fails_naming_file_and_sha256(golden_copy):
     path = golden_copy / "logits.npz"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(goldens.GoldenError, match=r"logits\.npz: sha256 mismatch"):
-        goldens.read_set(golden_copy)
+    with pytest.raises(GoldenError, match=r"logits\.npz: sha256 mismatch"):
+        read_set(golden_copy)
 
 
 def test_missing_golden_file_fails_naming_it(golden_copy):
     (golden_copy / "activations.npz").unlink()
-    with pytest.raises(goldens.GoldenError, match=r"activations\.npz not found"):
-        goldens.read_set(golden_copy)
+    with pytest.raises(GoldenError, match=r"activations\.npz not found"):
+        read_set(golden_copy)
 
 
 def test_verify_cli_on_tampered_set_is_one_line_and_exit_1(golden_copy, capsys):
@@ -100,62 +122,331 @@ def test_verify_cli_on_tampered_set_is_one_line_and_exit_1(golden_copy, capsys):
     assert "outputs.json: sha256 mismatch" in err
 
 
-def test_planted_bug_diverges_first_at_its_capture_point(tiny_ckpt):
-    """norm_eps 1e-5 -> 1e-6 in the first ffn_norm: every capture point before it still matches bit
-    for bit, and layers.0.ffn_norm is the first that diverges."""
-    golden = goldens.read_set(GOLDENS / "tiny-fp32-cpu-ws1")
-    model = load_model(tiny_ckpt, golden.manifest["model"]["max_seq_len"], golden.manifest["model"]["max_batch_size"])
-    model.layers[0].ffn_norm.eps = 1e-6
-    points, _ = goldens.check_forwards(golden, model, exact=True)
-    names = [p.name for p in points]
-    assert [p.name for p in points if p.diverges][0] == "layers.0.ffn_norm"
-    assert all(p.max_abs == 0 for p in points[: names.index("layers.0.ffn_norm")])
-    comparison = goldens.Comparison(golden, tiny_ckpt, True, True, "bit-exact", points, [], True, {})
-    assert comparison.diverged
-    assert "first divergent capture point: layers.0.ffn_norm" in goldens.format_comparison(comparison)
+def _rows(g, i, **changes):
+    rows = list(g.outputs.rows)
+    rows[i] = replace(rows[i], **changes)
+    return {"outputs": replace(g.outputs, rows=rows)}
+
+
+def _activations(g, **changes):
+    return {"activations": {**g.activations, **changes}}
+
+
+def _without(mapping, key):
+    return {k: v for k, v in mapping.items() if k != key}
+
+
+def _model(g, **params):
+    model = replace(g.manifest.model, params={**g.manifest.model.params, **params})
+    return {"manifest": replace(g.manifest, model=model)}
+
+
+def _sampling(g, kind, **changes):
+    return replace(g.manifest.completions[kind], **changes)
+
+
+def _logits_spec(g, **changes):
+    return {"manifest": replace(g.manifest, logits=replace(g.manifest.logits, **changes))}
+
+
+# Sets whose data files the manifest does not describe, each written through write_set (so every sha256
+# is consistent) and refused by read_set with one line naming the file and the field.
+UNDESCRIBED = {
+    "no capture points, activations present": (
+        lambda g: {"manifest": replace(g.manifest, capture_points=[])},
+        r"manifest\.json: capture_points: expected the 14 points of a 2-layer model",
+    ),
+    "capture points of another n_layers": (
+        lambda g: _model(g, n_layers=3),
+        r"manifest\.json: capture_points: expected the 20 points of a 3-layer model",
+    ),
+    "activation array not listed": (
+        lambda g: _activations(g, extra=g.activations["norm"]),
+        r"activations\.npz: array 'extra' is not one the set declares",
+    ),
+    "listed activation array missing": (
+        lambda g: {"activations": _without(g.activations, "norm")},
+        r"activations\.npz: no array 'norm'",
+    ),
+    "activation rows short": (
+        lambda g: _activations(g, norm=g.activations["norm"][:-1]),
+        r"activations\.npz: norm: shape \(128, 64\), expected \(129, 64\)",
+    ),
+    "activation in float64": (
+        lambda g: _activations(g, norm=g.activations["norm"].astype(np.float64)),
+        r"activations\.npz: norm: dtype float64, expected float32",
+    ),
+    "rows overlap": (
+        lambda g: _rows(g, 1, first_row=7),
+        r"outputs\.json: rows\[1\]: 'prompt 1' first_row 7 .*, expected 'prompt 1' first_row 8 .*rows tile the arrays",
+    ),
+    "row longer than its prompt": (lambda g: _rows(g, 0, n_rows=9), r"outputs\.json: rows\[0\]"),
+    "long-range row at another position": (lambda g: _rows(g, 6, start_pos=8999), r"outputs\.json: rows\[6\]"),
+    "long-range row missing": (
+        lambda g: {"outputs": replace(g.outputs, rows=g.outputs.rows[:-1])},
+        r"outputs\.json: rows: 6 rows for 7 cases",
+    ),
+    "top-k narrower than top_k": (
+        lambda g: {"logits": replace(g.logits, topk_values=g.logits.topk_values[:, :16])},
+        r"logits\.npz: topk_values: shape \(129, 16\), expected \(129, 32\) \(rows x top_k\)",
+    ),
+    "top_k not the arrays' width": (
+        lambda g: _logits_spec(g, top_k=16),
+        r"logits\.npz: topk_values: shape \(129, 32\), expected \(129, 16\)",
+    ),
+    "top-k index outside the vocabulary": (
+        lambda g: {"logits": replace(g.logits, topk_indices=g.logits.topk_indices + 200000)},
+        r"logits\.npz: topk_indices: ids outside \[0, 128256\)",
+    ),
+    "logsumexp short": (
+        lambda g: {"logits": replace(g.logits, logsumexp=g.logits.logsumexp[:-1])},
+        r"logits\.npz: logsumexp: shape \(128,\), expected \(129,\)",
+    ),
+    "full-vocabulary rows fewer than their cases": (
+        lambda g: {"logits": replace(g.logits, full_vocab=g.logits.full_vocab[:1])},
+        r"logits\.npz: full_vocab: shape \(1, 128256\), expected \(2, 128256\)",
+    ),
+    "full_vocab_cases names an unknown case": (
+        lambda g: _logits_spec(g, full_vocab_cases=["prompt 0", "prompt 99"]),
+        r"manifest\.json: logits\.full_vocab_cases: 'prompt 99' is not a case",
+    ),
+    "completions fewer than their prompts": (
+        lambda g: {"outputs": replace(g.outputs, completions={**g.outputs.completions, "greedy": [[1, 2]] * 3})},
+        r"outputs\.json: completions\.greedy: 3 completions for the manifest's 4 prompts",
+    ),
+    "completion texts of another kind": (
+        lambda g: {"outputs": replace(g.outputs, completion_text=_without(g.outputs.completion_text, "top_p"))},
+        r"outputs\.json: completion_text: kinds",
+    ),
+    "prompt ids fewer than prompts": (
+        lambda g: {"outputs": replace(g.outputs, prompt_ids=g.outputs.prompt_ids[:-1])},
+        r"outputs\.json: prompt_ids: 5 lists for the manifest's 6 prompts",
+    ),
+    "logits sha256 per case missing": (
+        lambda g: {"outputs": replace(g.outputs, logits_sha256=g.outputs.logits_sha256[:-1])},
+        r"outputs\.json: logits_sha256: 6 digests for 7 cases",
+    ),
+    "long-context ids one short": (
+        lambda g: {"long_context": g.long_context[:-1]},
+        r"long_context\.npz: ids: shape \(9000,\), expected \(9001,\) \(the manifest's long_range\.context \+ 1\)",
+    ),
+    "world_size 0": (
+        lambda g: {"manifest": replace(g.manifest, world_size=0)},
+        r"manifest\.json: world_size: expected a positive integer, got 0",
+    ),
+    "world_size a string": (
+        lambda g: {"manifest": replace(g.manifest, world_size="2")},
+        r'manifest\.json: world_size: expected an integer, got "2"',
+    ),
+    "dtype float64": (
+        lambda g: {"manifest": replace(g.manifest, dtype="float64")},
+        r'manifest\.json: dtype: expected one of float32, bfloat16, got "float64"',
+    ),
+    "device not cpu or cuda": (
+        lambda g: {"manifest": replace(g.manifest, device="tpu")},
+        r'manifest\.json: device: expected cpu or cuda, got "tpu"',
+    ),
+    "another schema": (lambda g: {"manifest": replace(g.manifest, schema=2)}, r"manifest\.json: schema: 2"),
+    "model config invalid": (lambda g: _model(g, n_heads=3), r"manifest\.json: model: .*divisible by n_heads"),
+    "sampling top_p above 1": (
+        lambda g: {"manifest": replace(g.manifest, completions={"top_p": _sampling(g, "top_p", top_p=2.0)})},
+        r"manifest\.json: completions\.top_p: top_p must be a number in \(0, 1\]",
+    ),
+    "checkpoint sha256 not a digest": (
+        lambda g: {"manifest": replace(g.manifest, checkpoint=replace(g.manifest.checkpoint, sha256="abc"))},
+        r"manifest\.json: checkpoint\.sha256: expected 64 lowercase hex digits",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def bf16_set():
+    return read_set(GOLDENS / "tiny-bf16-cpu-ws1")
+
+
+@pytest.mark.parametrize("case", UNDESCRIBED)
+def test_set_its_manifest_does_not_describe_is_refused_in_one_line(case, bf16_set, tmp_path):
+    change, message = UNDESCRIBED[case]
+    g = bf16_set
+    parts = {"manifest": g.manifest, "outputs": g.outputs, "logits": g.logits, "activations": g.activations,
+             "long_context": g.long_context}  # fmt: skip
+    out = write_set(tmp_path / "set", **(parts | change(g)))
+    with pytest.raises(GoldenError, match=message) as error:
+        read_set(out)
+    assert "\n" not in str(error.value) and str(out) in str(error.value)
+
+
+MANIFEST_KEYS = list(json.loads((GOLDENS / "tiny-bf16-cpu-ws1" / "manifest.json").read_text()))
+
+
+def _edit_manifest(set_dir: Path, edit) -> None:
+    path = set_dir / "manifest.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: [m], r"manifest\.json must hold a JSON object, got list"),
+        (lambda m: {**m, "extra": 1}, r"manifest\.json: extra: not a field of this format"),
+        (lambda m: {**m, "checkpoint": _without(m["checkpoint"], "sha256")}, r"checkpoint\.sha256: missing"),
+        (lambda m: {**m, "model": _without(m["model"], "n_layers")}, r"manifest\.json: model\.n_layers: missing"),
+        (lambda m: {**m, "model": [m["model"]]}, r"manifest\.json: model: expected a JSON object"),
+        (lambda m: {**m, "world_size": True}, r"manifest\.json: world_size: expected an integer, got true"),
+        (lambda m: {**m, "prompts": "one"}, r'manifest\.json: prompts: expected a list, got "one"'),
+    ]
+    + [(lambda m, key=key: _without(m, key), rf"manifest\.json: {key}: ") for key in MANIFEST_KEYS],
+    ids=[
+        "json-list",
+        "unknown-field",
+        "no-checkpoint-sha256",
+        "no-n_layers",
+        "model-a-list",
+        "world_size-bool",
+        "prompts-a-string",
+    ]
+    + [f"no-{key}" for key in MANIFEST_KEYS],
+)
+def test_manifest_without_a_required_field_or_of_the_wrong_type_is_refused(golden_copy, edit, message):
+    _edit_manifest(golden_copy, edit)
+    with pytest.raises(GoldenError, match=message) as error:
+        read_set(golden_copy)
+    assert "\n" not in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def planted_ckpt(tmp_path_factory, tiny_ckpt):
+    """The tiny checkpoint with layers.0.ffn_norm's weight doubled (exact in bfloat16): a bug that first
+    shows at layers.0.ffn_norm, far beyond any tolerance."""
+    ckpt = open_checkpoint(tiny_ckpt)
+    state_dict = ckpt.read_state_dict()
+    state_dict["layers.0.ffn_norm.weight"] = state_dict["layers.0.ffn_norm.weight"] * 2
+    return save_meta(state_dict, ckpt.params, tmp_path_factory.mktemp("planted") / "ckpt")
+
+
+def test_verify_on_another_checkpoint_fails_with_the_table_and_a_verdict_saying_why(planted_ckpt, capsys, tokenizer):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["verify", str(GOLDENS / "tiny-fp32-cpu-ws1"), "--ckpt_dir", str(planted_ckpt)])
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert "sha256 DIFFERS from the recording" in out and "layers.0.ffn_norm" in out
+    assert out.rstrip().splitlines()[-1].startswith("verdict: FAIL: the checkpoint is not the one recorded")
+
+
+def test_planted_bug_diverges_first_at_its_capture_point(planted_ckpt, tokenizer):
+    """Compared on purpose against another checkpoint, the bug is found at layers.0.ffn_norm; every point
+    before it is equal bit for bit where verify expects bit-exactness (the recording's platform), else
+    within tolerance."""
+    c = verify(GOLDENS / "tiny-fp32-cpu-ws1", planted_ckpt, other_checkpoint=True)
+    names = [p.name for p in c.points]
+    earlier = c.points[: names.index("layers.0.ffn_norm")]
+    assert c.first_divergent == "layers.0.ffn_norm"
+    if c.exact:
+        assert [p.name for p in earlier if p.max_abs != 0] == []
+    else:
+        assert [p.name for p in earlier if p.max_abs > LOGITS_ATOL[torch.float32]] == []
+    assert not c.passed and "diverges from the recording, first at layers.0.ffn_norm" in c.failure
+    assert "first divergent capture point: layers.0.ffn_norm" in format_comparison(c)
+
+
+LOWER_CAPABILITY = {"AVX512": "avx2", "AVX2": "default"}  # ATEN_CPU_CAPABILITY values; others: none lower known
+
+
+def test_verify_on_a_lower_cpu_capability_than_the_recording_passes_within_tolerance(tokenizer):
+    """The toleranced path on every run: ATen's kernels at an ISA below this machine's (and so below or
+    unlike the recording's) must still pass, now within tolerance."""
+    here = torch.backends.cpu.get_cpu_capability()
+    if here not in LOWER_CAPABILITY:
+        pytest.skip(f"no ATEN_CPU_CAPABILITY below {here} known to this test")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": LOWER_CAPABILITY[here]}
+    result = subprocess.run([sys.executable, "-m", "microllama.cli", "verify", str(GOLDENS / "tiny-fp32-cpu-ws1")],
+                            cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert [line for line in lines if line.startswith("check: ")][0].startswith("check: tolerance: this platform")
+    assert "cpu_capability" in result.stdout
+    assert lines[-1] == "verdict: pass (within tolerance)"
 
 
 def test_write_set_interrupted_leaves_old_set_intact(golden_copy):
     before = {p.name: p.read_bytes() for p in golden_copy.iterdir()}
-    golden = goldens.read_set(golden_copy)
-    bad = {
-        "outputs.json": golden.outputs,
-        "logits.npz": golden.logits,
-        "activations.npz": {"x": np.array([object()])},  # fails half-way through the write
-        "long_context.npz": {"ids": golden.long_context},
-    }
+    g = read_set(golden_copy)
+    bad = {"x": np.array([object()])}  # fails half-way through the write
     with pytest.raises(TypeError, match="Python objects"):
-        goldens.write_set(golden_copy, golden.manifest, bad)
+        write_set(golden_copy, g.manifest, g.outputs, g.logits, bad, g.long_context)
     assert {p.name: p.read_bytes() for p in golden_copy.iterdir()} == before
     assert sorted(p.name for p in golden_copy.parent.iterdir()) == ["set"]
 
 
-def test_rewriting_a_set_gives_identical_bytes(golden_copy, tmp_path):
-    golden = goldens.read_set(golden_copy)
-    data = {
-        "outputs.json": golden.outputs,
-        "logits.npz": golden.logits,
-        "activations.npz": golden.activations,
-        "long_context.npz": {"ids": golden.long_context},
-    }
-    manifest = {k: v for k, v in golden.manifest.items() if k != "files"}
-    out = goldens.write_set(tmp_path / "again", manifest, data)
-    for name in [*goldens.DATA_FILES, "manifest.json"]:
-        assert (out / name).read_bytes() == (golden_copy / name).read_bytes(), name
+def test_write_set_never_replaces_a_file_or_a_directory_that_is_not_a_golden_set(bf16_set, tmp_path):
+    g = bf16_set
+    user_file, user_dir = tmp_path / "notes.txt", tmp_path / "mine"
+    user_file.write_text("keep me")
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("keep me too")
+    for target in (user_file, user_dir):
+        with pytest.raises(GoldenError, match="is written only to a new path, an empty directory, or over"):
+            write_set(target, g.manifest, g.outputs, g.logits, g.activations, g.long_context)
+    assert user_file.read_text() == "keep me" and (user_dir / "thesis.tex").read_text() == "keep me too"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
 
 
 def test_capture_points_follow_module_names_and_residual_is_x_plus_attention(tiny_ckpt):
     model = load_model(tiny_ckpt, max_seq_len=64)
     captured: dict[str, list[torch.Tensor]] = {}
     tokens = torch.tensor([[128000, 791, 4062, 374]])
-    with torch.inference_mode(), goldens.capturing(model, captured):
+    with torch.inference_mode(), capture.capturing(model, captured):
         model(tokens)
-    assert list(captured) == goldens.capture_points(model.n_layers)
+    assert list(captured) == golden_format.capture_points(model.params.n_layers)
     x = captured["tok_embeddings"][0]
     assert torch.equal(captured["layers.0.residual_attention"][0], x + captured["layers.0.attention"][0])
     h = captured["layers.0.residual_attention"][0]
     assert torch.equal(captured["layers.0"][0], h + captured["layers.0.feed_forward"][0])
-    assert not model.tok_embeddings._forward_hooks  # hooks removed on exit
+    with torch.inference_mode():
+        model(tokens)
+    assert {name: len(parts) for name, parts in captured.items()} == dict.fromkeys(captured, 1)  # hooks removed
+
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    def refuse(cmd, **kwargs):
+        raise AssertionError(f"torchrun was started: {cmd}")
+
+    monkeypatch.setattr(record, "run_process_group", refuse)
+
+
+@pytest.mark.parametrize("target", ["file", "directory"])
+def test_record_goldens_refuses_an_out_that_is_not_a_golden_set_before_torchrun(target, tmp_path, no_torchrun):
+    out = tmp_path / "out"
+    if target == "file":
+        out.write_text("a user's file")
+    else:
+        out.mkdir()
+        (out / "data.csv").write_text("a user's file")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(GoldenError, match=rf"^{re.escape(str(out))} exists and is .*: a golden set is written only to"):
+        record.record_goldens(out=str(out))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert (out if target == "file" else out / "data.csv").read_text() == "a user's file"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"dtype": "float64"}, r"--dtype 'float64': a golden set is recorded in float32 or bfloat16"),
+        ({"ckpt_dir": "/nonexistent/ckpt"}, r"checkpoint directory not found: /nonexistent/ckpt"),
+        ({"world_size": 0}, r"--world_size 0: expected a positive number of ranks"),
+        ({"world_size": 3}, r"--world_size 3: .*n_heads 4 and n_kv_heads 2"),
+        ({"device": "cuda"}, r"--device cuda: torch sees no CUDA device here"),
+    ],
+    ids=["dtype-float64", "ckpt_dir-missing", "world_size-0", "world_size-not-dividing-heads", "cuda-without-cuda"],
+)
+def test_record_goldens_checks_its_arguments_before_torchrun(args, message, tmp_path, no_torchrun):
+    if args.get("device") == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match=message):
+        record.record_goldens(out=str(tmp_path / "set"), **args)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.reference
@@ -163,27 +454,87 @@ def test_capture_points_follow_module_names_and_residual_is_x_plus_attention(tin
 def test_record_then_verify_round_trip_is_exact_and_byte_reproducible(tmp_path):
     """Meta's code under torchrun (world size 1, one prompt, short long-range context), twice: the data
     files are byte-identical, and microllama matches them bit for bit."""
-    from reference_harness.record import launch
-
     quick = {"prompts": ["Clearly, the meaning of life is"], "long_context": 300, "max_gen_len": 4}
-    a = launch(tmp_path / "a", **quick)
-    b = launch(tmp_path / "b", **quick)
-    for name in goldens.DATA_FILES:
+    a = record.launch(tmp_path / "a", **quick)
+    b = record.launch(tmp_path / "b", **quick)
+    for name in golden_format.DATA_FILES:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    c = goldens.verify(a)
-    assert c.exact and c.first_divergent is None
+    c = verify(a)
+    assert c.exact and c.passed
     assert [p.name for p in c.points if p.max_abs != 0] == [] and all(c.logits_sha256_equal)
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_record_goldens_records_into_the_cache_and_checks_the_committed_set_too(tmp_path, monkeypatch, capsys):
+    """The README's main job leaves the work tree as it is: the set goes to $MICROLLAMA_CACHE/goldens, and
+    microllama is checked against it and against the committed set of the same name."""
+    committed = GOLDENS / "tiny-fp32-cpu-ws1"
+    before = {p.name: p.read_bytes() for p in committed.iterdir()}
+    monkeypatch.setenv("MICROLLAMA_CACHE", str(tmp_path))
+    result = record.record_goldens()
+    assert result.out == tmp_path / "goldens" / "tiny-fp32-cpu-ws1"
+    assert result.fresh.exact and result.fresh.passed
+    assert result.committed is not None and result.committed.passed and not result.diverged
+    same_platform = result.fresh.golden.manifest.platform == result.committed.golden.manifest.platform
+    if same_platform:
+        assert result.differing_files == []
+    assert {p.name: p.read_bytes() for p in committed.iterdir()} == before
+    out = capsys.readouterr().out
+    assert out.count("verdict: pass") == 2
+    assert ("byte-identical to the committed" in out) == (result.differing_files == [])
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(int(p.name)) == pid]
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return -1
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_interrupting_record_goldens_leaves_no_torchrun_process_running(tmp_path):
+    """SIGINT to tools/record_goldens.py alone (not its group, as a terminal's Ctrl-C would send): torchrun
+    runs in a session of its own, record_goldens passes the signal on, torchrun stops its worker, and
+    nothing of the recording is left running or written."""
+    log = open(tmp_path / "stderr.txt", "w")
+    tool = [sys.executable, str(REPO / "tools" / "record_goldens.py"), "--out", str(tmp_path / "set")]
+    parent = subprocess.Popen(tool, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
+    deadline, torchrun, workers = time.time() + 120, [], []
+    while time.time() < deadline and parent.poll() is None and not workers:
+        torchrun = _children(parent.pid)
+        workers = [w for t in torchrun for w in _children(t)]
+        time.sleep(0.2)
+    assert workers, (tmp_path / "stderr.txt").read_text()
+    time.sleep(2)  # the worker is inside Meta's code
+    os.kill(parent.pid, signal.SIGINT)
+    parent.wait(timeout=record.GRACE_S + 20)
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in torchrun + workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert [pid for pid in torchrun + workers if _alive(pid)] == []
+    assert not (tmp_path / "set").exists()
 
 
 @pytest.mark.reference
 @pytest.mark.gpu
 def test_cuda_bf16_golden_records_and_verifies_exactly(tmp_path):
-    from reference_harness.record import launch
-
-    out = launch(tmp_path / "cuda", device="cuda", dtype="bfloat16")
-    c = goldens.verify(out)
-    print(goldens.format_comparison(c))
-    assert c.exact and c.first_divergent is None
+    out = record.launch(tmp_path / "cuda", device="cuda", dtype="bfloat16")
+    c = verify(out)
+    assert c.exact and c.passed
 
 
 @pytest.mark.gpu
@@ -205,10 +556,9 @@ def test_llama31_8b_greedy_completions_match_meta_published():
 def test_microllama_on_the_sharded_checkpoint_matches_metas_tensor_parallel_goldens(tmp_path, name, shards, tokenizer):
     """Meta recorded these at world size N from N shard files; microllama merges the same N files into
     dense tensors in one process and must match within tolerance, with identical completions."""
-    golden = goldens.read_set(GOLDENS / name)
-    assert golden.manifest["checkpoint"]["shards"] == shards
+    golden = read_set(GOLDENS / name)
+    assert golden.manifest.checkpoint.shards == shards
     sharded = tmp_path / f"mp{shards}"
-    cli_main(["convert", golden.manifest["checkpoint"]["tiny"], str(sharded),
-              "--to", "meta", "--shards", str(shards)])  # fmt: skip
-    c = goldens.verify(GOLDENS / name, ckpt_dir=sharded)
-    assert c.checkpoint_matches and not c.exact and not c.diverged
+    cli_main(["convert", golden.manifest.checkpoint.tiny, str(sharded), "--to", "meta", "--shards", str(shards)])
+    c = verify(GOLDENS / name, ckpt_dir=sharded)
+    assert c.checkpoint_matches and not c.exact and c.passed

@@ -24,7 +24,7 @@ def assert_one_line_error(stderr: str, prog: str, message: str) -> None:
     [
         ("bench_decode.py", ["--help"], 0, None),
         ("bench_load.py", ["bogus"], 1, r"unknown command 'bogus'; commands: run, build, measure"),
-        ("record_goldens.py", ["--dtype", "float64"], 1, r"unknown dtype 'float64'"),
+        ("record_goldens.py", ["--dtype", "float64"], 1, r"--dtype .float64.: a golden set is recorded in float32"),
         ("compare_goldens.py", ["/nonexistent/set"], 1, r"/nonexistent/set/manifest\.json not found"),
     ],
 )

@@ -18,7 +18,7 @@ from microllama.train_checkpoint import TrainCheckpointError, load_adapters, loa
 from microllama.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = str(ROOT / "data" / "tinytales.txt")
+CORPUS = str(ROOT / "corpus" / "tinytales.txt")
 # A few short steps of one 32-token row: the 128,256-entry output layer is most of the cost.
 SMALL = dict(data=CORPUS, max_seq_len=32, batch_size=1, max_steps=4, warmup_steps=1, eval_every=2, eval_rows=2,
              save_every=0)  # fmt: skip

@@ -1,6 +1,6 @@
 """Write the small corpus the README fine-tunes on: short made-up stories, from a seeded grammar.
 
-    python tools/make_corpus.py [--out data/tinytales.txt] [--stories 800] [--seed 0]
+    python tools/make_corpus.py [--out corpus/tinytales.txt] [--stories 800] [--seed 0]
 
 Every story is drawn from the templates below with Python's random.Random(seed), so the committed file
 is this script's output byte for byte (a test checks it). Stories are separated by a line holding only
@@ -11,9 +11,12 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from this checkout
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # microllama from this checkout
 
 from microllama import cli  # noqa: E402
+
+CORPUS = REPO / "corpus" / "tinytales.txt"
 
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo", "Zoe", "Sam", "Ella", "Jack", "Nora", "Finn"]
 ANIMALS = ["cat", "dog", "bird", "frog", "bunny", "duck", "fox", "bear", "mouse", "owl"]
@@ -61,8 +64,9 @@ def story(rng: random.Random) -> str:
     return " ".join(s.format(**slots) for s in sentences)
 
 
-def make_corpus(out: str = "data/tinytales.txt", stories: int = 800, seed: int = 0) -> None:
-    """Write STORIES stories drawn with SEED to OUT, separated by <|endoftext|> lines."""
+def make_corpus(out: str = str(CORPUS), stories: int = 800, seed: int = 0) -> None:
+    """Write STORIES stories drawn with SEED to OUT (default: the repository's corpus/tinytales.txt),
+    separated by <|endoftext|> lines."""
     if stories < 1:
         raise ValueError(f"--stories must be at least 1, got {stories}")
     rng = random.Random(seed)

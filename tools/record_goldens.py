@@ -3,8 +3,10 @@
     python tools/record_goldens.py [--out DIR] [--ckpt_dir DIR|tiny|tiny-hd128] [--device cpu|cuda]
                                    [--dtype float32|bfloat16] [--world_size N]
 
-Run from anywhere with the reference extra installed; the logic is reference_harness.record.record_goldens.
-Exit status 1 when microllama diverges from what was just recorded.
+Without --out the set is recorded into $MICROLLAMA_CACHE/goldens/<name> (default ~/.cache/microllama), so the
+work tree stays as it is; microllama is checked against that fresh recording and against the committed
+goldens/<name>. Run from anywhere with the reference extra installed; the logic is
+reference_harness.record.record_goldens. Exit status 1 when microllama diverges from either.
 """
 
 import sys
@@ -25,7 +27,8 @@ def main(
     dtype: str = "float32",
     world_size: int = 1,
 ) -> None:
-    """Record (default: the embedded tiny checkpoint, into goldens/<name>) and verify."""
+    """Record (default: the embedded tiny checkpoint, into the cache) and verify, against the fresh recording
+    and the committed set."""
     comparison = record_goldens(out, ckpt_dir, device, dtype, world_size)
     if comparison.diverged:
         sys.exit(1)

@@ -1,0 +1,588 @@
+"""The golden-set format, schema 1: what Meta's reference code computed for a checkpoint, kept so that
+microllama can be checked against it anywhere. This module owns the whole format: the typed values
+below are the schema, built and parsed here only; the recorder (reference_harness/record.py), the tools
+and the tests all go through it.
+
+A set is a directory:
+
+- `manifest.json` (Manifest): model config, checkpoint sha256, dtype, device, world size, library
+  versions, platform fingerprint, prompts, settings, the capture points and the sha256 of every data file.
+- `outputs.json` (Outputs): prompt token ids, greedy and seeded top-p completions, the sha256 of each
+  case's full float32 logits, and which rows of the arrays belong to which case.
+- `logits.npz` (LogitsSummary): per row (one row per position of each case), the top-k logits and their
+  indices and the logsumexp; full-vocabulary rows for the cases in `full_vocab_cases`.
+- `activations.npz`: one (rows, dim) float32 array per capture point (bfloat16 values are exact in it).
+- `long_context.npz`: `ids`, the token ids of the long-range case.
+
+A case is one forward pass: each prompt on its own from position 0 (all its positions are rows), and
+the long-range case, one cached decode step at a position far past the 8,192 of RoPE's original
+context (its one row). Data files load without running code (npz with allow_pickle off, json), and
+are written byte for byte the same from the same numbers. A set is read only when its files are what
+its manifest declares: every sha256, every field's type, and every array's name, dtype and shape
+against the rows, top_k and model config; anything else is a one-line GoldenError naming file and field.
+"""
+
+import dataclasses
+import io
+import json
+import math
+import re
+import types
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .files import atomic_dir, file_sha256, read_json
+from .generation import check_sampling
+from .model import ModelArgs
+from .tiny import SHA256 as TINY_SHA256
+
+SCHEMA_VERSION = 1
+DATA_FILES = ("outputs.json", "logits.npz", "activations.npz", "long_context.npz")
+LONG_RANGE = "long-range"
+# The dtypes a set is recorded in (microllama.tolerances bounds both), and their short names in set names.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}
+DEVICE_TYPES = ("cpu", "cuda")
+# The model config's keys the arrays' shapes depend on (ModelArgs would fill in defaults), and the run sizes.
+MODEL_KEYS = ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "max_batch_size")
+
+
+class GoldenError(ValueError):
+    """A golden set that is missing, malformed, or changed since it was recorded."""
+
+
+def capture_points(n_layers: int) -> list[str]:
+    """Names of the captured activations, in the order data flows through the model: the module names
+    of microllama and of Meta's model alike, and `layers.N.residual_attention`, the input of ffn_norm."""
+    points = ["tok_embeddings"]
+    for i in range(n_layers):
+        points += [f"layers.{i}.{p}" for p in ("attention_norm", "attention", "residual_attention", "ffn_norm")]
+        points += [f"layers.{i}.feed_forward", f"layers.{i}"]
+    return points + ["norm"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The schema. Each class is one JSON object, its fields in file order; a field whose metadata is
+# OPTIONAL is left out of the file when None (sets recorded before it was kept lack it).
+
+OPTIONAL = {"optional": True}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelEntry:
+    """The model config: the checkpoint's params.json as Meta's code read it, then the sizes the recording
+    built the model with. In the file: one object, params' keys followed by max_seq_len and max_batch_size."""
+
+    params: dict[str, Any]
+    max_seq_len: int
+    max_batch_size: int  # the number of prompts
+
+    @property
+    def args(self) -> ModelArgs:
+        return ModelArgs.from_params(self.params, max_seq_len=self.max_seq_len, max_batch_size=self.max_batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointEntry:
+    """Which weights were recorded: state_dict_sha256 of the dense tensors (names, dtypes, shapes and bytes,
+    so independent of torch's file format and of sharding); for an embedded tiny checkpoint its name,
+    else its directory."""
+
+    tiny: Optional[str]
+    dir: Optional[str]
+    sha256: str
+    shards: Optional[int] = field(default=None, metadata=OPTIONAL)  # Meta-layout shard files read; 0: Hugging Face
+
+
+@dataclass(frozen=True, kw_only=True)
+class Versions:
+    torch: str
+    llama_models: str = field(metadata={"key": "llama-models"})
+    fairscale: str
+    numpy: str
+    python: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Platform:
+    """What decides the bits of a float computation: CPU ISA, torch build, and the GPU if one was used."""
+
+    machine: str
+    torch: str
+    cpu_capability: str
+    torch_config_sha256: str
+    gpu: Optional[str] = field(default=None, metadata=OPTIONAL)
+    cuda: Optional[str] = field(default=None, metadata=OPTIONAL)
+
+    def differences(self, other: "Platform") -> list[str]:
+        """Names of the fields where other differs."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """One batch of completions: these prompts, Meta's settings, the seed of torch's global generator."""
+
+    prompts: list[str]
+    temperature: float
+    top_p: float
+    seed: Optional[int] = field(default=None, metadata=OPTIONAL)
+    max_gen_len: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LongRange:
+    context: int  # the decode step's position; context + 1 ids, the first `context` prefilled
+    chunk: int  # positions per prefill forward
+    ids: str  # how the ids were drawn
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogitsSpec:
+    top_k: int
+    full_vocab_cases: list[str]  # cases whose last row is kept whole
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    schema: int
+    recorded_by: str
+    model: ModelEntry
+    checkpoint: CheckpointEntry
+    dtype: str  # a key of DTYPES
+    device: str
+    world_size: int  # Meta's tensor-parallel ranks
+    versions: Versions
+    platform: Platform
+    prompts: list[str]  # one forward case each
+    completions: dict[str, Sampling]  # kind (greedy, top_p) -> its batch
+    long_range: LongRange
+    logits: LogitsSpec
+    capture_points: list[str]
+    files: dict[str, str] = field(default_factory=dict)  # data file -> sha256, filled in by write_set
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Row:
+    """Rows first_row .. first_row + n_rows - 1 of every array are positions start_pos.. of one case."""
+
+    case: str  # "prompt N" or LONG_RANGE
+    first_row: int
+    n_rows: int
+    start_pos: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outputs:
+    prompt_ids: list[list[int]]  # per manifest prompt, with BOS
+    completions: dict[str, list[list[int]]]  # kind -> generated ids per prompt of its batch
+    completion_text: dict[str, list[str]]
+    logits_sha256: list[str]  # per case, tensor_sha256 of its full float32 logits (rows, vocab)
+    rows: list[Row]  # per case, in order; they tile the arrays
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class LogitsSummary:
+    """The compact record of the logits, in the file's member order."""
+
+    topk_values: np.ndarray  # (rows, top_k) float32
+    topk_indices: np.ndarray  # (rows, top_k) int32
+    logsumexp: np.ndarray  # (rows,) float32
+    full_vocab: np.ndarray  # (full-vocabulary rows, vocab_size) float32, in row order
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class GoldenSet:
+    path: Path
+    manifest: Manifest
+    outputs: Outputs
+    logits: LogitsSummary
+    activations: dict[str, np.ndarray]  # capture point -> (rows, dim) float32
+    long_context: np.ndarray  # (context + 1,) int32 token ids
+
+
+def full_vocab_rows(rows: Sequence[Row], cases: Sequence[str]) -> list[int]:
+    """Row numbers of the last position of each named case, in row order."""
+    return [r.first_row + r.n_rows - 1 for r in rows if r.case in cases]
+
+
+def checkpoint_entry(ckpt: Checkpoint) -> CheckpointEntry:
+    """The manifest's checkpoint entry for ckpt (reads its tensors for the sha256). A directory holding an
+    embedded tiny checkpoint's exact tensors is named as that tiny checkpoint."""
+    digest = ckpt.sha256()
+    tiny = next((name for name, sha in TINY_SHA256.items() if sha == digest), None)
+    shards = len(ckpt.weight_files) if ckpt.layout == "meta" else 0
+    return CheckpointEntry(tiny=tiny, dir=None if tiny else str(ckpt.dir.resolve()), sha256=digest, shards=shards)
+
+
+def set_name(checkpoint: CheckpointEntry, dtype: str, device: str, world_size: int) -> str:
+    """The default directory name of a set, e.g. tiny-fp32-cpu-ws1."""
+    model = checkpoint.tiny or Path(checkpoint.dir).name
+    return f"{model}-{SHORT_DTYPES[dtype]}-{torch.device(device).type}-ws{world_size}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# JSON: typed values to JSON objects and back; every error names the file and the field.
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def to_json(value: Any) -> Any:
+    """The JSON value of a schema object (dataclass fields in order, OPTIONAL ones left out when None)."""
+    if isinstance(value, ModelEntry):
+        return {**value.params, "max_seq_len": value.max_seq_len, "max_batch_size": value.max_batch_size}
+    if dataclasses.is_dataclass(value):
+        return {
+            _key(f): to_json(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not (f.metadata.get("optional") and getattr(value, f.name) is None)
+        }
+    if isinstance(value, list):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    return value
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fail(file: Path, at: str, message: str) -> GoldenError:
+    return GoldenError(f"{file}: {at}: {message}" if at else f"{file}: {message}")
+
+
+def _require(ok: bool, file: Path, at: str, message: str) -> None:
+    if not ok:
+        raise _fail(file, at, message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_SCALARS = {
+    int: ("an integer", _is_int),
+    float: ("a finite number", _is_number),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def from_json(tp: Any, value: Any, file: Path, at: str = "") -> Any:
+    """The value of type tp (a schema class, list[...], dict[str, ...], Optional[...] or a scalar) that
+    the JSON value holds; GoldenError naming file and field for anything the type does not describe."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):  # Optional[X]
+        return None if value is None else from_json(args[0], value, file, at)
+    if tp is ModelEntry:
+        return _model_entry(value, file, at)
+    if dataclasses.is_dataclass(tp):
+        return _object(tp, value, file, at)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _fail(file, at, f"expected a list, got {_show(value)}")
+        return [from_json(args[0], v, file, f"{at}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _fail(file, at, f"expected a JSON object, got {_show(value)}")
+        return {k: from_json(args[1], v, file, f"{at}.{k}") for k, v in value.items()}
+    what, ok = _SCALARS[tp]
+    if not ok(value):
+        raise _fail(file, at, f"expected {what}, got {_show(value)}")
+    return value
+
+
+def _object(cls: type, value: Any, file: Path, at: str) -> Any:
+    if not isinstance(value, dict):
+        raise _fail(file, at, f"expected a JSON object, got {_show(value)}")
+    fields = dataclasses.fields(cls)
+    unknown = sorted(value.keys() - {_key(f) for f in fields})
+    if unknown:
+        raise _fail(file, f"{at}.{unknown[0]}" if at else unknown[0], "not a field of this format (schema 1)")
+    kwargs = {}
+    for f in fields:
+        where = f"{at}.{_key(f)}" if at else _key(f)
+        if _key(f) in value:
+            kwargs[f.name] = from_json(f.type, value[_key(f)], file, where)
+        elif not f.metadata.get("optional"):
+            raise _fail(file, where, "missing (a required field)")
+    return cls(**kwargs)
+
+
+def _model_entry(value: Any, file: Path, at: str) -> ModelEntry:
+    if not isinstance(value, dict):
+        raise _fail(file, at, f"expected a JSON object (params.json and the run sizes), got {_show(value)}")
+    for key in MODEL_KEYS:
+        if key not in value:
+            raise _fail(file, f"{at}.{key}", "missing (a required field)")
+    sizes = {key: from_json(int, value[key], file, f"{at}.{key}") for key in ("max_seq_len", "max_batch_size")}
+    try:  # Meta's params.json rules, as microllama's ModelArgs applies them
+        ModelArgs.from_params(value)
+    except (TypeError, ValueError) as e:
+        raise _fail(file, at, str(e)) from e
+    return ModelEntry(params={k: v for k, v in value.items() if k not in sizes}, **sizes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What the types cannot say: ranges, and the data files against the manifest.
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def device_type(device: Any) -> Optional[str]:
+    """cpu, cuda, ... for a device name torch reads, else None."""
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _check_manifest(m: Manifest, file: Path) -> None:
+    def require(ok: bool, at: str, message: str) -> None:
+        _require(ok, file, at, message)
+
+    args = m.model.args
+    require(m.dtype in DTYPES, "dtype", f"expected one of {', '.join(DTYPES)}, got {_show(m.dtype)}")
+    require(device_type(m.device) in DEVICE_TYPES, "device", f"expected cpu or cuda, got {_show(m.device)}")
+    require(m.world_size >= 1, "world_size", f"expected a positive integer, got {m.world_size}")
+    c = m.checkpoint
+    require(_SHA256.fullmatch(c.sha256) is not None, "checkpoint.sha256", "expected 64 lowercase hex digits")
+    require(c.tiny is not None or c.dir is not None, "checkpoint", "names no tiny checkpoint and no directory")
+    require(c.shards is None or c.shards >= 0, "checkpoint.shards", f"expected a count >= 0, got {c.shards}")
+    require(len(m.prompts) <= m.model.max_batch_size, "model.max_batch_size", "fewer than the prompts")
+    for kind, s in m.completions.items():
+        try:
+            check_sampling(s.temperature, s.top_p, s.max_gen_len, s.seed)
+        except ValueError as e:
+            raise _fail(file, f"completions.{kind}", str(e)) from e
+        require(bool(s.prompts), f"completions.{kind}.prompts", "expected at least one prompt")
+    r = m.long_range
+    require(r.context >= 1, "long_range.context", f"expected a positive integer, got {r.context}")
+    require(r.chunk >= 1, "long_range.chunk", f"expected a positive integer, got {r.chunk}")
+    require(r.context < m.model.max_seq_len, "long_range.context", "must be below model.max_seq_len")
+    require(1 <= m.logits.top_k <= args.vocab_size, "logits.top_k", f"expected 1 to vocab_size, got {m.logits.top_k}")
+    expected = capture_points(args.n_layers)
+    require(m.capture_points == expected, "capture_points",
+            f"expected the {len(expected)} points of a {args.n_layers}-layer model, {expected[0]} to {expected[-1]}, "
+            f"got {_show(m.capture_points)}")  # fmt: skip
+    require(sorted(m.files) == sorted(DATA_FILES), "files", f"expected the sha256 of {', '.join(DATA_FILES)}")
+    for name, digest in m.files.items():
+        require(_SHA256.fullmatch(digest) is not None, f"files.{name}", "expected 64 lowercase hex digits")
+
+
+def _check_array(
+    file: Path, name: str, array: np.ndarray, dtype: type, shape: tuple[int, ...], meaning: str, high: int = 0
+) -> None:
+    """dtype and shape as the manifest implies; integer arrays (high > 0) hold values in [0, high)."""
+    if array.dtype != dtype:
+        raise GoldenError(f"{file}: {name}: dtype {array.dtype}, expected {np.dtype(dtype)}")
+    if array.shape != shape:
+        raise GoldenError(f"{file}: {name}: shape {array.shape}, expected {shape} ({meaning})")
+    if high and array.size and not (0 <= array.min() and array.max() < high):
+        raise GoldenError(f"{file}: {name}: ids outside [0, {high}) (the model's vocab_size)")
+
+
+def _check_members(file: Path, arrays: dict[str, np.ndarray], expected: Sequence[str]) -> None:
+    missing = [n for n in expected if n not in arrays]
+    if missing:
+        raise GoldenError(f"{file}: no array {missing[0]!r}, which the set declares")
+    extra = [n for n in arrays if n not in expected]
+    if extra:
+        raise GoldenError(f"{file}: array {extra[0]!r} is not one the set declares")
+
+
+def _check_contents(g: GoldenSet) -> None:
+    """The data files against the manifest: counts, rows, array names, dtypes and shapes."""
+    m, o = g.manifest, g.outputs
+    args = m.model.args
+
+    def require(ok: bool, at: str, message: str) -> None:
+        _require(ok, g.path / "outputs.json", at, message)
+
+    require(len(o.prompt_ids) == len(m.prompts), "prompt_ids",
+            f"{len(o.prompt_ids)} lists for the manifest's {len(m.prompts)} prompts")  # fmt: skip
+    for i, ids in enumerate(o.prompt_ids):
+        require(bool(ids) and all(0 <= t < args.vocab_size for t in ids), f"prompt_ids[{i}]",
+                f"expected ids in [0, {args.vocab_size}), at least BOS")  # fmt: skip
+    for at, kinds in (("completions", o.completions), ("completion_text", o.completion_text)):
+        require(list(kinds) == list(m.completions), at,
+                f"kinds {_show(list(kinds))}, the manifest's are {_show(list(m.completions))}")  # fmt: skip
+        for kind, items in kinds.items():
+            n = len(m.completions[kind].prompts)
+            require(len(items) == n, f"{at}.{kind}", f"{len(items)} completions for the manifest's {n} prompts")
+    cases = [f"prompt {i}" for i in range(len(o.prompt_ids))] + [LONG_RANGE]
+    require(len(o.rows) == len(cases), "rows", f"{len(o.rows)} rows for {len(cases)} cases (prompts and long-range)")
+    first = 0
+    for i, (row, case) in enumerate(zip(o.rows, cases, strict=True)):
+        n_rows, start = (len(o.prompt_ids[i]), 0) if case != LONG_RANGE else (1, m.long_range.context)
+        expected = Row(case=case, first_row=first, n_rows=n_rows, start_pos=start)
+        got, want = (
+            f"{r.case!r} first_row {r.first_row} n_rows {r.n_rows} start_pos {r.start_pos}" for r in (row, expected)
+        )
+        require(row == expected, f"rows[{i}]", f"{got}, expected {want} (rows tile the arrays, case by case)")
+        first += n_rows
+    n = len(o.logits_sha256)
+    require(n == len(cases), "logits_sha256", f"{n} digests for {len(cases)} cases")
+    for i, digest in enumerate(o.logits_sha256):
+        require(_SHA256.fullmatch(digest) is not None, f"logits_sha256[{i}]", "expected 64 lowercase hex digits")
+    unknown = [c for c in m.logits.full_vocab_cases if c not in cases]
+    if unknown:
+        message = f"{unknown[0]!r} is not a case of outputs.json's rows ({cases[0]} .. {cases[-1]})"
+        raise _fail(g.path / "manifest.json", "logits.full_vocab_cases", message)
+
+    logits, top_k = g.path / "logits.npz", m.logits.top_k
+    _check_array(logits, "topk_values", g.logits.topk_values, np.float32, (first, top_k), "rows x top_k")
+    _check_array(logits, "topk_indices", g.logits.topk_indices, np.int32, (first, top_k), "rows x top_k",
+                 args.vocab_size)  # fmt: skip
+    _check_array(logits, "logsumexp", g.logits.logsumexp, np.float32, (first,), "one per row")
+    n_full = len(full_vocab_rows(o.rows, m.logits.full_vocab_cases))
+    _check_array(logits, "full_vocab", g.logits.full_vocab, np.float32, (n_full, args.vocab_size),
+                 "full_vocab_cases x vocab_size")  # fmt: skip
+    activations = g.path / "activations.npz"
+    _check_members(activations, g.activations, m.capture_points)
+    for name in m.capture_points:
+        _check_array(activations, name, g.activations[name], np.float32, (first, args.dim), "rows x dim")
+    _check_array(g.path / "long_context.npz", "ids", g.long_context, np.int32, (m.long_range.context + 1,),
+                 "the manifest's long_range.context + 1", args.vocab_size)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# The files: written atomically and byte-deterministically, read with every sha256 and shape checked.
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz archive (np.load reads it) that depends only on the arrays: members in the given
+    order, fixed timestamps and attributes (np.savez stamps the current time into the zip)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            if array.dtype.hasobject:
+                raise TypeError(f"array {name!r} holds Python objects; goldens store plain numbers only")
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type, info.create_system, info.external_attr = zipfile.ZIP_DEFLATED, 3, 0o644 << 16
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def json_bytes(value: Any) -> bytes:
+    return (json.dumps(to_json(value), indent=1, ensure_ascii=False) + "\n").encode()
+
+
+def is_golden_set(path: Union[str, Path]) -> bool:
+    """Whether path is a directory whose manifest.json parses as a golden manifest."""
+    try:
+        read_manifest(path)
+    except GoldenError:
+        return False
+    return True
+
+
+def check_writable(out_dir: Union[str, Path]) -> None:
+    """Raise GoldenError unless a set may be written at out_dir: absent, an empty directory, or a golden
+    set (which is then replaced). Anything else (a file, a directory of other files) is never touched."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())) or is_golden_set(out_dir):
+        return
+    what = "a directory that is not a golden set" if out_dir.is_dir() else "not a directory"
+    raise GoldenError(
+        f"{out_dir} exists and is {what}: a golden set is written only to a new path, an empty directory, "
+        "or over an existing golden set"
+    )
+
+
+def write_set(
+    out_dir: Union[str, Path],
+    manifest: Manifest,
+    outputs: Outputs,
+    logits: LogitsSummary,
+    activations: dict[str, np.ndarray],
+    long_context: np.ndarray,
+) -> Path:
+    """Write a golden set, the manifest with the sha256 of each data file. Atomic: the set is written
+    into a temporary directory beside out_dir and renamed into place, so an interrupted run leaves any
+    old set intact. out_dir must pass check_writable. The values are written as given: read_set is
+    what checks a set's contents against its manifest."""
+    check_writable(out_dir)
+    with atomic_dir(out_dir, replace=True) as tmp:
+        (tmp / "outputs.json").write_bytes(json_bytes(outputs))
+        (tmp / "logits.npz").write_bytes(npz_bytes(logits.arrays()))
+        (tmp / "activations.npz").write_bytes(npz_bytes(activations))
+        (tmp / "long_context.npz").write_bytes(npz_bytes({"ids": long_context}))
+        files = {name: file_sha256(tmp / name) for name in DATA_FILES}
+        (tmp / "manifest.json").write_bytes(json_bytes(dataclasses.replace(manifest, files=files)))
+    return Path(out_dir)
+
+
+def read_manifest(path: Union[str, Path]) -> Manifest:
+    """The manifest of the set in directory path, parsed and checked on its own (data files unread)."""
+    file = Path(path) / "manifest.json"
+    if not file.is_file():
+        raise GoldenError(f"{file} not found: not a golden set directory")
+    raw = read_json(file, GoldenError)
+    if raw.get("schema") != SCHEMA_VERSION:
+        raise _fail(file, "schema", f"{_show(raw.get('schema'))}, this microllama reads {SCHEMA_VERSION}")
+    manifest = from_json(Manifest, raw, file)
+    _check_manifest(manifest, file)
+    return manifest
+
+
+def _read_npz(file: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise GoldenError(f"{file}: not an npz archive of plain arrays: {e}") from e
+
+
+def read_set(path: Union[str, Path]) -> GoldenSet:
+    """Load a golden set: the manifest, then each data file against its sha256 (a changed, truncated or
+    missing file raises GoldenError naming it), then every field and array against the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for name in DATA_FILES:
+        file = path / name
+        if not file.is_file():
+            raise GoldenError(f"{file} not found (the manifest lists it)")
+        actual = file_sha256(file)
+        if actual != manifest.files[name]:
+            raise GoldenError(
+                f"{file}: sha256 mismatch: the file has {actual}, the manifest recorded {manifest.files[name]} "
+                "(changed or truncated since recording)"
+            )
+    logits = _read_npz(path / "logits.npz")
+    _check_members(path / "logits.npz", logits, [f.name for f in dataclasses.fields(LogitsSummary)])
+    long_context = _read_npz(path / "long_context.npz")
+    _check_members(path / "long_context.npz", long_context, ["ids"])
+    golden = GoldenSet(
+        path=path,
+        manifest=manifest,
+        outputs=from_json(Outputs, read_json(path / "outputs.json", GoldenError), path / "outputs.json"),
+        logits=LogitsSummary(**logits),
+        activations=_read_npz(path / "activations.npz"),
+        long_context=long_context["ids"],
+    )
+    _check_contents(golden)
+    return golden

@@ -1,0 +1,266 @@
+"""Checking microllama against a golden set: which comparison applies (bit for bit on the recording's
+platform, else within microllama.tolerances), the errors at every capture point, the completions, and
+the report `microllama verify` prints."""
+
+import dataclasses
+import sys
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .capture import Records, platform_fingerprint, run_cases
+from .checkpoint import Checkpoint, open_checkpoint
+from .files import state_dict_sha256, tensor_sha256
+from .generation import Llama
+from .golden_format import GoldenError, GoldenSet, Row, full_vocab_rows, read_set
+from .tokenizer import Tokenizer
+from .tolerances import LOGITS_ATOL
+
+
+@dataclass(frozen=True, kw_only=True)
+class PointResult:
+    name: str
+    max_abs: float
+    max_rel: float
+    worst: str  # "prompt 3 pos 12", "long-range pos 9000", or "-" when equal
+    diverges: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Comparison:
+    golden: GoldenSet
+    ckpt_dir: Path
+    checkpoint_matches: bool  # its tensors' sha256 is the recording's
+    other_checkpoint: bool  # comparing another checkpoint than the recorded one is intended
+    exact: bool  # bit-identity expected (same platform, world size 1), else LOGITS_ATOL applies
+    mode: str  # one line saying which check applies and why
+    points: list[PointResult]
+    logits_sha256_equal: list[bool]
+    prompt_ids_equal: bool
+    completions_equal: dict[str, list[bool]]
+    completions_not_compared: dict[str, str]  # kind -> why
+
+    @property
+    def first_divergent(self) -> Optional[str]:
+        """The first capture point (in data-flow order) that diverges, else the first failing check."""
+        if not self.prompt_ids_equal:
+            return "prompt ids (tokenizer)"
+        for point in self.points:
+            if point.diverges:
+                return point.name
+        for kind, equal in self.completions_equal.items():
+            if not all(equal):
+                return f"{kind} completions"
+        return None
+
+    @property
+    def failure(self) -> Optional[str]:
+        """Why the check fails, or None when it passes."""
+        if not self.checkpoint_matches and not self.other_checkpoint:
+            return (
+                "the checkpoint is not the one recorded (sha256 differs); pass --other_checkpoint to compare "
+                "another checkpoint against this set on purpose"
+            )
+        if self.first_divergent is not None:
+            return f"microllama diverges from the recording, first at {self.first_divergent}"
+        return None
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+
+def compare_arrays(
+    name: str, actual: torch.Tensor, expected: torch.Tensor, rows: Sequence[Row], exact: bool,
+    dtype: torch.dtype, row_of: Optional[Sequence[int]] = None,
+) -> PointResult:  # fmt: skip
+    """Errors of actual against expected, both (n, ...) with n rows numbered as in `rows` (or row_of[i]
+    for row i). The relative error is the max abs error over the largest |expected| at this point (an
+    elementwise ratio blows up at values near zero)."""
+    actual, expected = actual.double(), expected.double()
+    if actual.shape != expected.shape:
+        shapes = f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        return PointResult(name=name, max_abs=float("inf"), max_rel=float("inf"), worst=shapes, diverges=True)
+    err = (actual - expected).abs()
+    err = torch.where(torch.isnan(actual) & torch.isnan(expected), 0.0, err.nan_to_num(nan=float("inf")))
+    diverges = bool((err > (0 if exact else LOGITS_ATOL[dtype])).any())
+    max_abs = float(err.max()) if err.numel() else 0.0
+    worst = "-"
+    if max_abs > 0:
+        row = int(err.reshape(err.shape[0], -1).amax(dim=1).argmax())
+        row = row_of[row] if row_of is not None else row
+        case = next(r for r in rows if r.first_row <= row < r.first_row + r.n_rows)
+        worst = f"{case.case} pos {case.start_pos + row - case.first_row}"
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return PointResult(name=name, max_abs=max_abs, max_rel=max_abs / scale if scale else max_abs, worst=worst,
+                       diverges=diverges)  # fmt: skip
+
+
+def compare_records(golden: GoldenSet, records: Records, exact: bool) -> tuple[list[PointResult], list[bool]]:
+    """Per capture point results, then 'output' (logits: top-k at every row, full rows) and
+    'output.logsumexp'; and per case whether the full logits' sha256 is equal."""
+    m, rows, dtype = golden.manifest, golden.outputs.rows, golden.manifest.torch_dtype
+    results = [
+        compare_arrays(name, records.activations[name], torch.from_numpy(golden.activations[name]), rows, exact, dtype)
+        for name in m.capture_points
+    ]
+    sha_equal = [tensor_sha256(t) == s for t, s in zip(records.logits, golden.outputs.logits_sha256, strict=True)]
+    all_rows = torch.cat(records.logits)
+    full_rows = full_vocab_rows(rows, m.logits.full_vocab_cases)
+    indices = torch.from_numpy(golden.logits.topk_indices).long()
+    topk = compare_arrays("output", all_rows.gather(1, indices), torch.from_numpy(golden.logits.topk_values),
+                          rows, exact, dtype)  # fmt: skip
+    full = compare_arrays("output", all_rows[full_rows], torch.from_numpy(golden.logits.full_vocab), rows, exact,
+                          dtype, row_of=full_rows)  # fmt: skip
+    output = dataclasses.replace(
+        max(topk, full, key=lambda r: r.max_abs),
+        max_rel=max(topk.max_rel, full.max_rel),
+        diverges=topk.diverges or full.diverges or (exact and not all(sha_equal)),
+    )
+    lse = compare_arrays("output.logsumexp", torch.logsumexp(all_rows, dim=-1),
+                         torch.from_numpy(golden.logits.logsumexp), rows, exact, dtype)  # fmt: skip
+    return results + [output, lse], sha_equal
+
+
+def comparison_mode(golden: GoldenSet, device: Union[str, torch.device]) -> tuple[bool, str]:
+    """Whether bit-identity is expected on `device` here, and a line saying why: it is where the platform
+    fingerprint matches the recording's at world size 1; elsewhere LOGITS_ATOL applies."""
+    m, device = golden.manifest, torch.device(device)
+    if m.world_size != 1:
+        return False, f"tolerance: recorded at world size {m.world_size} (row-parallel sums add in another order)"
+    if torch.device(m.device).type != device.type:
+        return False, f"tolerance: recorded on {m.device}, checked on {device.type}"
+    differ = platform_fingerprint(device).differences(m.platform)
+    if differ:
+        return False, f"tolerance: this platform differs from the recording's ({', '.join(differ)})"
+    return True, "bit-exact: this platform matches the recording's"
+
+
+def check_forwards(
+    golden: GoldenSet, model: nn.Module, exact: bool, progress: bool = False
+) -> tuple[list[PointResult], list[bool]]:
+    """Run the set's cases on a microllama model (prompts without a KV cache, the long-range case with
+    one) and compare: per capture point results, and per case whether the full logits' sha256 is equal."""
+    m = golden.manifest
+    cache = model.kv_cache(m.model.max_batch_size, m.model.max_seq_len)
+    records = run_cases(model, golden.outputs.prompt_ids, golden.long_context.tolist(), m.long_range.chunk, cache,
+                        progress)  # fmt: skip
+    return compare_records(golden, records, exact)
+
+
+def check_completions(
+    golden: GoldenSet, llama: Llama, skip: Collection[str] = (), progress: bool = False
+) -> dict[str, list[bool]]:
+    """Per completion kind (greedy, top_p) not in skip, whether each prompt's generated ids equal the
+    recorded ones."""
+    completions = {}
+    kinds = [kind for kind in golden.manifest.completions if kind not in skip]
+    for kind in tqdm(kinds, "completions", disable=not progress, file=sys.stderr):
+        s = golden.manifest.completions[kind]
+        ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in s.prompts]
+        tokens, _ = llama.generate(ids, s.max_gen_len, s.temperature, s.top_p, seed=s.seed)
+        completions[kind] = [a == b for a, b in zip(tokens, golden.outputs.completions[kind], strict=True)]
+    return completions
+
+
+def recorded_checkpoint(golden: GoldenSet) -> str:
+    """The checkpoint a set was recorded from, when it is here: a tiny checkpoint's name or a directory."""
+    c = golden.manifest.checkpoint
+    if c.tiny:
+        return c.tiny
+    if c.dir and Path(c.dir).is_dir():
+        return c.dir
+    raise GoldenError(f"{golden.path}: its checkpoint {c.dir} is not here; pass --ckpt_dir")
+
+
+def verify(
+    golden_dir: Union[str, Path],
+    ckpt_dir: Optional[Union[str, Path, Checkpoint]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    other_checkpoint: bool = False,
+    progress: bool = False,
+) -> Comparison:
+    """Check microllama (on ckpt_dir, default the set's own checkpoint; on the set's device unless
+    given, or the CPU where that is CUDA and none is here) against a golden set: capture points,
+    logits, prompt ids, greedy and top-p completions (sampled ones only on the recording's device type).
+    A checkpoint other than the recorded one fails the check unless other_checkpoint. progress: what it
+    is doing, on stderr."""
+    golden = read_set(golden_dir)
+    m = golden.manifest
+    ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else recorded_checkpoint(golden))
+    if device is None:  # the set's own device, else the CPU (the check then says so and uses tolerances)
+        device = m.device if torch.device(m.device).type != "cuda" or torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GoldenError(f"--device {device} was asked for, but torch sees no CUDA device here")
+    if progress:
+        print(f"loading {ckpt.dir} ({m.dtype}, {device})", file=sys.stderr, flush=True)
+    stored = ckpt.read_state_dict()  # read once: its sha256, then the model
+    model = ckpt.load_model(m.model.max_seq_len, m.model.max_batch_size, device, m.torch_dtype, state_dict=stored)
+    exact, mode = comparison_mode(golden, device)
+    # A seed gives one random stream on the CPU and another on CUDA: sampled ids compare on one device type.
+    sampling_comparable = device.type == torch.device(m.device).type
+    not_compared = {
+        kind: f"sampled with the {m.device} generator, checked on {device.type}: random streams differ by device"
+        for kind, s in m.completions.items()
+        if s.temperature > 0 and not sampling_comparable
+    }
+    points, sha_equal = check_forwards(golden, model, exact, progress)
+    llama = Llama(model, Tokenizer(ckpt_dir=ckpt.dir))
+    return Comparison(
+        golden=golden,
+        ckpt_dir=ckpt.dir,
+        checkpoint_matches=state_dict_sha256(stored) == m.checkpoint.sha256,
+        other_checkpoint=other_checkpoint,
+        exact=exact,
+        mode=mode,
+        points=points,
+        logits_sha256_equal=sha_equal,
+        prompt_ids_equal=[llama.tokenizer.encode(p, bos=True, eos=False) for p in m.prompts]
+        == golden.outputs.prompt_ids,
+        completions_equal=check_completions(golden, llama, skip=not_compared, progress=progress),
+        completions_not_compared=not_compared,
+    )
+
+
+def format_comparison(c: Comparison) -> str:
+    """The per-capture-point table and the verdict lines that `microllama verify` prints."""
+    m = c.golden.manifest
+    checkpoint = m.checkpoint.tiny or m.checkpoint.dir
+    shards = f" (read from {m.checkpoint.shards} shards)" if (m.checkpoint.shards or 0) > 1 else ""
+    gpu = f", {m.platform.gpu}" if m.platform.gpu else ""
+    if c.checkpoint_matches:
+        sha = "sha256 matches the recording"
+    else:
+        sha = "sha256 DIFFERS from the recording" + (" (compared on purpose)" if c.other_checkpoint else "")
+    lines = [
+        f"golden set {c.golden.path}: {checkpoint}{shards}, {m.dtype}, {m.device}, world size {m.world_size}, "
+        f"recorded with torch {m.versions.torch} ({m.platform.cpu_capability}{gpu})",
+        f"checkpoint {c.ckpt_dir}: {sha}",
+        f"check: {c.mode}" + ("" if c.exact else f" (atol {LOGITS_ATOL[m.torch_dtype]:g})"),
+        "",
+        f"{'capture point':<28} {'max abs err':>12} {'max rel err':>12}  {'worst position':<22} status",
+    ]
+    for p in c.points:
+        lines.append(
+            f"{p.name:<28} {p.max_abs:>12.4g} {p.max_rel:>12.4g}  {p.worst:<22} {'DIVERGES' if p.diverges else 'ok'}"
+        )
+    n = len(c.logits_sha256_equal)
+    lines += [
+        "",
+        f"logits sha256: {sum(c.logits_sha256_equal)}/{n} cases bit-identical",
+        f"prompt ids: {'identical' if c.prompt_ids_equal else 'DIFFER'} ({len(m.prompts)} prompts)",
+    ]
+    for kind, equal in c.completions_equal.items():
+        lines.append(f"{kind} completions: {sum(equal)}/{len(equal)} identical")
+    for kind, why in c.completions_not_compared.items():
+        lines.append(f"{kind} completions: not compared ({why})")
+    lines.append(f"first divergent capture point: {c.first_divergent or 'none'}")
+    how = "bit-exact" if c.exact else "within tolerance"
+    lines.append(f"verdict: FAIL: {c.failure}" if c.failure else f"verdict: pass ({how})")
+    return "\n".join(lines)
