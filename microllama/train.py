@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -108,6 +108,39 @@ def step_loss(model: Transformer, batch: Batch, n_targets: int, loss_chunk: int 
     total = model.loss(batch.tokens, batch.targets, documents=batch.documents, reduction="sum",
                        chunk_size=loss_chunk or None)  # fmt: skip
     return total / max(1, n_targets)
+
+
+def train_step(
+    model: Transformer,
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    micro_batches: list[Batch],
+    lr: float,
+    cfg: TrainConfig,
+    inspect_gradients: Optional[Callable[[], None]] = None,
+) -> tuple[float, float]:
+    """One optimizer step: step_loss's gradients accumulated over the micro-batches, the global norm clipped to
+    cfg.grad_clip, AdamW at learning rate lr. Returns the step's loss and the gradient norm before clipping.
+    A non-finite loss raises FloatingPointError before any weight changes. inspect_gradients is called once
+    the gradients are complete (the training goldens record them)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    n_targets = sum(b.n_targets() for b in micro_batches)  # the whole step's: accumulation changes nothing
+    loss = torch.zeros((), device=micro_batches[0].tokens.device)
+    for batch in micro_batches:
+        micro_loss = step_loss(model, batch, n_targets, cfg.loss_chunk)
+        micro_loss.backward()
+        loss += micro_loss.detach()
+    loss = loss.item()
+    if not math.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"non-finite loss ({loss})")
+    if inspect_gradients is not None:
+        inspect_gradients()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
 
 
 @torch.no_grad()
@@ -210,24 +243,15 @@ def train(cfg: TrainConfig) -> Summary:
     bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train ({cfg.mode})", unit="step", dynamic_ncols=True)
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         micro_batches = [batches.next_batch().to(device) for _ in range(cfg.grad_accum)]
-        n_targets = sum(b.n_targets() for b in micro_batches)  # the whole step's: accumulation changes nothing
-        loss = torch.zeros((), device=device)
-        for batch in micro_batches:
-            micro_loss = step_loss(model, batch, n_targets, cfg.loss_chunk)
-            micro_loss.backward()
-            loss += micro_loss.detach()
-        loss = loss.item()
-        if not math.isfinite(loss):
+        try:
+            loss, grad_norm = train_step(model, params, optimizer, micro_batches, lr, cfg)
+        except FloatingPointError as e:
             kept = f"the last good checkpoint, of step {saved_step}, is in {run_dir / ckpts.CHECKPOINT}" if saved_step \
                 else "no checkpoint had been saved"  # fmt: skip
-            raise TrainingError(f"non-finite loss ({loss}) at step {step + 1}: training stopped before updating the "
-                                f"weights; {kept}")  # fmt: skip
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"{e} at step {step + 1}: training stopped before updating the weights; "
+                                f"{kept}") from None  # fmt: skip
+        n_targets = sum(b.n_targets() for b in micro_batches)
         step, targets_seen = step + 1, targets_seen + n_targets
 
         tokens += sum(b.tokens.numel() for b in micro_batches)

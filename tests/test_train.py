@@ -3,6 +3,7 @@ stopped, bad input is one clear error that loses nothing, the final weights are 
 the other commands take, and (slow) every mode lowers the held-out loss of the shipped corpus."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,19 @@ def test_fine_tuning_the_tiny_checkpoint_lowers_held_out_loss_in_every_mode(tmp_
                                 batch_size=4, max_steps=30, eval_every=0, eval_rows=16, lr=3e-3, min_lr=3e-4,
                                 lora_rank=16, lora_targets=["wq", "wk", "wv", "wo"]))  # fmt: skip
     assert summary.first_eval_loss - summary.last_eval_loss >= least_drop
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [("bench_train.py", ["--modes", '["half"]'], "unknown mode or variant 'half'"),
+     ("record_training_goldens.py", ["--dtype", "float64"], "unknown dtype|--dtype 'float64'"),
+     ("make_corpus.py", ["--stories", "0"], "--stories must be at least 1")],
+)  # fmt: skip
+def test_training_tools_check_arguments_before_work_with_one_line_errors(script, args, message, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], capture_output=True, text=True,
+                            cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"{script}: error: ") and re.search(message, result.stderr), result.stderr
+    help_text = subprocess.run([sys.executable, str(ROOT / "tools" / script), "--help"], capture_output=True,
+                               text=True, cwd=tmp_path)  # fmt: skip
+    assert help_text.returncode == 0 and "SYNOPSIS" in help_text.stderr
