@@ -34,7 +34,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # largest global gradient norm; 0 leaves gradients as they are
     eval_every: int = 25  # steps between held-out evaluations (and one at the end); 0: only at the end
     eval_fraction: float = 0.05  # documents held out for evaluation
-    eval_rows: int = 32  # held-out rows evaluated (at most)
+    eval_rows: int = 16  # held-out rows evaluated (at most)
     save_every: int = 50  # steps between checkpoints (and one at the end)
     device: str = "cpu"
     dtype: Optional[str] = None  # weights and activations: float32 on CPU, bfloat16 on CUDA by default

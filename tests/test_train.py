@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from microllama.checkpoint import open_checkpoint
+from microllama.cli import main as cli_main
 from microllama.generation import Llama
 from microllama.meta_layout import load_pth
 from microllama.train import TrainingError, lr_at, plot, train
@@ -21,7 +22,7 @@ from microllama.train_config import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = str(ROOT / "corpus" / "tinytales.txt")
 # A few short steps of one 32-token row: the 128,256-entry output layer is most of the cost.
-SMALL = dict(data=CORPUS, max_seq_len=32, batch_size=1, max_steps=4, warmup_steps=1, eval_every=2, eval_rows=2,
+SMALL = dict(data=CORPUS, max_seq_len=32, batch_size=1, max_steps=4, warmup_steps=1, eval_every=2, eval_rows=1,
              save_every=0)  # fmt: skip
 TIMING = ("tokens_per_s", "peak_memory_gib")
 
@@ -133,25 +134,36 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
     assert state.step == 1 and not (run / "final").exists()
 
 
-def test_command_line_errors_are_one_line(tmp_path):
-    for args, message in [(["--mode", "half"], "--mode must be one of full, lora, norms"),
-                          (["--lora_rank", "x"], "--lora_rank must be an integer"),
-                          (["--bogus", "1"], "unknown flag --bogus")]:  # fmt: skip
-        result = subprocess.run([sys.executable, "-m", "microllama.train", CORPUS, "--out_dir", str(tmp_path / "r"),
-                                 *args], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
-        assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-        assert result.stderr.startswith("python -m microllama.train: error: ") and message in result.stderr
+def test_command_line_errors_are_one_line(tmp_path, capsys):
+    result = subprocess.run([sys.executable, "-m", "microllama.train", CORPUS, "--out_dir", str(tmp_path / "r"),
+                             "--mode", "half"], capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr == "python -m microllama.train: error: --mode must be one of full, lora, norms, got 'half'\n"
+    for args, message in [(["--lora_rank", "x"], "--lora_rank must be an integer"),
+                          (["--bogus", "1"], "unknown flag --bogus"),
+                          (["--eval_fraction", "1.5"], r"--eval_fraction must be in \[0, 1\)")]:  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["train", CORPUS, "--out_dir", str(tmp_path / "r"), *args])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and err.count("\n") == 1 and err.startswith("microllama: error: ")
+        assert re.search(message, err), err
     assert not (tmp_path / "r").exists()
 
 
+# mode -> (peak learning rate, the least drop of held-out loss asserted). Measured on the recording platform
+# (held-out loss of 40 stories, 19.67 at the start): full 6.42 after 30 steps (drop 13.25), lora 14.42 (5.26),
+# norms 11.82 (7.86): adapters and norm weights from random weights want larger steps than every weight does.
+LEARNING = {"full": (3e-3, 10.0), "lora": (2e-2, 4.0), "norms": (5e-2, 6.0)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["full", "lora", "norms"])
+@pytest.mark.parametrize("mode", list(LEARNING))
 def test_fine_tuning_the_tiny_checkpoint_lowers_held_out_loss_in_every_mode(tmp_path, mode):
-    """On the shipped corpus from the tiny checkpoint's random weights: the held-out loss of 40 stories falls
-    by at least the stated amount in 30 steps of 4 x 64 tokens (measured: see README, Fine-tuning)."""
-    least_drop = {"full": 4.0, "lora": 1.0, "norms": 0.5}[mode]
+    """On the shipped corpus from the tiny checkpoint's random weights, 30 steps of 4 x 64 tokens lower the
+    held-out loss by at least the stated amount in every mode (LoRA: rank 16 on wq, wk, wv and wo)."""
+    lr, least_drop = LEARNING[mode]
     summary = train(TrainConfig(data=CORPUS, out_dir=str(tmp_path / "run"), mode=mode, max_seq_len=64,
-                                batch_size=4, max_steps=30, eval_every=0, eval_rows=16, lr=3e-3, min_lr=3e-4,
+                                batch_size=4, max_steps=30, eval_every=0, eval_rows=16, lr=lr, min_lr=lr / 10,
                                 lora_rank=16, lora_targets=["wq", "wk", "wv", "wo"]))  # fmt: skip
     assert summary.first_eval_loss - summary.last_eval_loss >= least_drop
 
@@ -167,6 +179,3 @@ def test_training_tools_check_arguments_before_work_with_one_line_errors(script,
                             cwd=tmp_path)  # fmt: skip
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"{script}: error: ") and re.search(message, result.stderr), result.stderr
-    help_text = subprocess.run([sys.executable, str(ROOT / "tools" / script), "--help"], capture_output=True,
-                               text=True, cwd=tmp_path)  # fmt: skip
-    assert help_text.returncode == 0 and "SYNOPSIS" in help_text.stderr

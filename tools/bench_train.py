@@ -78,7 +78,7 @@ def run_row(row: dict[str, Any]) -> dict[str, Any]:
         times.append(_clock(device) - start)
     tokens_per_step = row["batch_size"] * row["seq_len"]
     return {**row, "tok_s": tokens_per_step / statistics.median(times[1:]), "peak_gib": peak_memory_gib(device),
-            "trainable_m": sum(p.numel() for p in trainable) / 1e6}  # fmt: skip
+            "trainable": sum(p.numel() for p in trainable)}  # fmt: skip
 
 
 def _child(row: dict[str, Any], queue: Any) -> None:
@@ -141,12 +141,12 @@ def main(**kwargs: Any) -> None:
     layers = f", {first['n_layers']} layers" if first["n_layers"] else ""
     print(f"{first['model']}{layers}, {first['dtype']}, {first['device']}, batch {first['batch_size']} x "
           f"{first['seq_len']} tokens")  # fmt: skip
-    print(f"{'mode':<9} {'variant':<11} {'trainable M':>12} {'tokens/s':>10} {'peak GiB':>9}")
+    print(f"{'mode':<9} {'variant':<11} {'trainable':>12} {'tokens/s':>10} {'peak GiB':>9}")
     for r in results:
         if "error" in r:
             print(f"{r['mode']:<9} {r['variant']:<11} {r['error']}")
             continue
-        trainable = f"{r['trainable_m']:.2f}" if "trainable_m" in r else "-"
+        trainable = f"{r['trainable']:,}" if "trainable" in r else "-"
         speed = f"{r['tok_s']:,.0f}" if r["tok_s"] else "-"
         print(f"{r['mode']:<9} {r['variant']:<11} {trainable:>12} {speed:>10} {r['peak_gib']:>9.2f}")
 
