@@ -122,7 +122,8 @@ class Versions:
 
 @dataclass(frozen=True, kw_only=True)
 class Platform:
-    """What decides the bits of a float computation: CPU ISA, torch build, and the GPU if one was used."""
+    """What decides the bits of a float computation: CPU ISA, torch build, torch's CPU threads (they decide
+    how sums are split: one thread and two give other bits), and the GPU if one was used."""
 
     machine: str
     torch: str
@@ -130,6 +131,7 @@ class Platform:
     torch_config_sha256: str
     gpu: Optional[str] = field(default=None, metadata=OPTIONAL)
     cuda: Optional[str] = field(default=None, metadata=OPTIONAL)
+    threads: Optional[int] = field(default=None, metadata=OPTIONAL)  # on the CPU; sets before it lack it
 
     def differences(self, other: "Platform") -> list[str]:
         """Names of the fields where other differs."""

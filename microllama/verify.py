@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .capture import Records, platform_fingerprint, run_cases
+from .capture import Records, cpu_threads, platform_fingerprint, run_cases
 from .checkpoint import Checkpoint, open_checkpoint
 from .files import state_dict_sha256, tensor_sha256
 from .generation import Llama
@@ -254,16 +254,28 @@ def verify(
     given, or the CPU where that is CUDA and none is here) against a golden set: capture points,
     logits, prompt ids, greedy and top-p completions and chat replies (sampled ones only on the recording's
     device type).
-    A checkpoint other than the recorded one fails the check unless other_checkpoint. progress: what it
-    is doing, on stderr."""
+    A checkpoint other than the recorded one fails the check unless other_checkpoint. On the CPU it runs
+    with the recording's thread count, which decides the bits. progress: what it is doing, on stderr."""
     golden = read_set(golden_dir)
     m = golden.manifest
-    ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else recorded_checkpoint(golden))
     if device is None:  # the set's own device, else the CPU (the check then says so and uses tolerances)
         device = m.device if torch.device(m.device).type != "cuda" or torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GoldenError(f"--device {device} was asked for, but torch sees no CUDA device here")
+    with cpu_threads(m.platform.threads if device.type == "cpu" else None):
+        return _verify(golden, ckpt_dir, device, other_checkpoint, progress)
+
+
+def _verify(
+    golden: GoldenSet,
+    ckpt_dir: Optional[Union[str, Path, Checkpoint]],
+    device: torch.device,
+    other_checkpoint: bool,
+    progress: bool,
+) -> Comparison:
+    m = golden.manifest
+    ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else recorded_checkpoint(golden))
     if progress:
         print(f"loading {ckpt.dir} ({m.dtype}, {device})", file=sys.stderr, flush=True)
     stored = ckpt.read_state_dict()  # read once: its sha256, then the model

@@ -96,6 +96,24 @@ def test_microllama_reproduces_golden_set(name, tokenizer):
     assert c.first_divergent is None and c.passed
 
 
+def test_verify_runs_with_the_recordings_cpu_thread_count_and_restores_the_callers(tokenizer):
+    """The thread count splits CPU sums: one thread and two give other bits. verify pins the recording's
+    (manifest platform.threads) so a caller with another count still gets a bit-exact check."""
+    golden = read_set(GOLDENS / "tiny-fp32-cpu-ws1")
+    assert golden.manifest.platform.threads == 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c = verify(GOLDENS / "tiny-fp32-cpu-ws1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    here = dataclasses.replace(capture.platform_fingerprint("cpu"), threads=2)
+    if golden.manifest.platform.differences(here) == []:
+        assert c.exact and all(c.logits_sha256_equal)
+    assert c.passed
+
+
 @pytest.mark.parametrize("name", SETS)
 def test_committed_set_rewritten_from_its_parsed_values_is_byte_identical(name, tmp_path):
     g = read_set(GOLDENS / name)
