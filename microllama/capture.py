@@ -118,7 +118,8 @@ def summarize_logits(logits: Sequence[torch.Tensor], top_k: int, full_vocab_rows
 
 
 def platform_fingerprint(device: Union[str, torch.device]) -> Platform:
-    """What decides the bits of a float computation here: CPU ISA, torch build, and the GPU if used."""
+    """What decides the bits of a float computation here: CPU ISA, torch build, torch's CPU threads, and
+    the GPU if used."""
     gpu = torch.device(device).type == "cuda"
     return Platform(
         machine=platform.machine(),
@@ -127,4 +128,19 @@ def platform_fingerprint(device: Union[str, torch.device]) -> Platform:
         torch_config_sha256=hashlib.sha256(torch.__config__.show().encode()).hexdigest(),
         gpu=torch.cuda.get_device_name(torch.device(device)) if gpu else None,
         cuda=str(torch.version.cuda) if gpu else None,
+        threads=None if gpu else torch.get_num_threads(),
     )
+
+
+@contextlib.contextmanager
+def cpu_threads(n: Optional[int]) -> Iterator[None]:
+    """torch's CPU thread count set to n inside the block (None: left as it is). The count, not the number
+    of cores, decides how a CPU sum is split: a recording's count reproduces its bits on any machine of
+    the same ISA and torch build."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

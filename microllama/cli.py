@@ -97,9 +97,9 @@ def verify(
     golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None, *, other_checkpoint: bool = False
 ) -> None:
     """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
-    capture point (or, for a training set, per step of microllama's trainer), the first divergent one and a
-    verdict on stdout, progress on stderr; exit status 1 when
-    the check fails. ckpt_dir defaults to the set's own checkpoint (a directory, or tiny / tiny-hd128); one whose
+    capture point, the completions and chat replies (or, for a training set, each step of microllama's
+    trainer), the first divergent check and a verdict on stdout, progress on stderr; exit status 1 when the
+    check fails. ckpt_dir defaults to the set's own checkpoint (a directory, or tiny / tiny-hd128); one whose
     sha256 is not the recording's fails the check unless --other_checkpoint says that is intended."""
     from .golden_format import is_training_set
 

@@ -40,6 +40,7 @@ class ChatCompletion:
     message: Message  # the parsed reply: its content, or its tool call (content ""), and its stop reason
     tokens: list[int]  # generated ids, without the stop token
     stop_reason: str  # end_of_turn, end_of_message or out_of_tokens, from the stop token (see ChatFormat)
+    stop_token: Optional[int]  # the id that ended the reply (eot, eom, or a base model's end_of_text); None: none did
     logprobs: Optional[list[float]] = None  # log-probability of each id in tokens
 
 
@@ -287,7 +288,7 @@ class Llama:
         out = self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, False, seed, on_token)
         return [
             ChatCompletion(
-                self.formatter.decode_reply(tokens, stop), tokens, self.formatter.stop_reason(stop),
+                self.formatter.decode_reply(tokens, stop), tokens, self.formatter.stop_reason(stop), stop,
                 None if out.logprobs is None else out.logprobs[i],
             )
             for i, (tokens, stop) in enumerate(zip(out.tokens, out.stop_tokens, strict=True))

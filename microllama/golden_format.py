@@ -13,6 +13,12 @@ A set is a directory:
   indices and the logsumexp; full-vocabulary rows for the cases in `full_vocab_cases`.
 - `activations.npz`: one (rows, dim) float32 array per capture point (bfloat16 values are exact in it).
 - `long_context.npz`: `ids`, the token ids of the long-range case.
+- `chat.json` (ChatOutputs), in sets recorded with chat (the manifest's `chat` entry, ChatSpec): per dialog
+  its prompt ids, and per chat kind (greedy, top_p) and dialog the reply: generated ids, stop token, stop
+  reason and the message as Meta's ChatFormat parsed it.
+
+Optional data files like chat.json are present exactly when the manifest entry that declares them is, and
+only then listed in the manifest's `files`: sets recorded before a kind existed stay valid, byte for byte.
 
 A case is one forward pass: each prompt on its own from position 0 (all its positions are rows), and
 the long-range case, one cached decode step at a position far past the 8,192 of RoPE's original
@@ -37,6 +43,7 @@ from typing import Any, Optional, Union, get_args, get_origin
 import numpy as np
 import torch
 
+from .chat import STOP_REASONS, TOOL_PROMPT_FORMATS, DialogError, Message, as_message, check_prompt
 from .checkpoint import Checkpoint
 from .config import expected_shapes
 from .files import atomic_dir, file_sha256, read_json
@@ -45,7 +52,9 @@ from .model import ModelArgs
 from .tiny import SHA256 as TINY_SHA256
 
 SCHEMA_VERSION = 1
-DATA_FILES = ("outputs.json", "logits.npz", "activations.npz", "long_context.npz")
+DATA_FILES = ("outputs.json", "logits.npz", "activations.npz", "long_context.npz")  # in every set
+# Data files a set holds only when its manifest has the entry of that name (a Manifest field), which describes it.
+OPTIONAL_FILES = {"chat.json": "chat"}
 LONG_RANGE = "long-range"
 # The dtypes a set is recorded in (microllama.tolerances bounds both), and their short names in set names.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -74,6 +83,7 @@ def capture_points(n_layers: int) -> list[str]:
 # OPTIONAL is left out of the file when None (sets recorded before it was kept lack it).
 
 OPTIONAL = {"optional": True}
+JSONValue = Any  # the type of a field holding any JSON value, kept as parsed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +93,7 @@ class ModelEntry:
 
     params: dict[str, Any]
     max_seq_len: int
-    max_batch_size: int  # the number of prompts
+    max_batch_size: int  # the number of prompts, or of chat dialogs where they are more
 
     @property
     def args(self) -> ModelArgs:
@@ -113,7 +123,8 @@ class Versions:
 
 @dataclass(frozen=True, kw_only=True)
 class Platform:
-    """What decides the bits of a float computation: CPU ISA, torch build, and the GPU if one was used."""
+    """What decides the bits of a float computation: CPU ISA, torch build, torch's CPU threads (they decide
+    how sums are split: one thread and two give other bits), and the GPU if one was used."""
 
     machine: str
     torch: str
@@ -121,6 +132,7 @@ class Platform:
     torch_config_sha256: str
     gpu: Optional[str] = field(default=None, metadata=OPTIONAL)
     cuda: Optional[str] = field(default=None, metadata=OPTIONAL)
+    threads: Optional[int] = field(default=None, metadata=OPTIONAL)  # on the CPU; sets before it lack it
 
     def differences(self, other: "Platform") -> list[str]:
         """Names of the fields where other differs."""
@@ -136,6 +148,45 @@ class Sampling:
     top_p: float
     seed: Optional[int] = field(default=None, metadata=OPTIONAL)
     max_gen_len: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatToolCall:
+    """A tool call in a message, without its call id (Meta's parser makes a random one)."""
+
+    tool_name: str
+    arguments: JSONValue  # as the message holds them: a JSON object (builtin tools: {"query": ...}) or a string
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatMessage:
+    """A message in microllama's dict form (microllama.chat.Message), tool calls without call ids."""
+
+    role: str  # system, user, assistant or tool
+    content: str
+    context: Optional[str] = field(default=None, metadata=OPTIONAL)
+    stop_reason: Optional[str] = field(default=None, metadata=OPTIONAL)
+    tool_calls: Optional[list[ChatToolCall]] = field(default=None, metadata=OPTIONAL)  # None when it makes none
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatSampling:
+    """One batch of chat completions of all the dialogs: Meta's settings, the seed of torch's global generator."""
+
+    temperature: float
+    top_p: float
+    seed: Optional[int] = field(default=None, metadata=OPTIONAL)
+    max_gen_len: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatSpec:
+    """The chat cases: these dialogs, their earlier tool calls written in tool_prompt_format, answered in one
+    batch per kind. (Meta's Llama3.chat_completion in llama-models 0.3.0 encodes json whatever it is given.)"""
+
+    dialogs: list[list[ChatMessage]]
+    tool_prompt_format: str  # one of microllama.chat.TOOL_PROMPT_FORMATS
+    completions: dict[str, ChatSampling]  # kind (greedy, top_p) -> its batch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +215,7 @@ class Manifest:
     platform: Platform
     prompts: list[str]  # one forward case each
     completions: dict[str, Sampling]  # kind (greedy, top_p) -> its batch
+    chat: Optional[ChatSpec] = field(default=None, metadata=OPTIONAL)  # declares chat.json
     long_range: LongRange
     logits: LogitsSpec
     capture_points: list[str]
@@ -193,6 +245,20 @@ class Outputs:
     rows: list[Row]  # per case, in order; they tile the arrays
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChatReply:
+    tokens: list[int]  # generated ids, without the stop token
+    stop_token: Optional[int]  # the id that ended the reply; null when max_gen_len or max_seq_len did
+    stop_reason: str  # end_of_turn, end_of_message or out_of_tokens
+    message: ChatMessage  # the reply as Meta's ChatFormat.decode_assistant_message parsed it
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatOutputs:
+    prompt_ids: list[list[int]]  # per manifest dialog, Meta's ChatFormat.encode_dialog_prompt
+    replies: dict[str, list[ChatReply]]  # kind -> the reply to each dialog
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class LogitsSummary:
     """The compact record of the logits, in the file's member order."""
@@ -214,6 +280,20 @@ class GoldenSet:
     logits: LogitsSummary
     activations: dict[str, np.ndarray]  # capture point -> (rows, dim) float32
     long_context: np.ndarray  # (context + 1,) int32 token ids
+    chat: Optional[ChatOutputs] = None  # when the manifest has a chat entry
+
+
+def data_files(manifest: Manifest) -> list[str]:
+    """The data files of a set with this manifest: DATA_FILES, then the optional ones its entries declare."""
+    return [*DATA_FILES, *(name for name, entry in OPTIONAL_FILES.items() if getattr(manifest, entry) is not None)]
+
+
+def chat_message(message: Union[Message, dict[str, Any]]) -> ChatMessage:
+    """A checked message (microllama.chat.as_message) as the golden format keeps it, without call ids."""
+    m = as_message(message)
+    calls = [ChatToolCall(tool_name=c.tool_name, arguments=c.arguments) for c in m.tool_calls]
+    return ChatMessage(role=m.role, content=m.content, context=m.context, stop_reason=m.stop_reason,
+                       tool_calls=calls or None)  # fmt: skip
 
 
 def full_vocab_rows(rows: Sequence[Row], cases: Sequence[str]) -> list[int]:
@@ -294,6 +374,8 @@ def from_json(tp: Any, value: Any, file: Path, at: str = "") -> Any:
     """The value of type tp (a schema class, list[...], dict[str, ...], Optional[...] or a scalar) that
     the JSON value holds; GoldenError naming file and field for anything the type does not describe."""
     origin, args = get_origin(tp), get_args(tp)
+    if tp is JSONValue:
+        return value
     if origin in (Union, types.UnionType):  # Optional[X]
         return None if value is None else from_json(args[0], value, file, at)
     if tp is ModelEntry:
@@ -378,6 +460,8 @@ def _check_manifest(m: Manifest, file: Path) -> None:
         except ValueError as e:
             raise _fail(file, f"completions.{kind}", str(e)) from e
         require(bool(s.prompts), f"completions.{kind}.prompts", "expected at least one prompt")
+    if m.chat is not None:
+        _check_chat_spec(m.chat, m.model.max_batch_size, file)
     r = m.long_range
     require(r.context >= 1, "long_range.context", f"expected a positive integer, got {r.context}")
     require(r.chunk >= 1, "long_range.chunk", f"expected a positive integer, got {r.chunk}")
@@ -387,9 +471,81 @@ def _check_manifest(m: Manifest, file: Path) -> None:
     require(m.capture_points == expected, "capture_points",
             f"expected the {len(expected)} points of a {args.n_layers}-layer model, {expected[0]} to {expected[-1]}, "
             f"got {_show(m.capture_points)}")  # fmt: skip
-    require(sorted(m.files) == sorted(DATA_FILES), "files", f"expected the sha256 of {', '.join(DATA_FILES)}")
+    expected_files = data_files(m)
+    require(sorted(m.files) == sorted(expected_files), "files", f"expected the sha256 of {', '.join(expected_files)}")
     for name, digest in m.files.items():
         require(_SHA256.fullmatch(digest) is not None, f"files.{name}", "expected 64 lowercase hex digits")
+
+
+def _check_message(message: ChatMessage, file: Path, at: str) -> Message:
+    """The message as microllama reads it (role, stop reason, tool calls checked); GoldenError names the field."""
+    _require(message.tool_calls != [], file, f"{at}.tool_calls", "expected at least one call (left out when none)")
+    try:
+        return as_message(to_json(message))
+    except DialogError as e:
+        raise _fail(file, at, str(e)) from e
+
+
+def _check_chat_spec(chat: ChatSpec, max_batch_size: int, file: Path) -> None:
+    def require(ok: bool, at: str, message: str) -> None:
+        _require(ok, file, f"chat.{at}", message)
+
+    require(chat.tool_prompt_format in TOOL_PROMPT_FORMATS, "tool_prompt_format",
+            f"expected one of {', '.join(TOOL_PROMPT_FORMATS)}, got {_show(chat.tool_prompt_format)}")  # fmt: skip
+    require(1 <= len(chat.dialogs) <= max_batch_size, "dialogs",
+            f"expected 1 to model.max_batch_size ({max_batch_size}) dialogs, got {len(chat.dialogs)}")  # fmt: skip
+    for i, dialog in enumerate(chat.dialogs):
+        messages = [_check_message(m, file, f"chat.dialogs[{i}][{j}]") for j, m in enumerate(dialog)]
+        try:
+            check_prompt(messages)
+        except DialogError as e:
+            raise _fail(file, f"chat.dialogs[{i}]", str(e)) from e
+    require(bool(chat.completions), "completions", "expected at least one kind")
+    for kind, s in chat.completions.items():
+        try:
+            check_sampling(s.temperature, s.top_p, s.max_gen_len, s.seed)
+        except ValueError as e:
+            raise _fail(file, f"chat.completions.{kind}", str(e)) from e
+
+
+def _check_chat(chat: ChatOutputs, m: Manifest, file: Path) -> None:
+    """chat.json against the manifest's chat entry: a prompt per dialog, a reply per kind and dialog, each reply
+    within max_gen_len, its stop token there exactly when its stop reason is not out_of_tokens."""
+    spec, vocab, max_seq_len = m.chat, m.model.args.vocab_size, m.model.max_seq_len
+
+    def require(ok: bool, at: str, message: str) -> None:
+        _require(ok, file, at, message)
+
+    def ids_ok(ids: Sequence[int]) -> bool:
+        return all(0 <= t < vocab for t in ids)
+
+    n = len(spec.dialogs)
+    require(len(chat.prompt_ids) == n, "prompt_ids", f"{len(chat.prompt_ids)} lists for the manifest's {n} dialogs")
+    for i, ids in enumerate(chat.prompt_ids):
+        require(bool(ids) and ids_ok(ids), f"prompt_ids[{i}]", f"expected ids in [0, {vocab}), at least BOS")
+    kinds, expected = _show(list(chat.replies)), _show(list(spec.completions))
+    require(list(chat.replies) == list(spec.completions), "replies",
+            f"kinds {kinds}, the manifest's chat.completions are {expected}")  # fmt: skip
+    for kind, replies in chat.replies.items():
+        s = spec.completions[kind]
+        require(len(replies) == n, f"replies.{kind}", f"{len(replies)} replies for the manifest's {n} dialogs")
+        for i, r in enumerate(replies):
+            at = f"replies.{kind}[{i}]"
+            room = min(s.max_gen_len, max_seq_len - len(chat.prompt_ids[i]))
+            require(ids_ok(r.tokens), f"{at}.tokens", f"expected ids in [0, {vocab})")
+            require(len(r.tokens) <= room, f"{at}.tokens",
+                    f"{len(r.tokens)} ids, more than max_gen_len {s.max_gen_len} (and max_seq_len) allow")  # fmt: skip
+            require(r.stop_reason in STOP_REASONS, f"{at}.stop_reason",
+                    f"expected one of {', '.join(STOP_REASONS)}, got {_show(r.stop_reason)}")  # fmt: skip
+            out_of_tokens = r.stop_reason == "out_of_tokens"
+            require((r.stop_token is None) == out_of_tokens, f"{at}.stop_token",
+                    "expected null exactly when the stop reason is out_of_tokens")  # fmt: skip
+            require(r.stop_token is None or ids_ok([r.stop_token]), f"{at}.stop_token",
+                    f"expected an id in [0, {vocab})")  # fmt: skip
+            require(not out_of_tokens or len(r.tokens) == room, f"{at}.tokens",
+                    f"out_of_tokens after {len(r.tokens)} ids, before max_gen_len or max_seq_len")  # fmt: skip
+            message = _check_message(r.message, file, f"{at}.message")
+            require(message.role == "assistant", f"{at}.message.role", f"expected assistant, got {_show(message.role)}")
 
 
 def _check_array(
@@ -466,6 +622,8 @@ def _check_contents(g: GoldenSet) -> None:
         _check_array(activations, name, g.activations[name], np.float32, (first, args.dim), "rows x dim")
     _check_array(g.path / "long_context.npz", "ids", g.long_context, np.int32, (m.long_range.context + 1,),
                  "the manifest's long_range.context + 1", args.vocab_size)  # fmt: skip
+    if g.chat is not None:
+        _check_chat(g.chat, m, g.path / "chat.json")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -521,18 +679,21 @@ def write_set(
     logits: LogitsSummary,
     activations: dict[str, np.ndarray],
     long_context: np.ndarray,
+    chat: Optional[ChatOutputs] = None,
 ) -> Path:
-    """Write a golden set, the manifest with the sha256 of each data file. Atomic: the set is written
-    into a temporary directory beside out_dir and renamed into place, so an interrupted run leaves any
-    old set intact. out_dir must pass check_writable. The values are written as given: read_set is
-    what checks a set's contents against its manifest."""
+    """Write a golden set, the manifest with the sha256 of each data file (chat.json only when chat is
+    given). Atomic: the set is written into a temporary directory beside out_dir and renamed into place,
+    so an interrupted run leaves any old set intact. out_dir must pass check_writable. The values are
+    written as given: read_set is what checks a set's contents against its manifest."""
     check_writable(out_dir)
     with atomic_dir(out_dir, replace=True) as tmp:
         (tmp / "outputs.json").write_bytes(json_bytes(outputs))
         (tmp / "logits.npz").write_bytes(npz_bytes(logits.arrays()))
         (tmp / "activations.npz").write_bytes(npz_bytes(activations))
         (tmp / "long_context.npz").write_bytes(npz_bytes({"ids": long_context}))
-        files = {name: file_sha256(tmp / name) for name in DATA_FILES}
+        if chat is not None:
+            (tmp / "chat.json").write_bytes(json_bytes(chat))
+        files = {name: file_sha256(tmp / name) for name in [*DATA_FILES, *OPTIONAL_FILES] if (tmp / name).is_file()}
         (tmp / "manifest.json").write_bytes(json_bytes(dataclasses.replace(manifest, files=files)))
     return Path(out_dir)
 
@@ -563,7 +724,10 @@ def read_set(path: Union[str, Path]) -> GoldenSet:
     missing file raises GoldenError naming it), then every field and array against the manifest."""
     path = Path(path)
     manifest = read_manifest(path)
-    for name in DATA_FILES:
+    for name in OPTIONAL_FILES:
+        if name not in manifest.files and (path / name).exists():
+            raise GoldenError(f"{path / name}: the manifest does not declare it (no {OPTIONAL_FILES[name]} entry)")
+    for name in data_files(manifest):
         file = path / name
         if not file.is_file():
             raise GoldenError(f"{file} not found (the manifest lists it)")
@@ -577,6 +741,8 @@ def read_set(path: Union[str, Path]) -> GoldenSet:
     _check_members(path / "logits.npz", logits, [f.name for f in dataclasses.fields(LogitsSummary)])
     long_context = _read_npz(path / "long_context.npz")
     _check_members(path / "long_context.npz", long_context, ["ids"])
+    chat_file = path / "chat.json"
+    chat = None if manifest.chat is None else from_json(ChatOutputs, read_json(chat_file, GoldenError), chat_file)
     golden = GoldenSet(
         path=path,
         manifest=manifest,
@@ -584,6 +750,7 @@ def read_set(path: Union[str, Path]) -> GoldenSet:
         logits=LogitsSummary(**logits),
         activations=_read_npz(path / "activations.npz"),
         long_context=long_context["ids"],
+        chat=chat,
     )
     _check_contents(golden)
     return golden

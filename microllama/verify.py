@@ -1,23 +1,34 @@
 """Checking microllama against a golden set: which comparison applies (bit for bit on the recording's
-platform, else within microllama.tolerances), the errors at every capture point, the completions, and
-the report `microllama verify` prints."""
+platform, else within microllama.tolerances), the errors at every capture point, the completions, the
+chat replies, and the report `microllama verify` prints."""
 
 import dataclasses
 import sys
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Optional, Union
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from .capture import Records, platform_fingerprint, run_cases
+from .capture import Records, cpu_threads, platform_fingerprint, run_cases
 from .checkpoint import Checkpoint, open_checkpoint
 from .files import state_dict_sha256, tensor_sha256
 from .generation import Llama
-from .golden_format import GoldenError, GoldenSet, Row, full_vocab_rows, read_set
+from .golden_format import (
+    ChatReply,
+    GoldenError,
+    GoldenSet,
+    Row,
+    chat_message,
+    full_vocab_rows,
+    json_bytes,
+    read_set,
+    to_json,
+)
 from .tokenizer import Tokenizer
 from .tolerances import LOGITS_ATOL
 
@@ -29,6 +40,28 @@ class PointResult:
     max_rel: float
     worst: str  # "prompt 3 pos 12", "long-range pos 9000", or "-" when equal
     diverges: bool
+
+
+REPLY_FIELDS = ("tokens", "stop_token", "stop_reason", "message")  # of ChatReply, compared in this order
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatCheck:
+    """microllama's chat_completion against a set's chat.json."""
+
+    prompt_ids_equal: list[bool]  # per dialog: microllama's ChatFormat ids are Meta's
+    differences: dict[str, list[list[str]]]  # kind -> per dialog, the REPLY_FIELDS that differ (none: identical)
+    not_compared: dict[str, str]  # kind -> why
+
+    @property
+    def first_divergent(self) -> Optional[str]:
+        if not all(self.prompt_ids_equal):
+            return f"chat prompt ids (dialog {self.prompt_ids_equal.index(False)})"
+        for kind, dialogs in self.differences.items():
+            for i, fields in enumerate(dialogs):
+                if fields:
+                    return f"chat {kind} (dialog {i}: {', '.join(fields)})"
+        return None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +77,7 @@ class Comparison:
     prompt_ids_equal: bool
     completions_equal: dict[str, list[bool]]
     completions_not_compared: dict[str, str]  # kind -> why
+    chat: Optional[ChatCheck]  # None: the set records no chat
 
     @property
     def first_divergent(self) -> Optional[str]:
@@ -56,7 +90,7 @@ class Comparison:
         for kind, equal in self.completions_equal.items():
             if not all(equal):
                 return f"{kind} completions"
-        return None
+        return None if self.chat is None else self.chat.first_divergent
 
     @property
     def failure(self) -> Optional[str]:
@@ -168,6 +202,37 @@ def check_completions(
     return completions
 
 
+def reply_differences(got: ChatReply, recorded: ChatReply) -> list[str]:
+    """The REPLY_FIELDS where got differs from recorded, each compared as its JSON text: the ids and the stop
+    token as integers, the stop reason as a string, the parsed message field by field (content, stop reason,
+    tool names and arguments, key order and number types included)."""
+    return [f for f in REPLY_FIELDS if json_bytes(getattr(got, f)) != json_bytes(getattr(recorded, f))]
+
+
+def check_chat(
+    golden: GoldenSet, llama: Llama, skip: Mapping[str, str] = MappingProxyType({}), progress: bool = False
+) -> ChatCheck:
+    """microllama's prompt ids for the set's dialogs against Meta's, and per chat kind not in skip (kind ->
+    why it is not compared) its chat_completion of all the dialogs in one batch against the recorded replies."""
+    spec, recorded = golden.manifest.chat, golden.chat
+    dialogs = [[to_json(m) for m in dialog] for dialog in spec.dialogs]
+    prompt_ids = [llama.formatter.encode_dialog_prompt(d, spec.tool_prompt_format) for d in dialogs]
+    differences = {}
+    kinds = [kind for kind in spec.completions if kind not in skip]
+    for kind in tqdm(kinds, "chat completions", disable=not progress, file=sys.stderr):
+        s = spec.completions[kind]
+        replies = llama.chat_completion(dialogs, s.temperature, s.top_p, s.max_gen_len, seed=s.seed,
+                                        tool_prompt_format=spec.tool_prompt_format)  # fmt: skip
+        got = [ChatReply(tokens=c.tokens, stop_token=c.stop_token, stop_reason=c.stop_reason,
+                         message=chat_message(c.message)) for c in replies]  # fmt: skip
+        differences[kind] = [reply_differences(a, b) for a, b in zip(got, recorded.replies[kind], strict=True)]
+    return ChatCheck(
+        prompt_ids_equal=[a == b for a, b in zip(prompt_ids, recorded.prompt_ids, strict=True)],
+        differences=differences,
+        not_compared=dict(skip),
+    )
+
+
 def recorded_checkpoint(golden: GoldenSet) -> str:
     """The checkpoint a set was recorded from, when it is here: a tiny checkpoint's name or a directory."""
     c = golden.manifest.checkpoint
@@ -187,17 +252,30 @@ def verify(
 ) -> Comparison:
     """Check microllama (on ckpt_dir, default the set's own checkpoint; on the set's device unless
     given, or the CPU where that is CUDA and none is here) against a golden set: capture points,
-    logits, prompt ids, greedy and top-p completions (sampled ones only on the recording's device type).
-    A checkpoint other than the recorded one fails the check unless other_checkpoint. progress: what it
-    is doing, on stderr."""
+    logits, prompt ids, greedy and top-p completions and chat replies (sampled ones only on the recording's
+    device type).
+    A checkpoint other than the recorded one fails the check unless other_checkpoint. On the CPU it runs
+    with the recording's thread count, which decides the bits. progress: what it is doing, on stderr."""
     golden = read_set(golden_dir)
     m = golden.manifest
-    ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else recorded_checkpoint(golden))
     if device is None:  # the set's own device, else the CPU (the check then says so and uses tolerances)
         device = m.device if torch.device(m.device).type != "cuda" or torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GoldenError(f"--device {device} was asked for, but torch sees no CUDA device here")
+    with cpu_threads(m.platform.threads if device.type == "cpu" else None):
+        return _verify(golden, ckpt_dir, device, other_checkpoint, progress)
+
+
+def _verify(
+    golden: GoldenSet,
+    ckpt_dir: Optional[Union[str, Path, Checkpoint]],
+    device: torch.device,
+    other_checkpoint: bool,
+    progress: bool,
+) -> Comparison:
+    m = golden.manifest
+    ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else recorded_checkpoint(golden))
     if progress:
         print(f"loading {ckpt.dir} ({m.dtype}, {device})", file=sys.stderr, flush=True)
     stored = ckpt.read_state_dict()  # read once: its sha256, then the model
@@ -205,11 +283,10 @@ def verify(
     exact, mode = comparison_mode(golden, device)
     # A seed gives one random stream on the CPU and another on CUDA: sampled ids compare on one device type.
     sampling_comparable = device.type == torch.device(m.device).type
-    not_compared = {
-        kind: f"sampled with the {m.device} generator, checked on {device.type}: random streams differ by device"
-        for kind, s in m.completions.items()
-        if s.temperature > 0 and not sampling_comparable
-    }
+    why = f"sampled with the {m.device} generator, checked on {device.type}: random streams differ by device"
+    not_compared = {kind: why for kind, s in m.completions.items() if s.temperature > 0 and not sampling_comparable}
+    chat_kinds = m.chat.completions if m.chat is not None else {}
+    chat_not_compared = {kind: why for kind, s in chat_kinds.items() if s.temperature > 0 and not sampling_comparable}
     points, sha_equal = check_forwards(golden, model, exact, progress)
     llama = Llama(model, Tokenizer(ckpt_dir=ckpt.dir))
     return Comparison(
@@ -225,7 +302,25 @@ def verify(
         == golden.outputs.prompt_ids,
         completions_equal=check_completions(golden, llama, skip=not_compared, progress=progress),
         completions_not_compared=not_compared,
+        chat=None if m.chat is None else check_chat(golden, llama, chat_not_compared, progress),
     )
+
+
+def format_chat(chat: Optional[ChatCheck]) -> list[str]:
+    """The report's chat lines: prompt ids, then per kind the replies identical in ids, stop token, stop reason
+    and parsed message."""
+    if chat is None:
+        return ["chat: not recorded in this set"]
+    n, equal = len(chat.prompt_ids_equal), chat.prompt_ids_equal
+    differ = ", ".join(str(i) for i, e in enumerate(equal) if not e)
+    lines = [f"chat prompt ids: {'identical' if all(equal) else f'DIFFER in dialogs {differ}'} ({n} dialogs)"]
+    for kind, dialogs in chat.differences.items():
+        first = next(((i, f) for i, f in enumerate(dialogs) if f), None)
+        where = f" (dialog {first[0]}: {', '.join(first[1])} differ)" if first else ""
+        lines.append(f"chat {kind}: {sum(not f for f in dialogs)}/{n} identical{where}")
+    for kind, why in chat.not_compared.items():
+        lines.append(f"chat {kind}: not compared ({why})")
+    return lines
 
 
 def format_comparison(c: Comparison) -> str:
@@ -260,6 +355,7 @@ def format_comparison(c: Comparison) -> str:
         lines.append(f"{kind} completions: {sum(equal)}/{len(equal)} identical")
     for kind, why in c.completions_not_compared.items():
         lines.append(f"{kind} completions: not compared ({why})")
+    lines += format_chat(c.chat)
     lines.append(f"first divergent capture point: {c.first_divergent or 'none'}")
     how = "bit-exact" if c.exact else "within tolerance"
     lines.append(f"verdict: FAIL: {c.failure}" if c.failure else f"verdict: pass ({how})")

@@ -325,6 +325,12 @@ def plain_message(message: Any) -> dict[str, Any]:
     return d
 
 
+def meta_chat_prompt_ids(llama: Any, dialogs: Sequence[Sequence[dict[str, Any]]]) -> list[list[int]]:
+    """The ids Meta's `Llama3.chat_completion` gives its generate for each dialog (microllama's dict form):
+    its ChatFormat's `encode_dialog_prompt`, called as chat_completion calls it (tool calls in json)."""
+    return [llama.formatter.encode_dialog_prompt([meta_message(m) for m in dialog]).tokens for dialog in dialogs]
+
+
 def meta_chat_completions(
     llama: Any, dialogs: Sequence[Sequence[dict[str, Any]]], temperature: float, top_p: float, max_gen_len: int
 ) -> list[dict[str, Any]]:

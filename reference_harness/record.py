@@ -30,11 +30,14 @@ from microllama.capture import long_context_ids, platform_fingerprint, run_cases
 from microllama.checkpoint import Checkpoint, open_checkpoint
 from microllama.files import tensor_sha256
 from microllama.golden_format import (
-    DATA_FILES,
     DEVICE_TYPES,
     DTYPES,
     LONG_RANGE,
     SCHEMA_VERSION,
+    ChatOutputs,
+    ChatReply,
+    ChatSampling,
+    ChatSpec,
     LogitsSpec,
     LongRange,
     Manifest,
@@ -43,18 +46,22 @@ from microllama.golden_format import (
     Sampling,
     Versions,
     capture_points,
+    chat_message,
     check_writable,
     checkpoint_entry,
+    data_files,
     device_type,
     full_vocab_rows,
     is_golden_set,
     set_name,
+    to_json,
     write_set,
 )
 from microllama.tiny import cache_dir
 from microllama.verify import Comparison, format_comparison, verify
 
-from .meta import meta_completions, meta_llama
+from .dialogs import CHAT_DIALOGS
+from .meta import meta_chat_completions, meta_chat_prompt_ids, meta_completions, meta_llama
 
 REPO = Path(__file__).resolve().parents[1]
 # The four classic prompts, then an empty one (BOS alone: a one-position forward, no mask) and a
@@ -94,6 +101,37 @@ def sampling(prompts: list[str], max_gen_len: int) -> dict[str, Sampling]:
     }
 
 
+def chat_spec(max_gen_len: int) -> ChatSpec:
+    """The four fixed dialogs (reference_harness.dialogs), answered in one batch greedily and in one with seeded
+    top-p. Tool calls in json: Meta's chat_completion (llama-models 0.3.0) encodes json whatever it is asked."""
+    return ChatSpec(
+        dialogs=[[chat_message(m) for m in dialog] for dialog in CHAT_DIALOGS],
+        tool_prompt_format="json",
+        completions={
+            "greedy": ChatSampling(temperature=0.0, top_p=0.9, max_gen_len=max_gen_len),
+            "top_p": ChatSampling(temperature=0.6, top_p=0.9, seed=SEED, max_gen_len=max_gen_len),
+        },
+    )
+
+
+def record_chat(llama: object, spec: ChatSpec) -> ChatOutputs:
+    """Meta's prompt ids for the spec's dialogs and, per kind, Meta's Llama3.chat_completion of all of them in
+    one batch (every rank runs it)."""
+    dialogs = [[to_json(m) for m in dialog] for dialog in spec.dialogs]
+    replies = {}
+    for kind, s in spec.completions.items():
+        progress(f"chat {kind}: {len(dialogs)} dialogs, {s.max_gen_len} tokens")
+        if s.seed is not None:
+            torch.manual_seed(s.seed)
+        rows = meta_chat_completions(llama, dialogs, s.temperature, s.top_p, s.max_gen_len)
+        replies[kind] = [
+            ChatReply(tokens=r["tokens"], stop_token=r["stop_token"], stop_reason=r["stop_reason"],
+                      message=chat_message(r["message"]))
+            for r in rows
+        ]  # fmt: skip
+    return ChatOutputs(prompt_ids=meta_chat_prompt_ids(llama, dialogs), replies=replies)
+
+
 def is_rank_0() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
@@ -120,8 +158,10 @@ def record(
     ckpt = open_checkpoint(ckpt_dir)
     torch_dtype, world_size = DTYPES[dtype], int(os.environ.get("WORLD_SIZE", 1))
     max_seq_len = long_context + 256
+    chat = chat_spec(max_gen_len)
+    max_batch_size = max(len(prompts), len(chat.dialogs))
     progress(f"Meta's Llama3.build: {ckpt.dir}, {device}, {torch_dtype}, world size {world_size}")
-    llama = meta_llama(ckpt.dir, torch_dtype, max_seq_len, len(prompts), SEED, device, world_size)
+    llama = meta_llama(ckpt.dir, torch_dtype, max_seq_len, max_batch_size, SEED, device, world_size)
     prompt_ids = [llama.formatter.encode_content(p).tokens for p in prompts]
 
     settings, completions = sampling(prompts, max_gen_len), {}
@@ -134,12 +174,14 @@ def record(
     progress(f"forward passes with capture hooks; long-range step at position {long_context}")
     long_ids = long_context_ids(long_context + 1)
     records = run_cases(llama.model, prompt_ids, long_ids.tolist(), CHUNK, progress=is_rank_0())
+    chat_outputs = record_chat(llama, chat)
 
     if is_rank_0():
         manifest = Manifest(
             schema=SCHEMA_VERSION,
-            recorded_by="reference_harness.record: Meta's llama-models Llama3.build / completion, unmodified",
-            model=ModelEntry(params=ckpt.params, max_seq_len=max_seq_len, max_batch_size=len(prompts)),
+            recorded_by="reference_harness.record: Meta's llama-models Llama3.build / completion / chat_completion, "
+            "unmodified",
+            model=ModelEntry(params=ckpt.params, max_seq_len=max_seq_len, max_batch_size=max_batch_size),
             checkpoint=checkpoint_entry(ckpt),
             dtype=dtype,
             device=device,
@@ -154,6 +196,7 @@ def record(
             platform=platform_fingerprint(device),
             prompts=prompts,
             completions=settings,
+            chat=chat,
             long_range=LongRange(context=long_context, chunk=CHUNK, ids="numpy PCG64 seed 0"),
             logits=LogitsSpec(top_k=TOP_K, full_vocab_cases=FULL_VOCAB_CASES),
             capture_points=capture_points(len(llama.model.layers)),
@@ -167,7 +210,8 @@ def record(
         )
         full_rows = full_vocab_rows(records.rows, FULL_VOCAB_CASES)
         activations = {name: t.numpy() for name, t in records.activations.items()}
-        write_set(out, manifest, outputs, summarize_logits(records.logits, TOP_K, full_rows), activations, long_ids)
+        logits = summarize_logits(records.logits, TOP_K, full_rows)
+        write_set(out, manifest, outputs, logits, activations, long_ids, chat=chat_outputs)
         progress(f"wrote {out}")
     dist.barrier()
     dist.destroy_process_group()
@@ -287,7 +331,7 @@ class RecordCheck:
     out: Path
     fresh: Comparison
     committed: Optional[Comparison]
-    differing_files: list[str]  # data files whose bytes differ between the fresh and the committed set
+    differing_files: list[str]  # data files of both sets whose bytes differ between the fresh and the committed one
 
     @property
     def diverged(self) -> bool:
@@ -318,7 +362,10 @@ def record_goldens(
         return RecordCheck(out=out, fresh=fresh, committed=None, differing_files=[])
     print(f"checking microllama against the committed {committed_dir}", file=sys.stderr)
     committed = verify(committed_dir, ckpt, device, progress=True)
-    differing = [f for f in DATA_FILES if (out / f).read_bytes() != (committed_dir / f).read_bytes()]
+    committed_files = data_files(committed.golden.manifest)
+    shared = [f for f in data_files(fresh.golden.manifest) if f in committed_files]
+    new = [f for f in data_files(fresh.golden.manifest) if f not in committed_files]
+    differing = [f for f in shared if (out / f).read_bytes() != (committed_dir / f).read_bytes()]
     print(f"\n{format_comparison(committed)}\n")
     if differing:
         differ = fresh.golden.manifest.platform.differences(committed.golden.manifest.platform)
@@ -326,6 +373,8 @@ def record_goldens(
         print(f"fresh recording {out}: {', '.join(differing)} differ from the committed set's bytes, {where}")
     else:
         print(f"fresh recording {out}: data files byte-identical to the committed {committed_dir}")
+    if new:
+        print(f"fresh recording {out}: {', '.join(new)} not in the committed set (recorded before it was kept)")
     return RecordCheck(out=out, fresh=fresh, committed=committed, differing_files=differing)
 
 

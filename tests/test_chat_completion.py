@@ -1,4 +1,4 @@
-"""Llama.chat_completion: the same tokens, stop reasons, parsed replies and log-probabilities as Meta's
+"""Llama.chat_completion: the same tokens, stop tokens and reasons, parsed replies and log-probabilities as Meta's
 Llama3.chat_completion on the tiny checkpoint (greedy, seeded top-p, and replies forced into tool calls and stop
 tokens), batched like text_completion, and one clear error for a request it cannot serve."""
 
@@ -25,18 +25,14 @@ def without_call_ids(message: dict) -> dict:
 
 def as_compared(completions) -> list[dict]:
     return [
-        {"tokens": c.tokens, "stop_reason": c.stop_reason, "logprobs": c.logprobs,
+        {"tokens": c.tokens, "stop_token": c.stop_token, "stop_reason": c.stop_reason, "logprobs": c.logprobs,
          "message": without_call_ids({"tool_calls": [], **c.message.to_dict()})}
         for c in completions
     ]  # fmt: skip
 
 
 def metas(rows: list[dict]) -> list[dict]:
-    return [
-        {"tokens": r["tokens"], "stop_reason": r["stop_reason"], "logprobs": r["logprobs"],
-         "message": {"tool_calls": [], **r["message"]}}
-        for r in rows
-    ]  # fmt: skip
+    return [{**r, "message": {"tool_calls": [], **r["message"]}} for r in rows]
 
 
 def force_replies(model: torch.nn.Module, prompt_lens: Sequence[int], replies: Sequence[Sequence[int]]):
@@ -97,6 +93,7 @@ def test_replies_forced_into_tool_calls_and_stop_tokens_parse_as_metas(llama, ti
         got = llama.chat_completion(CHAT_DIALOGS, 0.0, max_gen_len=MAX_GEN_LEN, logprobs=True)
     assert as_compared(got) == metas(expected)
     assert [c.stop_reason for c in got] == ["end_of_message", "end_of_turn", "end_of_turn", "end_of_turn"]
+    assert [c.stop_token for c in got] == [r[-1] for r in replies]
     assert [c.message.tool_calls[0].tool_name for c in got[:3]] == ["brave_search", "get_weather", "get_weather"]
     assert [c.tokens for c in got] == [r[:-1] for r in replies] and got[3].message.content == "Plain text"
 

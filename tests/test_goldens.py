@@ -1,6 +1,7 @@
-"""microllama against the committed golden sets (recorded from Meta's code), and the laws of the
-golden format itself: reads verified against the manifest, atomic and deterministic writes, hooks named
-like modules; and of the recorder: requests checked before torchrun starts, nothing left running."""
+"""microllama against the committed golden sets (recorded from Meta's code: forwards, completions, chat
+replies), and the laws of the golden format itself: reads verified against the manifest, atomic and
+deterministic writes, hooks named like modules; and of the recorder: requests checked before torchrun
+starts, nothing left running."""
 
 import dataclasses
 import json
@@ -18,11 +19,13 @@ import pytest
 import torch
 
 from microllama import capture, golden_format
+from microllama import verify as verify_module
 from microllama.checkpoint import load_model, open_checkpoint
 from microllama.cli import main as cli_main
 from microllama.generation import Llama
-from microllama.golden_format import GoldenError, read_set, write_set
+from microllama.golden_format import ChatToolCall, GoldenError, data_files, from_json, read_set, to_json, write_set
 from microllama.meta_layout import save_meta
+from microllama.tokenizer import Tokenizer
 from microllama.tolerances import LOGITS_ATOL
 from microllama.verify import format_comparison, verify
 from reference_harness import record
@@ -34,6 +37,7 @@ COMMITTED = [
     "tiny-fp32-cuda-ws1", "tiny-bf16-cuda-ws1",  # recorded on an H200: checked here across platforms
     "tiny-kv4-fp32-cpu-ws4",  # Meta at 4 ranks, each loading its own shard of a 4-shard checkpoint
 ]  # fmt: skip
+WITHOUT_CHAT = ["tiny-fp32-cuda-ws1", "tiny-bf16-cuda-ws1"]  # recorded before chat goldens, on a GPU not here
 # Forward sets: the training sets (train-*) are checked in tests/test_training_goldens.py.
 SETS = sorted({p.parent.name for p in GOLDENS.glob("*/manifest.json")
                if not golden_format.is_training_set(p.parent)} | set(COMMITTED))  # fmt: skip
@@ -42,6 +46,16 @@ replace = dataclasses.replace
 
 def test_committed_golden_sets_are_all_present():
     assert [name for name in COMMITTED if not (GOLDENS / name / "manifest.json").is_file()] == []
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_sets_hold_chat_replies_unless_recorded_before_them(name):
+    """Every committed set but the CUDA ones holds chat.json: the four fixed dialogs, greedy and seeded top-p."""
+    chat = golden_format.read_manifest(GOLDENS / name).chat
+    if name in WITHOUT_CHAT:
+        assert chat is None and not (GOLDENS / name / "chat.json").exists()
+    else:
+        assert len(chat.dialogs) == 4 and list(chat.completions) == ["greedy", "top_p"]
 
 
 def test_committed_goldens_stay_under_10_mb_and_hold_no_pickles():
@@ -60,12 +74,19 @@ def test_microllama_reproduces_golden_set(name, tokenizer):
     identical everywhere, sampled ones on the recording's device type (CPU and CUDA draw different
     random streams from one seed). The world-size-2 set is never bit-exact: Meta's row-parallel layers
     add partial sums in another order than dense matmuls. The CUDA sets, checked on a CPU, measure the
-    distance between platforms: at most 1.3e-5 (float32) and 0.125 (bfloat16) on logits."""
+    distance between platforms: at most 1.3e-5 (float32) and 0.125 (bfloat16) on logits. Chat replies
+    (ids, stop token, stop reason, parsed message) identical, under the same rule for sampled ones."""
     c = verify(GOLDENS / name)
     assert c.checkpoint_matches
     assert c.prompt_ids_equal
     assert c.completions_equal == {kind: [True] * len(v) for kind, v in c.completions_equal.items()}
     assert "greedy" in c.completions_equal  # greedy ids are compared on every platform
+    if name in WITHOUT_CHAT:
+        assert c.chat is None and "\nchat: not recorded in this set\n" in format_comparison(c)
+    else:
+        assert all(c.chat.prompt_ids_equal) and len(c.chat.prompt_ids_equal) == 4
+        assert c.chat.differences == {kind: [[]] * 4 for kind in c.golden.manifest.chat.completions}
+        assert "chat greedy: 4/4 identical" in format_comparison(c)
     if c.golden.manifest.device != "cpu" and not torch.cuda.is_available():
         assert not c.exact and set(c.completions_not_compared) == {"top_p"}
     if c.golden.manifest.world_size > 1:
@@ -77,11 +98,30 @@ def test_microllama_reproduces_golden_set(name, tokenizer):
     assert c.first_divergent is None and c.passed
 
 
+def test_verify_runs_with_the_recordings_cpu_thread_count_and_restores_the_callers(tokenizer):
+    """The thread count splits CPU sums: one thread and two give other bits. verify pins the recording's
+    (manifest platform.threads) so a caller with another count still gets a bit-exact check."""
+    golden = read_set(GOLDENS / "tiny-fp32-cpu-ws1")
+    assert golden.manifest.platform.threads == 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c = verify(GOLDENS / "tiny-fp32-cpu-ws1")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    here = dataclasses.replace(capture.platform_fingerprint("cpu"), threads=2)
+    if golden.manifest.platform.differences(here) == []:
+        assert c.exact and all(c.logits_sha256_equal)
+    assert c.passed
+
+
 @pytest.mark.parametrize("name", SETS)
 def test_committed_set_rewritten_from_its_parsed_values_is_byte_identical(name, tmp_path):
     g = read_set(GOLDENS / name)
-    out = write_set(tmp_path / name, g.manifest, g.outputs, g.logits, g.activations, g.long_context)
-    for file in [*golden_format.DATA_FILES, "manifest.json"]:
+    out = write_set(tmp_path / name, g.manifest, g.outputs, g.logits, g.activations, g.long_context, g.chat)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (GOLDENS / name).iterdir())
+    for file in [*data_files(g.manifest), "manifest.json"]:
         assert (out / file).read_bytes() == (GOLDENS / name / file).read_bytes(), file
 
 
@@ -90,7 +130,7 @@ def golden_copy(tmp_path):
     return Path(shutil.copytree(GOLDENS / "tiny-bf16-cpu-ws1", tmp_path / "set"))
 
 
-@pytest.mark.parametrize("file", ["activations.npz", "logits.npz", "outputs.json", "long_context.npz"])
+@pytest.mark.parametrize("file", ["activations.npz", "logits.npz", "outputs.json", "long_context.npz", "chat.json"])
 def test_tampered_golden_file_fails_naming_file_and_sha256(golden_copy, file):
     path = golden_copy / file
     data = bytearray(path.read_bytes())
@@ -111,6 +151,22 @@ def test_missing_golden_file_fails_naming_it(golden_copy):
     (golden_copy / "activations.npz").unlink()
     with pytest.raises(GoldenError, match=r"activations\.npz not found"):
         read_set(golden_copy)
+
+
+def test_chat_json_in_a_set_whose_manifest_has_no_chat_entry_is_refused(tmp_path):
+    """A set recorded without chat (a CUDA one) given a chat.json it does not describe."""
+    copy = Path(shutil.copytree(GOLDENS / WITHOUT_CHAT[0], tmp_path / "set"))
+    shutil.copy(GOLDENS / "tiny-fp32-cpu-ws1" / "chat.json", copy / "chat.json")
+    with pytest.raises(GoldenError, match=r"chat\.json: the manifest does not declare it \(no chat entry\)"):
+        read_set(copy)
+
+
+def test_chat_tool_call_arguments_are_read_as_any_json():
+    """A tool call's arguments are kept as the JSON holds them (nested objects, lists, numbers, null, or a
+    string); what microllama accepts as arguments is checked against microllama.chat when a set is read."""
+    for arguments in ({"city": "Zürich", "days": [1, 2.5, None, {"rain": True}]}, "city=Zürich", 7):
+        call = from_json(ChatToolCall, {"tool_name": "get_weather", "arguments": arguments}, Path("chat.json"))
+        assert call.arguments == arguments and to_json(call) == {"tool_name": "get_weather", "arguments": arguments}
 
 
 def test_verify_cli_on_tampered_set_is_one_line_and_exit_1(golden_copy, capsys):
@@ -149,6 +205,26 @@ def _sampling(g, kind, **changes):
 
 def _logits_spec(g, **changes):
     return {"manifest": replace(g.manifest, logits=replace(g.manifest.logits, **changes))}
+
+
+def _chat_spec(g, **changes):
+    return {"manifest": replace(g.manifest, chat=replace(g.manifest.chat, **changes))}
+
+
+def _chat_sampling(g, kind="greedy", **changes):
+    return replace(g.manifest.chat.completions[kind], **changes)
+
+
+def _chat_dialog_message(g, dialog, message, **changes):
+    dialogs = [list(d) for d in g.manifest.chat.dialogs]
+    dialogs[dialog][message] = replace(dialogs[dialog][message], **changes)
+    return _chat_spec(g, dialogs=dialogs)
+
+
+def _chat_reply(g, kind, dialog, **changes):
+    replies = {k: list(v) for k, v in g.chat.replies.items()}
+    replies[kind][dialog] = replace(replies[kind][dialog], **changes)
+    return {"chat": replace(g.chat, replies=replies)}
 
 
 # Sets whose data files the manifest does not describe, each written through write_set (so every sha256
@@ -258,6 +334,84 @@ UNDESCRIBED = {
         lambda g: {"manifest": replace(g.manifest, checkpoint=replace(g.manifest.checkpoint, sha256="abc"))},
         r"manifest\.json: checkpoint\.sha256: expected 64 lowercase hex digits",
     ),
+    "chat entry without chat.json": (
+        lambda g: {"chat": None},
+        r"manifest\.json: files: expected the sha256 of outputs\.json, .*, long_context\.npz, chat\.json$",
+    ),
+    "chat.json without a chat entry": (
+        lambda g: {"manifest": replace(g.manifest, chat=None)},
+        r"manifest\.json: files: expected the sha256 of outputs\.json, .*, long_context\.npz$",
+    ),
+    "chat replies of fewer kinds than the manifest's": (
+        lambda g: {"chat": replace(g.chat, replies=_without(g.chat.replies, "top_p"))},
+        r'chat\.json: replies: kinds \["greedy"\], the manifest\'s chat\.completions are \["greedy", "top_p"\]',
+    ),
+    "chat replies fewer than the dialogs": (
+        lambda g: {"chat": replace(g.chat, replies={**g.chat.replies, "greedy": g.chat.replies["greedy"][:3]})},
+        r"chat\.json: replies\.greedy: 3 replies for the manifest's 4 dialogs",
+    ),
+    "chat prompt ids fewer than the dialogs": (
+        lambda g: {"chat": replace(g.chat, prompt_ids=g.chat.prompt_ids[:3])},
+        r"chat\.json: prompt_ids: 3 lists for the manifest's 4 dialogs",
+    ),
+    "chat dialog dropped from the manifest": (
+        lambda g: _chat_spec(g, dialogs=g.manifest.chat.dialogs[:3]),
+        r"chat\.json: prompt_ids: 4 lists for the manifest's 3 dialogs",
+    ),
+    "chat reply longer than max_gen_len": (
+        lambda g: _chat_spec(
+            g, completions={**g.manifest.chat.completions, "greedy": _chat_sampling(g, max_gen_len=8)}
+        ),
+        r"chat\.json: replies\.greedy\[0\]\.tokens: 16 ids, more than max_gen_len 8",
+    ),
+    "chat reply out of tokens before max_gen_len": (
+        lambda g: _chat_reply(g, "greedy", 1, tokens=g.chat.replies["greedy"][1].tokens[:-1]),
+        r"chat\.json: replies\.greedy\[1\]\.tokens: out_of_tokens after 15 ids, before max_gen_len",
+    ),
+    "chat stop token with out_of_tokens": (
+        lambda g: _chat_reply(g, "top_p", 2, stop_token=128009),
+        r"chat\.json: replies\.top_p\[2\]\.stop_token: expected null exactly when the stop reason is out_of_tokens",
+    ),
+    "chat stop reason unknown": (
+        lambda g: _chat_reply(g, "greedy", 0, stop_reason="done"),
+        r'chat\.json: replies\.greedy\[0\]\.stop_reason: expected one of end_of_turn, .*, got "done"',
+    ),
+    "chat reply id outside the vocabulary": (
+        lambda g: _chat_reply(g, "greedy", 3, tokens=[200000] * 16),
+        r"chat\.json: replies\.greedy\[3\]\.tokens: expected ids in \[0, 128256\)",
+    ),
+    "chat reply not the assistant's": (
+        lambda g: _chat_reply(g, "greedy", 0, message=replace(g.chat.replies["greedy"][0].message, role="user")),
+        r"chat\.json: replies\.greedy\[0\]\.message: user message: stop_reason is an assistant message's",
+    ),
+    "chat reply with an empty tool call list": (
+        lambda g: _chat_reply(g, "greedy", 0, message=replace(g.chat.replies["greedy"][0].message, tool_calls=[])),
+        r"chat\.json: replies\.greedy\[0\]\.message\.tool_calls: expected at least one call \(left out when none\)",
+    ),
+    "chat dialog ending with an assistant turn": (
+        lambda g: _chat_spec(g, dialogs=[g.manifest.chat.dialogs[3][:3], *g.manifest.chat.dialogs[1:]]),
+        r"manifest\.json: chat\.dialogs\[0\]: the dialog ends with an assistant message",
+    ),
+    "chat message of an unknown role": (
+        lambda g: _chat_dialog_message(g, 1, 0, role="bot"),
+        r"manifest\.json: chat\.dialogs\[1\]\[0\]: unknown role 'bot'; roles: system, user, assistant, tool",
+    ),
+    "chat builtin tool call arguments not an object": (
+        lambda g: _chat_dialog_message(g, 2, 2, tool_calls=[ChatToolCall(tool_name="wolfram_alpha", arguments=7)]),
+        r"manifest\.json: chat\.dialogs\[2\]\[2\]: tool call wolfram_alpha: arguments must be a dict \(or a string\)",
+    ),
+    "chat tool_prompt_format yaml": (
+        lambda g: _chat_spec(g, tool_prompt_format="yaml"),
+        r'manifest\.json: chat\.tool_prompt_format: expected one of json, function_tag, got "yaml"',
+    ),
+    "chat top_p above 1": (
+        lambda g: _chat_spec(g, completions={"top_p": _chat_sampling(g, "top_p", top_p=2.0)}),
+        r"manifest\.json: chat\.completions\.top_p: top_p must be a number in \(0, 1\]",
+    ),
+    "chat dialogs more than max_batch_size": (
+        lambda g: _chat_spec(g, dialogs=g.manifest.chat.dialogs * 2),
+        r"manifest\.json: chat\.dialogs: expected 1 to model\.max_batch_size \(6\) dialogs, got 8",
+    ),
 }
 
 
@@ -271,14 +425,14 @@ def test_set_its_manifest_does_not_describe_is_refused_in_one_line(case, bf16_se
     change, message = UNDESCRIBED[case]
     g = bf16_set
     parts = {"manifest": g.manifest, "outputs": g.outputs, "logits": g.logits, "activations": g.activations,
-             "long_context": g.long_context}  # fmt: skip
+             "long_context": g.long_context, "chat": g.chat}  # fmt: skip
     out = write_set(tmp_path / "set", **(parts | change(g)))
     with pytest.raises(GoldenError, match=message) as error:
         read_set(out)
     assert "\n" not in str(error.value) and str(out) in str(error.value)
 
 
-MANIFEST_KEYS = list(json.loads((GOLDENS / "tiny-bf16-cpu-ws1" / "manifest.json").read_text()))
+MANIFEST_KEYS = [k for k in json.loads((GOLDENS / "tiny-bf16-cpu-ws1" / "manifest.json").read_text()) if k != "chat"]
 
 
 def _edit_manifest(set_dir: Path, edit) -> None:
@@ -296,6 +450,9 @@ def _edit_manifest(set_dir: Path, edit) -> None:
         (lambda m: {**m, "model": [m["model"]]}, r"manifest\.json: model: expected a JSON object"),
         (lambda m: {**m, "world_size": True}, r"manifest\.json: world_size: expected an integer, got true"),
         (lambda m: {**m, "prompts": "one"}, r'manifest\.json: prompts: expected a list, got "one"'),
+        (lambda m: {**m, "chat": {**m["chat"], "dialogs": "x"}}, r"manifest\.json: chat\.dialogs: expected a list"),
+        (lambda m: {**m, "chat": {**m["chat"], "seed": 1}}, r"manifest\.json: chat\.seed: not a field of this format"),
+        (lambda m: _without(m, "chat"), r"manifest\.json: files: expected the sha256 of .*long_context\.npz$"),
     ]
     + [(lambda m, key=key: _without(m, key), rf"manifest\.json: {key}: ") for key in MANIFEST_KEYS],
     ids=[
@@ -306,6 +463,9 @@ def _edit_manifest(set_dir: Path, edit) -> None:
         "model-a-list",
         "world_size-bool",
         "prompts-a-string",
+        "chat-dialogs-a-string",
+        "chat-unknown-field",
+        "no-chat-but-chat.json",
     ]
     + [f"no-{key}" for key in MANIFEST_KEYS],
 )
@@ -351,6 +511,33 @@ def test_planted_bug_diverges_first_at_its_capture_point(planted_ckpt, tokenizer
     assert "first divergent capture point: layers.0.ffn_norm" in format_comparison(c)
 
 
+def test_planted_stop_token_fails_verify_at_the_chat_replies(monkeypatch, capsys, tokenizer):
+    """A slip only the chat replies show: microllama's stop list with one more id, one that the recorded greedy
+    reply to the first dialog holds and no recorded completion does."""
+    golden = read_set(GOLDENS / "tiny-fp32-cpu-ws1")
+    completed = {t for kind in golden.outputs.completions.values() for ids in kind for t in ids}
+    extra = next(t for t in golden.chat.replies["greedy"][0].tokens if t not in completed)
+
+    class TokenizerWithExtraStop(Tokenizer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.stop_tokens = [*self.stop_tokens, extra]
+
+    monkeypatch.setattr(verify_module, "Tokenizer", TokenizerWithExtraStop)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["verify", str(GOLDENS / "tiny-fp32-cpu-ws1")])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "greedy completions: 4/4 identical" in lines and "chat prompt ids: identical (4 dialogs)" in lines
+    chat_greedy = next(line for line in lines if line.startswith("chat greedy: "))
+    assert re.fullmatch(r"chat greedy: [0-3]/4 identical \(dialog 0: tokens, stop_token, stop_reason, message differ\)",
+                        chat_greedy), chat_greedy  # fmt: skip
+    assert lines[-1] == (
+        "verdict: FAIL: microllama diverges from the recording, first at chat greedy "
+        "(dialog 0: tokens, stop_token, stop_reason, message)"
+    )
+
+
 LOWER_CAPABILITY = {"AVX512": "avx2", "AVX2": "default"}  # ATEN_CPU_CAPABILITY values; others: none lower known
 
 
@@ -367,6 +554,7 @@ def test_verify_on_a_lower_cpu_capability_than_the_recording_passes_within_toler
     lines = result.stdout.splitlines()
     assert [line for line in lines if line.startswith("check: ")][0].startswith("check: tolerance: this platform")
     assert "cpu_capability" in result.stdout
+    assert {"chat greedy: 4/4 identical", "chat top_p: 4/4 identical"} <= set(lines)
     assert lines[-1] == "verdict: pass (within tolerance)"
 
 
@@ -454,15 +642,16 @@ def test_record_goldens_checks_its_arguments_before_torchrun(args, message, tmp_
 @pytest.mark.reference
 @pytest.mark.slow
 def test_record_then_verify_round_trip_is_exact_and_byte_reproducible(tmp_path):
-    """Meta's code under torchrun (world size 1, one prompt, short long-range context), twice: the data
-    files are byte-identical, and microllama matches them bit for bit."""
+    """Meta's code under torchrun (world size 1, one prompt, short long-range context, the chat dialogs), twice:
+    the data files are byte-identical, and microllama matches them bit for bit."""
     quick = {"prompts": ["Clearly, the meaning of life is"], "long_context": 300, "max_gen_len": 4}
     a = record.launch(tmp_path / "a", **quick)
     b = record.launch(tmp_path / "b", **quick)
-    for name in golden_format.DATA_FILES:
+    assert "chat.json" in data_files(golden_format.read_manifest(a))
+    for name in data_files(golden_format.read_manifest(a)):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     c = verify(a)
-    assert c.exact and c.passed
+    assert c.exact and c.passed and c.chat is not None
     assert [p.name for p in c.points if p.max_abs != 0] == [] and all(c.logits_sha256_equal)
 
 
