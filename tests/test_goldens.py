@@ -75,8 +75,20 @@ def test_microllama_reproduces_golden_set(name, tokenizer):
     random streams from one seed). The world-size-2 set is never bit-exact: Meta's row-parallel layers
     add partial sums in another order than dense matmuls. The CUDA sets, checked on a CPU, measure the
     distance between platforms: at most 1.3e-5 (float32) and 0.125 (bfloat16) on logits. Chat replies
-    (ids, stop token, stop reason, parsed message) identical, under the same rule for sampled ones."""
-    c = verify(GOLDENS / name)
+    (ids, stop token, stop reason, parsed message) identical, under the same rule for sampled ones. The caller
+    runs torch on one CPU thread: verify uses the recording's count (the count splits sums: one thread and
+    two give other bits) and gives the caller's back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        c = verify(GOLDENS / name)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    m = c.golden.manifest
+    here = dataclasses.replace(capture.platform_fingerprint("cpu"), threads=m.platform.threads)
+    if m.world_size == 1 and m.device == "cpu" and m.platform.differences(here) == []:
+        assert c.exact  # the recording's platform: bit for bit, whatever the caller's thread count
     assert c.checkpoint_matches
     assert c.prompt_ids_equal
     assert c.completions_equal == {kind: [True] * len(v) for kind, v in c.completions_equal.items()}
@@ -96,24 +108,6 @@ def test_microllama_reproduces_golden_set(name, tokenizer):
         assert all(c.logits_sha256_equal)
     assert [p.name for p in c.points if p.diverges] == []
     assert c.first_divergent is None and c.passed
-
-
-def test_verify_runs_with_the_recordings_cpu_thread_count_and_restores_the_callers(tokenizer):
-    """The thread count splits CPU sums: one thread and two give other bits. verify pins the recording's
-    (manifest platform.threads) so a caller with another count still gets a bit-exact check."""
-    golden = read_set(GOLDENS / "tiny-fp32-cpu-ws1")
-    assert golden.manifest.platform.threads == 2
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        c = verify(GOLDENS / "tiny-fp32-cpu-ws1")
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-    here = dataclasses.replace(capture.platform_fingerprint("cpu"), threads=2)
-    if golden.manifest.platform.differences(here) == []:
-        assert c.exact and all(c.logits_sha256_equal)
-    assert c.passed
 
 
 @pytest.mark.parametrize("name", SETS)
@@ -641,15 +635,14 @@ def test_record_goldens_checks_its_arguments_before_torchrun(args, message, tmp_
 
 @pytest.mark.reference
 @pytest.mark.slow
-def test_record_then_verify_round_trip_is_exact_and_byte_reproducible(tmp_path):
-    """Meta's code under torchrun (world size 1, one prompt, short long-range context, the chat dialogs), twice:
-    the data files are byte-identical, and microllama matches them bit for bit."""
+def test_record_then_verify_round_trip_is_exact(tmp_path):
+    """Meta's code under torchrun (world size 1, one prompt, short long-range context, the chat dialogs) records
+    a set on this machine, whatever its CPU, and microllama matches it bit for bit. (A second recording giving
+    the committed bytes is checked on the full set by the record_goldens test below; writing a parsed set
+    again giving the same bytes, by test_committed_set_rewritten_from_its_parsed_values_is_byte_identical.)"""
     quick = {"prompts": ["Clearly, the meaning of life is"], "long_context": 300, "max_gen_len": 4}
     a = record.launch(tmp_path / "a", **quick)
-    b = record.launch(tmp_path / "b", **quick)
     assert "chat.json" in data_files(golden_format.read_manifest(a))
-    for name in data_files(golden_format.read_manifest(a)):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
     c = verify(a)
     assert c.exact and c.passed and c.chat is not None
     assert [p.name for p in c.points if p.max_abs != 0] == [] and all(c.logits_sha256_equal)
