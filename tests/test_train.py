@@ -151,19 +151,20 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
 
 
 # mode -> (peak learning rate, the least drop of held-out loss asserted). Measured on the recording platform
-# (held-out loss of 40 stories, 19.67 at the start): full 6.42 after 30 steps (drop 13.25), lora 14.42 (5.26),
-# norms 11.82 (7.86): adapters and norm weights from random weights want larger steps than every weight does.
-LEARNING = {"full": (3e-3, 10.0), "lora": (2e-2, 4.0), "norms": (5e-2, 6.0)}
+# (held-out loss of 40 stories, 19.66 at the start): full 9.85 after 20 steps (drop 9.81), lora 15.26 (4.40),
+# norms 13.16 (6.49); the asserted drops leave a quarter of that for other CPUs' rounding. Adapters and norm
+# weights from random weights want larger steps than every weight does.
+LEARNING = {"full": (3e-3, 7.0), "lora": (2e-2, 3.0), "norms": (5e-2, 4.5)}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", list(LEARNING))
 def test_fine_tuning_the_tiny_checkpoint_lowers_held_out_loss_in_every_mode(tmp_path, mode):
-    """On the shipped corpus from the tiny checkpoint's random weights, 30 steps of 4 x 64 tokens lower the
+    """On the shipped corpus from the tiny checkpoint's random weights, 20 steps of 4 x 32 tokens lower the
     held-out loss by at least the stated amount in every mode (LoRA: rank 16 on wq, wk, wv and wo)."""
     lr, least_drop = LEARNING[mode]
-    summary = train(TrainConfig(data=CORPUS, out_dir=str(tmp_path / "run"), mode=mode, max_seq_len=64,
-                                batch_size=4, max_steps=30, eval_every=0, eval_rows=16, lr=lr, min_lr=lr / 10,
+    summary = train(TrainConfig(data=CORPUS, out_dir=str(tmp_path / "run"), mode=mode, max_seq_len=32,
+                                batch_size=4, max_steps=20, eval_every=0, eval_rows=16, lr=lr, min_lr=lr / 10,
                                 lora_rank=16, lora_targets=["wq", "wk", "wv", "wo"]))  # fmt: skip
     assert summary.first_eval_loss - summary.last_eval_loss >= least_drop
 
