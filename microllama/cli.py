@@ -40,21 +40,27 @@ def generate(
 ) -> None:
     """Complete PROMPT (default: "Clearly, the meaning of life is"), streamed as it comes, or each of --prompts,
     a JSON list of strings: --prompts '["first", "second"]'. ckpt_dir: a checkpoint directory or a tiny
-    checkpoint's name (default: tiny, whose random weights produce fluent-looking nonsense)."""
+    checkpoint's name (default: tiny, whose random weights produce fluent-looking nonsense). Launched by
+    torchrun with several ranks (torchrun --nproc_per_node N -m microllama.cli generate ...), the model is
+    tensor-parallel over them and rank 0 prints."""
     if prompt is not None and prompts is not None:
         raise ValueError("give --prompt or --prompts, not both")
     texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
     from .generation import Llama, check_sampling
+    from .parallel import is_rank_0, torchrun_world_size
     from .terminal import StreamPrinter
 
     check_sampling(temperature, top_p, max_gen_len, seed)  # before a checkpoint that may take minutes to load
     if max_seq_len < 1:
         raise ValueError(f"--max_seq_len must be at least 1, got {max_seq_len}")
     llama = Llama.build(ckpt_dir, max_seq_len, len(texts), device=device, dtype=dtype, flash=flash,
-                        tokenizer_path=tokenizer_path)  # fmt: skip
+                        tokenizer_path=tokenizer_path, tensor_parallel=torchrun_world_size() > 1)  # fmt: skip
     # The whole request is checked before the prompt is echoed, so that an error does not follow it.
     tokens = [llama.tokenizer.encode(t, bos=True, eos=False) for t in texts]
     llama.check_request(tokens, temperature, top_p, max_gen_len, seed)
+    if not is_rank_0():  # every rank computes the same tokens; one prints them
+        llama.text_completion(texts, temperature, top_p, max_gen_len, seed=seed)
+        return
     if len(texts) == 1:
         print(texts[0], end="", flush=True)
         llama.text_completion(texts, temperature, top_p, max_gen_len, seed=seed,
