@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from torch.distributed.device_mesh import DeviceMesh
 
 from . import family, parallel, tiny
 from .config import CheckpointError, args_from_params
@@ -81,7 +80,7 @@ class Checkpoint:
         dtype: Union[str, torch.dtype] = torch.float32,
         flash: bool = False,
         state_dict: Optional[StateDict] = None,
-        mesh: Optional[DeviceMesh] = None,
+        mesh: Optional[parallel.DeviceMesh] = None,
     ) -> Transformer:
         """A Transformer holding the weights in `dtype` on `device`, built on the meta device (no memory is
         spent on an initialisation the checkpoint overwrites). state_dict: tensors already read (by

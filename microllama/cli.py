@@ -105,12 +105,16 @@ def verify(
     capture point, the completions and chat replies, the first divergent check and a verdict on stdout,
     progress on stderr; exit status 1 when the check fails. ckpt_dir defaults to the set's own checkpoint (a
     directory, or tiny / tiny-hd128); one whose sha256 is not the recording's fails the check unless
-    --other_checkpoint says that is intended."""
+    --other_checkpoint says that is intended. Launched by torchrun with several ranks, the model is
+    tensor-parallel over them (bit-identical to a set Meta recorded at that world size) and rank 0 reports."""
+    from .parallel import is_rank_0, torchrun_world_size
     from .verify import format_comparison
     from .verify import verify as verify_golden_set
 
-    comparison = verify_golden_set(golden_dir, ckpt_dir, device, other_checkpoint=other_checkpoint, progress=True)
-    print(format_comparison(comparison))
+    comparison = verify_golden_set(golden_dir, ckpt_dir, device, other_checkpoint=other_checkpoint,
+                                   progress=is_rank_0(), tensor_parallel=torchrun_world_size() > 1)  # fmt: skip
+    if is_rank_0():
+        print(format_comparison(comparison))
     if not comparison.passed:
         sys.exit(1)
 

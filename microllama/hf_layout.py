@@ -230,7 +230,9 @@ def read_hf(
                     tensor = f.get_tensor(key)
                 else:
                     start, stop = rank_range(shapes[key][dim], part)
-                    tensor = f.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)]
+                    # A block of columns comes back as a view of whole rows: made contiguous, as a weight read
+                    # whole is (a strided weight would take another matmul kernel, and other bits).
+                    tensor = f.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)].contiguous()
                 check_dtype(tensor.dtype, key, path)
                 tensor = converted(tensor, device, dtype)
                 check_finite(tensor, key, path)

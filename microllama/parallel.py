@@ -21,12 +21,15 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.distributed.device_mesh import DeviceMesh  # a stand-in class where torch is built without distributed
 
 from .files import StateDict
 from .model import ModelArgs, Transformer, ffn_hidden_dim
+
+if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still runs microllama on one device
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 
 class TensorParallelError(ValueError):
@@ -61,6 +64,8 @@ def check_world_size(args: ModelArgs, world_size: int, source: str) -> None:
 def device_mesh(device: Union[str, torch.device]) -> tuple[DeviceMesh, torch.device]:
     """The one-dimensional mesh of this torchrun job's ranks, and this rank's device (cuda:LOCAL_RANK on
     CUDA). Joins the process group torchrun describes (gloo on CPU, nccl on CUDA) unless one exists."""
+    if not dist.is_available():
+        raise TensorParallelError("tensor_parallel=True needs torch.distributed, which this torch build lacks")
     if "RANK" not in os.environ:
         raise TensorParallelError(
             "tensor_parallel=True runs one process per rank under torchrun: "
@@ -116,7 +121,7 @@ def from_local(model: Transformer, local: StateDict) -> StateDict:
 def mesh_of(model: Transformer) -> Optional[DeviceMesh]:
     """The mesh a tensor-parallel model is sharded over; None for a dense one."""
     weight = model.output.weight
-    return weight.device_mesh if isinstance(weight, DTensor) else None
+    return weight.device_mesh if dist.is_available() and isinstance(weight, DTensor) else None
 
 
 def shared_seed(mesh: DeviceMesh) -> int:
