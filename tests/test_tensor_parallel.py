@@ -131,7 +131,9 @@ def test_tp_verify_is_bit_exact_against_the_golden_set_meta_recorded_at_its_worl
         assert set(rank["verify"]["max_abs"].values()) == {0.0}
         assert all(rank["other_layouts_equal"].values())
         if kv4 and HAVE_REFERENCE:
-            assert rank["meta"]["logits_equal"] and rank["meta"]["top_p_tokens_equal"], rank["meta"]
+            assert rank["meta"] == {"logits_equal": True, "logits_max_abs": 0.0, "greedy_tokens_equal": True,
+                                    "greedy_logprobs_equal": True, "top_p_tokens_equal": True,
+                                    "top_p_logprobs_equal": True}  # fmt: skip
     assert len({r["logits_sha256"] for r in ranks}) == 1
     assert len({str(r["unseeded_tokens"]) for r in ranks}) == 1
 
