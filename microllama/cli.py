@@ -1,6 +1,7 @@
-"""The `microllama` command: generate text, chat, build the tiny checkpoint, verify against goldens, convert and
-describe checkpoints. `run` is also the command line of the scripts in tools/."""
+"""The `microllama` command: generate text, chat, train, build the tiny checkpoint, verify against goldens,
+convert and describe checkpoints. `run` is also the command line of the scripts in tools/."""
 
+import dataclasses
 import difflib
 import functools
 import inspect
@@ -102,11 +103,22 @@ def verify(
     golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None, *, other_checkpoint: bool = False
 ) -> None:
     """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
-    capture point, the completions and chat replies, the first divergent check and a verdict on stdout,
-    progress on stderr; exit status 1 when the check fails. ckpt_dir defaults to the set's own checkpoint (a
-    directory, or tiny / tiny-hd128); one whose sha256 is not the recording's fails the check unless
-    --other_checkpoint says that is intended. Launched by torchrun with several ranks, the model is
-    tensor-parallel over them (bit-identical to a set Meta recorded at that world size) and rank 0 reports."""
+    capture point, the completions and chat replies (or, for a training set, each step of microllama's
+    trainer), the first divergent check and a verdict on stdout, progress on stderr; exit status 1 when the
+    check fails. ckpt_dir defaults to the set's own checkpoint (a directory, or tiny / tiny-hd128); one whose
+    sha256 is not the recording's fails the check unless --other_checkpoint says that is intended. Launched by
+    torchrun with several ranks, an inference set's model is tensor-parallel over them (bit-identical to a set
+    Meta recorded at that world size) and rank 0 reports."""
+    from .golden_format import is_training_set
+
+    if is_training_set(golden_dir):  # a training set: microllama's trainer against Meta's fine-tune
+        from .verify_training import format_training_comparison, verify_training
+
+        training = verify_training(golden_dir, ckpt_dir, device)
+        print(format_training_comparison(training))
+        if not training.passed:
+            sys.exit(1)
+        return
     from .parallel import is_rank_0, torchrun_world_size
     from .verify import format_comparison
     from .verify import verify as verify_golden_set
@@ -178,6 +190,59 @@ def chat(
     ChatSession(llama, system, **sampling).run()
 
 
+def _config_command(config: type, run_config: Callable[[Any], None]) -> Command:
+    """A command whose flags are the fields of the dataclass `config` (names, types, defaults, the class's
+    docstring as help), calling run_config with the config they give: one source for the flags."""
+    fields = dataclasses.fields(config)
+    params = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
+                          default=f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        else inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=f.type)
+        for f in fields
+    ]  # fmt: skip
+
+    def command(*args: Any, **kwargs: Any) -> None:
+        run_config(config(*args, **kwargs))
+
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {f.name: f.type for f in fields}
+    command.__doc__ = config.__doc__
+    return command
+
+
+def _field_comments(config: type) -> str:
+    """An "Args:" section (which fire shows in --help) from the comments beside the fields of `config`."""
+    comments = re.findall(r"^    (\w+): [^#\n]*#\s*(.+)$", inspect.getsource(config), re.MULTILINE)
+    return "\n\nArgs:\n" + "\n".join(f"    {name}: {text}" for name, text in comments)
+
+
+def _train(config: Any) -> None:
+    from .train import train as run_training
+
+    print(run_training(config).line())
+
+
+def plot(run_dir: str) -> None:
+    """Write RUN_DIR/loss.png, the training and held-out loss of a run (needs matplotlib: pip install
+    'microllama[plot]')."""
+    from .train import plot as plot_run
+
+    print(f"wrote {plot_run(run_dir)}")
+
+
+def _train_command() -> Command:
+    from .train_config import TrainConfig  # the standard library only: --help stays fast
+
+    command = _config_command(TrainConfig, _train)
+    command.__doc__ = (
+        "Train or fine-tune from DATA (a .txt or .jsonl file, or a directory of them): --mode full|lora|norms, "
+        "checkpoints and metrics.jsonl in --out_dir, final weights in OUT_DIR/final (Meta layout)."
+    ) + _field_comments(TrainConfig)
+    return command
+
+
+train = _train_command()
 COMMANDS = {
     "generate": generate,
     "make-tiny": make_tiny,
@@ -185,6 +250,8 @@ COMMANDS = {
     "convert": convert,
     "info": info,
     "chat": chat,
+    "train": train,
+    "plot": plot,
 }
 
 

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def _check_number(owner: str, name: str, value: Any, kind: str, positive: bool = True) -> None:
@@ -172,13 +173,14 @@ def precompute_freqs_cis(
 
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE: turn each pair of features of q and k by an angle proportional to the token's position, so that
-    q . k depends on how far apart two tokens are. Shapes are kept: (bsz, seqlen, heads, head_dim)."""
+    q . k depends on how far apart two tokens are. Shapes are kept: (bsz, seqlen, heads, head_dim).
+    freqs_cis: (seqlen, head_dim // 2), the same positions for every row, or (bsz, seqlen, head_dim // 2)."""
     # Features (x0, x1), (x2, x3), ... become complex numbers x0 + i x1, so that turning is multiplying:
     # (bsz, seqlen, heads, head_dim) -> (bsz, seqlen, heads, head_dim // 2, 2) -> complex (..., head_dim // 2).
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    # (seqlen, head_dim // 2) -> (1, seqlen, 1, head_dim // 2): the same turn for every sequence and head.
-    freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])
+    # (seqlen or bsz x seqlen, head_dim // 2) -> (1 or bsz, seqlen, 1, head_dim // 2): the same turn for every head.
+    freqs_cis = freqs_cis.view(-1, xq_.shape[1], 1, xq_.shape[-1])
     # Turn, then back to real pairs, flattened to (bsz, seqlen, heads, head_dim); float32 until the cast back.
     xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
     xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
@@ -218,9 +220,32 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
-def causal_mask(seqlen: int, start_pos: int, flash: bool, like: torch.Tensor) -> tuple[Optional[torch.Tensor], bool]:
+def document_starts(documents: torch.Tensor) -> torch.Tensor:
+    """(bsz, seqlen) document ids -> True where a document begins. A document is a run of consecutive positions
+    with one id, so an id that comes back later starts another document."""
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return starts
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """(bsz, seqlen) document ids -> each token's position in its own document: RoPE restarts at 0 for each."""
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    return index - torch.where(document_starts(documents), index, 0).cummax(1).values
+
+
+def causal_mask(
+    seqlen: int, start_pos: int, flash: bool, like: torch.Tensor, documents: Optional[torch.Tensor] = None
+) -> tuple[Optional[torch.Tensor], bool]:
     """How queries at start_pos .. start_pos + seqlen - 1 are kept from later keys, as SDPA's (attn_mask,
-    is_causal); is_causal only with flash. The mask is Meta's: (seqlen, start_pos + seqlen), in like's dtype."""
+    is_causal); is_causal only with flash. The mask is Meta's: (seqlen, start_pos + seqlen), in like's dtype.
+    documents (bsz, seqlen), for packed rows from position 0: a query sees only earlier keys of its own
+    document, whatever the path: an additive (bsz, 1, seqlen, seqlen) mask."""
+    if documents is not None:
+        runs = document_starts(documents).cumsum(1)  # 1, 1, 1, 2, 2, ...: which document each token is in
+        seen = (runs[:, :, None] == runs[:, None, :]).tril()  # (bsz, query, key): same document, not later
+        mask = torch.zeros(seen.shape, device=like.device).masked_fill(~seen, float("-inf"))
+        return mask[:, None].type_as(like), False
     if seqlen == 1:
         return None, False  # one new token: every key so far is at or before it
     if flash and start_pos == 0:
@@ -336,6 +361,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
         # Not a buffer: Module.to(dtype) would cast the complex rotations to a real dtype.
         self._freqs_cis: Optional[torch.Tensor] = None
+        # Training switch: keep only each block's input and recompute the block in backward (less memory).
+        self.activation_checkpointing = False
 
     def freqs_cis(self, device: torch.device) -> torch.Tensor:
         """RoPE rotations for 2 * max_seq_len positions (Meta's table size), computed on `device` as
@@ -378,8 +405,18 @@ class Transformer(nn.Module):
         finally:
             self.clear_cache()
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        """Float32 logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen) placed at start_pos."""
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int = 0, documents: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Float32 logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen) placed at start_pos. documents:
+        (bsz, seqlen) ids of packed documents (consecutive tokens of one document share an id): attention stays
+        inside each document and its positions start at 0 (training rows; no cache, start_pos 0)."""
+        return self.output(self.final_hidden(tokens, start_pos, documents)).float()
+
+    def final_hidden(
+        self, tokens: torch.Tensor, start_pos: int = 0, documents: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The final norm's output (bsz, seqlen, dim): forward without the output layer."""
         bsz, seqlen = tokens.shape
         cache = self.layers[0].attention.cache
         if start_pos and cache is None:
@@ -389,16 +426,41 @@ class Transformer(nn.Module):
             raise ValueError(f"positions up to {start_pos + seqlen} exceed the {owner} limit of {limit} (max_seq_len)")
         if cache is not None and bsz > cache.max_batch_size:
             raise ValueError(f"batch of {bsz} exceeds the KV cache's max_batch_size {cache.max_batch_size}")
+        if documents is not None and (cache is not None or documents.shape != tokens.shape):
+            raise ValueError(f"documents {tuple(documents.shape)} must match tokens {tuple(tokens.shape)}, no cache")
 
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        freqs_cis = self.freqs_cis(h.device)[start_pos : start_pos + seqlen]  # these positions' rotations
-        mask, is_causal = causal_mask(seqlen, start_pos, self.params.flash, h)
+        table = self.freqs_cis(h.device)
+        # These positions' rotations: (seqlen, head_dim // 2), or per row (bsz, seqlen, ...) for packed documents.
+        freqs_cis = table[start_pos : start_pos + seqlen] if documents is None else table[document_positions(documents)]
+        mask, is_causal = causal_mask(seqlen, start_pos, self.params.flash, h, documents)
         for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask, is_causal)
-        h = self.norm(h)
-        return self.output(h).float()  # (bsz, seqlen, vocab_size)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, start_pos, freqs_cis, mask, is_causal, use_reentrant=False)
+            else:
+                h = layer(h, start_pos, freqs_cis, mask, is_causal)
+        return self.norm(h)
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """Mean next-token cross-entropy of a full forward (no cache); targets equal to ignore_index are skipped."""
-        logits = self.forward(tokens)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor,
+        ignore_index: int = -100,
+        documents: Optional[torch.Tensor] = None,
+        reduction: str = "mean",
+        chunk_size: Optional[int] = None,
+    ) -> torch.Tensor:
+        """Next-token cross-entropy of a full forward (no cache), targets equal to ignore_index skipped: their
+        mean, or with reduction "sum" their sum. chunk_size: logits are made that many positions at a time and
+        remade in backward, so the float32 (positions x vocab_size) logits never exist at once."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        h, targets = self.final_hidden(tokens, 0, documents).flatten(0, 1), targets.flatten()
+        if chunk_size is None:
+            return F.cross_entropy(self.output(h).float(), targets, ignore_index=ignore_index, reduction=reduction)
+        chunks = zip(h.split(chunk_size), targets.split(chunk_size), strict=True)
+        total = sum(checkpoint(self._cross_entropy_sum, x, t, ignore_index, use_reentrant=False) for x, t in chunks)
+        return total if reduction == "sum" else total / (targets != ignore_index).sum()
+
+    def _cross_entropy_sum(self, h: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        return F.cross_entropy(self.output(h).float(), targets, ignore_index=ignore_index, reduction="sum")

@@ -19,6 +19,13 @@ ulp is 2**-19 = 1.9e-6) and 0.25 in bfloat16 (2 ulps at 16..32, where one ulp is
 3,000 positions); Meta at world size 2 vs dense microllama by at most 9.5e-6 on logits and 1.7e-6 on
 activations in float32, 0.19 on logits in bfloat16 (4 ranks: 1.34e-5 and 0.19). The bounds are in
 ulps of that top binade, 16 for float32 and 3 for bfloat16: between 1.5x and 3.2x the worst case seen.
+A packed training row against each of its documents run alone (the same weights, positions restarting at 0
+in each document): the attention of a longer row sums over more masked, zero-weighted keys, grouped otherwise
+by the kernels. Measured over 300 hypothesis examples on small random models, at most 7.2e-7 (default and
+flash paths); on the tiny checkpoint (5 rows of up to 256 positions, 30 documents) 1.05e-5 (default) and 9.5e-6
+(flash) in float32; in bfloat16 the default path measured exactly equal on those 30 documents, flash 0.16. A merged
+LoRA model against the unmerged one (W + BA folded in float32, then cast): 1.3e-5 in float32, 0.27 in
+bfloat16 on the tiny checkpoint with rank-8 adapters on every linear layer.
 Cached decoding against one full forward: at most 1.1e-5 on the tiny checkpoint in float32 (1.1e-6 on
 small random models, logits ~2; grouped-query attention against its multi-head twin: 6e-7); in
 bfloat16 the default path measured exactly equal, and a test checks that with torch.equal.
@@ -36,3 +43,30 @@ LOGITS_ATOL = {
 # (freq <= 1), each off by up to half an ulp: a rotation to position t is off by up to t * 2**-24
 # radians, plus a few roundings in cos, sin and the complex product.
 FP32_UNIT_ROUNDOFF = 2.0**-24
+
+# dtype -> bound on gradients computed with their sums in another order (the step split into micro-batches
+# of other sizes, the cross-entropy in chunks, transformers' RoPE), relative to the step's largest gradient
+# element over all parameters: |g - g'| <= GRAD_RTOL * max|g|. (Relative to each parameter's own largest
+# element would not do: where a gradient is zero in exact arithmetic, such as wq's and wk's when every query
+# sees a single key, it is rounding noise of 1e-9 whose order changes with the grouping.) Measured: on small
+# random models over 400 hypothesis examples, float32 at most 5.4e-7 (micro-batches) and 5.7e-7 (chunks);
+# on the tiny checkpoint (4 x 64 packed tokens, some targets ignored) 2.5e-7 and 4.7e-7, bfloat16 5.5e-3 and
+# 3.4e-4 (bfloat16's unit in the last place is 2**-8 = 3.9e-3 of the largest value); transformers vs
+# microllama in float32, 1.2e-6 of each parameter's own largest element. Bounds: 2**-18 (float32, 6.7x the
+# worst seen) and 4 * 2**-8 (bfloat16, 2.9x).
+GRAD_RTOL = {
+    torch.float32: 2**-18,  # 3.8e-6
+    torch.bfloat16: 4 * 2**-8,  # 0.0156
+}
+
+# dtype -> bound on each trained weight's norm after the training goldens' 4 AdamW steps, taken with sums in
+# another order (Meta at world size 2 against dense microllama), relative to that norm. On the training
+# goldens microllama's trainer reproduces Meta's at world size 1 bit for bit (losses, gradient norms, every
+# final weight, float32 and bfloat16); at world size 2 it measured: float32 losses within 1.9e-6 (1 ulp),
+# step gradient norms 1.9e-6 relative, first-step gradient norms 6.1e-8 of the largest, final weight norms
+# 8.6e-8 relative; bfloat16 5.5e-3, 1.9e-3, 6.0e-4 and 3.6e-5. Losses are checked against LOGITS_ATOL, gradient
+# norms against GRAD_RTOL, weight norms against these: 2**-20 (float32, 11x) and 2**-12 (bfloat16, 6.9x).
+TRAINED_WEIGHTS_RTOL = {
+    torch.float32: 2**-20,  # 9.5e-7
+    torch.bfloat16: 2**-12,  # 2.4e-4
+}

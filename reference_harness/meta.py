@@ -121,6 +121,22 @@ def meta_model_from_state_dict(
     return model
 
 
+def meta_forward_for_training(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of Meta's Transformer with autograd on: its forward is wrapped in torch.inference_mode, so the
+    function it wraps is called (Meta's code is not edited). That forward writes every position into its KV
+    cache tensors, which then hold a graph: they are replaced by fresh zeros first, so each call stands alone."""
+    for layer in model.layers:
+        layer.attention.cache_k = torch.zeros_like(layer.attention.cache_k)
+        layer.attention.cache_v = torch.zeros_like(layer.attention.cache_v)
+    return type(model).forward.__wrapped__(model, tokens, 0)
+
+
+def meta_loss(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of Meta's Transformer on tokens (targets -100 ignored), differentiable."""
+    logits = meta_forward_for_training(model, tokens)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
 def meta_transformer(
     ckpt_dir: Union[str, Path], dtype: torch.dtype, max_seq_len: int, max_batch_size: int, device: str = "cpu"
 ) -> torch.nn.Module:

@@ -1,0 +1,190 @@
+"""The training run's files, built and read here only.
+
+    OUT_DIR/train_config.json    the run's resolved configuration (TrainConfig, model, data, dtype, versions)
+    OUT_DIR/metrics.jsonl        one line per step and per evaluation
+    OUT_DIR/checkpoint/          the last save: state.pth and train_config.json, replaced atomically
+    OUT_DIR/final/               params.json + consolidated.00.pth in Meta's layout (LoRA merged), train_config.json
+    OUT_DIR/adapters.pth         LoRA runs: the adapters alone (microllama.lora.load_adapters)
+
+state.pth holds what a resume needs to go on bit for bit: the step, the weights that train (all of them,
+the norm weights, or the LoRA adapters alone), the optimizer's state, torch's random states and the data
+position. It is read with weights_only=True: tensors, numbers and strings, nothing that runs code.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .data import DataPosition
+from .files import StateDict, atomic_dir, read_json
+from .train_config import RESUMABLE
+
+STATE_FORMAT = 1
+RECORD = "train_config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint"
+FINAL = "final"
+ADAPTERS = "adapters.pth"
+
+
+class TrainCheckpointError(ValueError):
+    """A run directory or checkpoint that cannot be used as asked; the message names the file."""
+
+
+@dataclass
+class TrainState:
+    step: int  # optimizer steps taken
+    weights: StateDict  # the weights that train, by their names in the model
+    optimizer: dict[str, Any]  # torch.optim state_dict
+    data: DataPosition
+    targets_seen: int = 0  # target tokens trained on so far
+    rng: dict[str, Any] = field(default_factory=dict)  # torch's generator states: "cpu", and "cuda" (one per device)
+
+
+def capture_rng() -> dict[str, Any]:
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, record: dict[str, Any]) -> Path:
+    """Write run_dir/checkpoint atomically: a crash while saving leaves the previous checkpoint whole."""
+    payload = {
+        "format": STATE_FORMAT,
+        "step": state.step,
+        "weights": {k: v.detach().cpu() for k, v in state.weights.items()},
+        "optimizer": state.optimizer,
+        "data": {"epoch": state.data.epoch, "row": state.data.row},
+        "targets_seen": state.targets_seen,
+        "rng": state.rng,
+    }
+    with atomic_dir(run_dir / CHECKPOINT, replace=True) as tmp:
+        torch.save(payload, tmp / "state.pth")
+        write_record(tmp, record)
+    return run_dir / CHECKPOINT
+
+
+def load_checkpoint(run_dir: Path) -> tuple[TrainState, dict[str, Any]]:
+    """The state and the record of run_dir's last checkpoint."""
+    path = run_dir / CHECKPOINT / "state.pth"
+    if not path.is_file():
+        raise TrainCheckpointError(f"nothing to resume: {path} not found (the run saved no checkpoint)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged archive raises one of several types
+        raise TrainCheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
+        raise TrainCheckpointError(f"{path}: not a microllama training checkpoint of format {STATE_FORMAT}")
+    state = TrainState(
+        step=payload["step"],
+        weights=payload["weights"],
+        optimizer=payload["optimizer"],
+        data=DataPosition(**payload["data"]),
+        targets_seen=payload["targets_seen"],
+        rng=payload["rng"],
+    )
+    return state, read_record(run_dir / CHECKPOINT)
+
+
+def save_adapters(run_dir: Path, adapters: StateDict) -> Path:
+    """run_dir/adapters.pth, replaced atomically."""
+    path, tmp = run_dir / ADAPTERS, run_dir / f".{ADAPTERS}.partial-{os.getpid()}"
+    torch.save({k: v.detach().cpu() for k, v in adapters.items()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_adapters(path: Union[str, Path]) -> StateDict:
+    """The adapters saved by save_adapters (a run's adapters.pth)."""
+    try:
+        adapters = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainCheckpointError(f"{path} not found") from None
+    except Exception as e:
+        raise TrainCheckpointError(f"{path}: not a readable adapters file ({type(e).__name__}: {e})") from e
+    if not isinstance(adapters, dict) or not all(isinstance(v, torch.Tensor) for v in adapters.values()):
+        raise TrainCheckpointError(f"{path} must hold a dict of tensors")
+    return adapters
+
+
+def write_record(directory: Path, record: dict[str, Any]) -> None:
+    (directory / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_record(directory: Path) -> dict[str, Any]:
+    return read_json(directory / RECORD, TrainCheckpointError)
+
+
+def check_resumable(saved: dict[str, Any], record: dict[str, Any], where: Path) -> None:
+    """TrainCheckpointError naming what differs, unless record describes the run that saved `saved` (the
+    settings in RESUMABLE and library versions may differ)."""
+    differences = []
+    for section in ("model", "data", "dtype"):
+        if saved.get(section) != record.get(section):
+            differences.append(f"{section} {json.dumps(saved.get(section))} (now {json.dumps(record.get(section))})")
+    old, new = saved.get("config", {}), record["config"]
+    for key in sorted(old.keys() | new.keys()):
+        if key not in RESUMABLE and old.get(key) != new.get(key):
+            differences.append(f"--{key} {json.dumps(old.get(key))} (now {json.dumps(new.get(key))})")
+    if differences:
+        raise TrainCheckpointError(
+            f"{where} was saved by another run: {'; '.join(differences)}. Resume with the same model, data and "
+            "settings, or start a new run in another --out_dir"
+        )
+
+
+def files_fingerprint(files: list[Path]) -> str:
+    """sha256 over each file's name, size and first and last MiB: tells checkpoints apart in a moment, where
+    hashing every byte of an 8B model would take a minute."""
+    h = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}|{size}\n".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """TrainCheckpointError unless run_dir is absent or empty: another run's files are never touched."""
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        what = "holds another run" if (run_dir / RECORD).is_file() else "is not an empty directory"
+        raise TrainCheckpointError(
+            f"--out_dir {run_dir} {what}: pass --resume to continue it, or choose another --out_dir"
+        )
+
+
+def start_run_dir(run_dir: Path, record: dict[str, Any]) -> None:
+    """Create run_dir for a new run, with its record and an empty metrics.jsonl."""
+    check_new_run_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_record(run_dir, record)
+    (run_dir / METRICS).touch()
+
+
+def read_metrics(run_dir: Union[str, Path]) -> list[dict[str, Any]]:
+    """The lines of run_dir/metrics.jsonl."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        raise TrainCheckpointError(f"{path} not found: not a training run directory")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Forget metrics of steps after `step`: a resume from there writes them again."""
+    kept = [m for m in read_metrics(run_dir) if m["step"] <= step]
+    (run_dir / METRICS).write_text("".join(json.dumps(m) + "\n" for m in kept))

@@ -1,0 +1,78 @@
+"""What a training run is told: `TrainConfig`, one field per flag of `microllama train`. Standard library
+only, so that the command line can check flags and show --help without importing torch."""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+MODES = ("full", "lora", "norms")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. The resolved configuration is written beside every checkpoint the run saves."""
+
+    data: str  # a .txt or .jsonl file, or a directory of them (see microllama.data)
+    out_dir: str = "runs/train"  # checkpoints, metrics.jsonl and the final weights; must not hold another run
+    ckpt_dir: Optional[str] = None  # the model to start from: a directory or a tiny checkpoint's name (default tiny)
+    mode: str = "full"  # full: every weight trains; lora: adapters only; norms: RMSNorm weights only
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["wq", "wv"])  # of wq wk wv wo w1 w2 w3
+    max_seq_len: int = 256  # tokens per packed row
+    batch_size: int = 4  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 100
+    lr: float = 1e-3  # peak learning rate, reached after warmup_steps, then cosine down to min_lr at max_steps
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0  # AdamW's, on matrices only (not norm weights)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # largest global gradient norm; 0 leaves gradients as they are
+    eval_every: int = 25  # steps between held-out evaluations (and one at the end); 0: only at the end
+    eval_fraction: float = 0.05  # documents held out for evaluation
+    eval_rows: int = 16  # held-out rows evaluated (at most)
+    save_every: int = 50  # steps between checkpoints (and one at the end)
+    device: str = "cpu"
+    dtype: Optional[str] = None  # weights and activations: float32 on CPU, bfloat16 on CUDA by default
+    adapter_dtype: str = "float32"  # LoRA adapters and their AdamW state; other modes train in dtype
+    flash: bool = False  # attention through F.scaled_dot_product_attention
+    activation_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
+    loss_chunk: int = 0  # positions per cross-entropy chunk (0: whole micro-batch at once)
+    seed: int = 0  # the held-out split, the data order, LoRA's initialisation and dropout
+    resume: bool = False  # continue the run in out_dir from its last checkpoint
+    stop_at: Optional[int] = None  # stop after this step, as if interrupted (a checkpoint is saved): --resume goes on
+    tokenizer_path: Optional[str] = None  # tokenizer.model (default: beside the checkpoint, or llama-models')
+
+    def check(self) -> None:
+        """ValueError naming the flag, for settings no run can take."""
+        if self.mode not in MODES:
+            raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("max_seq_len", "batch_size", "grad_accum", "max_steps", "eval_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value!r}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min_lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+        for name in ("beta1", "beta2", "eval_fraction"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
+            raise ValueError(f"--stop_at must be a step from 1 to --max_steps ({self.max_steps}), got {self.stop_at}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# What may differ between a run and its resumption, none changing what is computed: the data is compared by
+# content (the corpus's key), not by the path that names it, and out_dir is where the checkpoint was found.
+RESUMABLE = ("resume", "stop_at", "data", "out_dir")

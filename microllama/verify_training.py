@@ -1,0 +1,189 @@
+"""Checking microllama's trainer against a training golden set (microllama.golden_format): the same steps on
+the same batch through microllama.train's own train_step, then every step's loss and gradient norm, each
+parameter's first-step gradient norm and the final weights compared; bit for bit on the recording's
+platform at world size 1, else within microllama.tolerances."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from .capture import cpu_threads
+from .checkpoint import Checkpoint, open_checkpoint
+from .data import Batch
+from .files import state_dict_sha256, tensor_sha256
+from .golden_format import GoldenError, TrainingSet, read_training_set
+from .tolerances import GRAD_RTOL, LOGITS_ATOL, TRAINED_WEIGHTS_RTOL
+from .train import make_optimizer, select_trainable, train_step
+from .train_config import TrainConfig
+from .verify import comparison_mode
+
+
+@dataclass(frozen=True, kw_only=True)
+class Values:
+    """What microllama's trainer computed, in the golden set's terms."""
+
+    losses: list[float]
+    grad_norms: list[float]
+    first_step_grad_norms: list[float]
+    final_weight_norms: list[float]
+    final_parameter_sha256: list[str]
+    final_sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingComparison:
+    golden: TrainingSet
+    ckpt_dir: Path
+    checkpoint_matches: bool
+    exact: bool
+    mode: str
+    ours: Values
+
+    def _step_diverges(self, i: int) -> bool:
+        o, g, dtype = self.ours, self.golden.outputs, self.golden.manifest.torch_dtype
+        if self.exact:
+            return o.losses[i] != g.losses[i] or o.grad_norms[i] != g.grad_norms[i]
+        return abs(o.losses[i] - g.losses[i]) > LOGITS_ATOL[dtype] or (
+            abs(o.grad_norms[i] - g.grad_norms[i]) > GRAD_RTOL[dtype] * g.grad_norms[i]
+        )
+
+    def _gradient_diverges(self, i: int) -> bool:
+        """Parameter i's first-step gradient norm is off."""
+        o, g, dtype = self.ours, self.golden.outputs, self.golden.manifest.torch_dtype
+        if self.exact:
+            return o.first_step_grad_norms[i] != g.first_step_grad_norms[i]
+        err = abs(o.first_step_grad_norms[i] - g.first_step_grad_norms[i]) / max(g.first_step_grad_norms)
+        return err > GRAD_RTOL[dtype]
+
+    def _final_weight_diverges(self, i: int) -> bool:
+        o, g, dtype = self.ours, self.golden.outputs, self.golden.manifest.torch_dtype
+        if self.exact:
+            return o.final_parameter_sha256[i] != g.final_parameter_sha256[i]
+        err = abs(o.final_weight_norms[i] - g.final_weight_norms[i]) / g.final_weight_norms[i]
+        return err > TRAINED_WEIGHTS_RTOL[dtype]
+
+    @property
+    def first_divergent_step(self) -> Optional[int]:
+        return next((i + 1 for i in range(len(self.ours.losses)) if self._step_diverges(i)), None)
+
+    @property
+    def first_divergent_parameter(self) -> Optional[str]:
+        """The first parameter (model order) whose first-step gradient is off; if none, whose final weight is
+        (once one step diverges every later weight does, so the gradients name the origin)."""
+        names = self.golden.manifest.parameters
+        for diverges in (self._gradient_diverges, self._final_weight_diverges):
+            first = next((name for i, name in enumerate(names) if diverges(i)), None)
+            if first is not None:
+                return first
+        return None
+
+    @property
+    def failure(self) -> Optional[str]:
+        if not self.checkpoint_matches:
+            return "the checkpoint is not the one recorded (sha256 differs)"
+        step, parameter = self.first_divergent_step, self.first_divergent_parameter
+        if step is not None or parameter is not None:
+            return f"microllama's trainer diverges from the recording, first at step {step}, parameter {parameter}"
+        if self.exact and self.ours.final_sha256 != self.golden.outputs.final_sha256:
+            return "the final weights' sha256 differs"
+        return None
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+
+def train_on_golden_batch(golden: TrainingSet, checkpoint: Checkpoint, device: torch.device) -> Values:
+    """Full fine-tune of the checkpoint's weights with the set's optimizer settings and learning rates, through
+    microllama.train's select_trainable, make_optimizer and train_step."""
+    m = golden.manifest
+    opt = m.optimization
+    cfg = TrainConfig(data="-", mode="full", beta1=opt.betas[0], beta2=opt.betas[1], weight_decay=opt.weight_decay,
+                      grad_clip=opt.grad_clip, max_steps=len(opt.lrs))  # fmt: skip
+    if opt.eps != 1e-8:
+        raise GoldenError(f"{golden.path}: AdamW eps {opt.eps}; microllama's trainer uses 1e-8")
+    model = checkpoint.load_model(m.model.max_seq_len, m.model.max_batch_size, device, m.torch_dtype).train()
+    params = select_trainable(model, cfg)
+    optimizer = make_optimizer(params, cfg, device)
+    tokens, targets = (torch.from_numpy(a).long().to(device) for a in (golden.tokens, golden.targets))
+    batch = Batch(tokens, targets, None)
+    first: list[float] = []
+
+    def keep_first_gradients() -> None:
+        if not first:
+            # sqrt of the sum of squares, as the recorder sums the squares of a gradient's shards over the ranks
+            first.extend(p.grad.float().pow(2).sum().sqrt().item() for p in model.parameters())
+
+    losses, grad_norms = [], []
+    for lr in opt.lrs:
+        loss, grad_norm = train_step(model, params, optimizer, [batch], lr, cfg, keep_first_gradients)
+        losses.append(loss)
+        grad_norms.append(grad_norm)
+    weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return Values(
+        losses=losses,
+        grad_norms=grad_norms,
+        first_step_grad_norms=first,
+        final_weight_norms=[torch.linalg.vector_norm(w.float()).item() for w in weights.values()],
+        final_parameter_sha256=[tensor_sha256(w) for w in weights.values()],
+        final_sha256=state_dict_sha256(weights),
+    )
+
+
+def verify_training(
+    golden_dir: Union[str, Path],
+    ckpt_dir: Optional[Union[str, Path, Checkpoint]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> TrainingComparison:
+    """Run microllama's trainer on a training set's batch and compare (see the module's docstring)."""
+    golden = read_training_set(golden_dir)
+    m = golden.manifest
+    ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else (m.checkpoint.tiny or m.checkpoint.dir))
+    if device is None:
+        device = m.device if torch.device(m.device).type != "cuda" or torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    with cpu_threads(m.platform.threads if device.type == "cpu" else None):  # the count splits CPU sums
+        exact, mode = comparison_mode(golden, device)
+        ours = train_on_golden_batch(golden, ckpt, device)
+    return TrainingComparison(golden=golden, ckpt_dir=ckpt.dir, checkpoint_matches=ckpt.sha256() == m.checkpoint.sha256,
+                              exact=exact, mode=mode, ours=ours)  # fmt: skip
+
+
+def format_training_comparison(c: TrainingComparison) -> str:
+    """The per-step table and the verdict that `microllama verify` prints for a training set."""
+    m, g, o = c.golden.manifest, c.golden.outputs, c.ours
+    opt = m.optimization
+    checkpoint = m.checkpoint.tiny or m.checkpoint.dir
+    lines = [
+        f"training golden set {c.golden.path}: {checkpoint}, {m.dtype}, {m.device}, world size {m.world_size}, "
+        f"{len(opt.lrs)} steps of {opt.optimizer} on a batch of {c.golden.tokens.shape[0]} x "
+        f"{c.golden.tokens.shape[1]} tokens, recorded with torch {m.versions.torch} ({m.platform.cpu_capability})",
+        f"checkpoint {c.ckpt_dir}: sha256 {'matches' if c.checkpoint_matches else 'DIFFERS from'} the recording",
+        f"check: {c.mode}",
+        "",
+        f"{'step':>4} {'lr':>9} {'recorded loss':>15} {'microllama loss':>15} {'abs err':>10} {'grad norm err':>14}"
+        "  status",
+    ]
+    for i, lr in enumerate(opt.lrs):
+        status = "DIVERGES" if c._step_diverges(i) else "ok"
+        lines.append(f"{i + 1:>4} {lr:>9.3g} {g.losses[i]:>15.8g} {o.losses[i]:>15.8g} "
+                     f"{abs(o.losses[i] - g.losses[i]):>10.3g} {abs(o.grad_norms[i] - g.grad_norms[i]):>14.3g}  "
+                     f"{status}")  # fmt: skip
+    n = len(m.parameters)
+    equal_norms = sum(a == b for a, b in zip(o.first_step_grad_norms, g.first_step_grad_norms, strict=True))
+    equal_final = sum(a == b for a, b in zip(o.final_parameter_sha256, g.final_parameter_sha256, strict=True))
+    how = "bit-exact" if c.exact else "within tolerance"
+    scale = max(g.first_step_grad_norms)
+    worst = max(abs(a - b) / scale for a, b in zip(o.first_step_grad_norms, g.first_step_grad_norms, strict=True))
+    lines += [
+        "",
+        f"first-step gradient norms: {equal_norms}/{n} parameters bit-identical (max err {worst:.3g} of the largest)",
+        f"final weights: {equal_final}/{n} parameters bit-identical; sha256 of all "
+        f"{'equal' if o.final_sha256 == g.final_sha256 else 'differs'}",
+        f"first divergent step: {c.first_divergent_step or 'none'}; first divergent parameter: "
+        f"{c.first_divergent_parameter or 'none'}",
+        f"verdict: FAIL: {c.failure}" if c.failure else f"verdict: pass ({how})",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""microllama's trainer against the committed training goldens (a short full fine-tune of Meta's reference
+model, recorded by reference_harness/record_training.py), and the laws of their format: reads verified
+against the manifest, byte-deterministic writes, divergence named by step and parameter."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from microllama import golden_format, verify_training
+from microllama.capture import platform_fingerprint
+from microllama.cli import main as cli_main
+from microllama.golden_format import GoldenError, read_training_set, write_training_set
+from microllama.train import make_optimizer as trainers_optimizer
+from microllama.train import select_trainable
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDENS = REPO / "goldens"
+COMMITTED = ["train-tiny-fp32-cpu-ws1", "train-tiny-bf16-cpu-ws1", "train-tiny-fp32-cpu-ws2",
+             "train-tiny-bf16-cpu-ws2"]  # fmt: skip
+
+pytestmark = pytest.mark.usefixtures("tiny_ckpt")
+
+
+def test_committed_training_sets_are_all_present_and_are_all_the_training_sets():
+    assert sorted(p.name for p in GOLDENS.iterdir() if golden_format.is_training_set(p)) == sorted(COMMITTED)
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_microllamas_trainer_reproduces_metas_fine_tune(name):
+    """Bit for bit at world size 1 on the recording's platform (every loss and gradient norm, every final
+    weight's sha256); at world size 2 (Meta's row-parallel sums) within tolerances.py's bounds."""
+    c = verify_training.verify_training(GOLDENS / name)
+    assert c.checkpoint_matches and c.passed, verify_training.format_training_comparison(c)
+    m = c.golden.manifest
+    if m.world_size > 1:
+        assert not c.exact and c.ours.final_sha256 != c.golden.outputs.final_sha256
+    elif m.platform.differences(dataclasses.replace(platform_fingerprint("cpu"), threads=m.platform.threads)) == []:
+        assert c.exact  # the recording's platform: verify runs with its thread count whatever the caller's
+    if c.exact:
+        assert c.ours.losses == c.golden.outputs.losses and c.ours.grad_norms == c.golden.outputs.grad_norms
+        assert c.ours.final_parameter_sha256 == c.golden.outputs.final_parameter_sha256
+        assert c.ours.final_sha256 == c.golden.outputs.final_sha256
+    assert c.golden.outputs.losses[-1] < c.golden.outputs.losses[0]  # the steps do train
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_training_set_rewritten_from_its_parsed_values_is_byte_identical(name, tmp_path):
+    g = read_training_set(GOLDENS / name)
+    out = write_training_set(tmp_path / name, g.manifest, g.outputs, g.tokens, g.targets)
+    for file in [*golden_format.TRAINING_DATA_FILES, "manifest.json"]:
+        assert (out / file).read_bytes() == (GOLDENS / name / file).read_bytes(), file
+
+
+@pytest.fixture
+def training_copy(tmp_path):
+    return Path(shutil.copytree(GOLDENS / "train-tiny-fp32-cpu-ws1", tmp_path / "set"))
+
+
+@pytest.mark.parametrize("file", ["training.json", "batch.npz"])
+def test_tampered_training_file_fails_naming_file_and_sha256(training_copy, file):
+    data = bytearray((training_copy / file).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (training_copy / file).write_bytes(bytes(data))
+    with pytest.raises(GoldenError, match=rf"{file}: sha256 mismatch"):
+        read_training_set(training_copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [(lambda m: m["optimization"].update(lrs="fast"), r"optimization\.lrs: expected a list"),
+     (lambda m: m.update(extra=1), r"extra: not a field of this format"),
+     (lambda m: m.update(parameters=m["parameters"][1:]), r"parameters: expected the 21 parameters"),
+     (lambda m: m["optimization"].pop("grad_clip"), r"optimization\.grad_clip: missing")],
+)  # fmt: skip
+def test_training_manifest_it_does_not_describe_is_refused(training_copy, edit, message):
+    manifest = json.loads((training_copy / "manifest.json").read_text())
+    edit(manifest)
+    (training_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(GoldenError, match=message):
+        read_training_set(training_copy)
+
+
+def test_a_planted_slip_is_named_by_its_first_step_and_parameter(monkeypatch):
+    """A backward slip in one layer (w2 of block 1 gets twice its gradient): step 1's loss is still Meta's, its
+    gradient norm is not, and the parameter named is that one."""
+
+    def selecting_with_a_slip(model, cfg):
+        params = select_trainable(model, cfg)
+        model.layers[1].feed_forward.w2.weight.register_hook(lambda grad: 2 * grad)
+        return params
+
+    monkeypatch.setattr(verify_training, "select_trainable", selecting_with_a_slip)
+    c = verify_training.verify_training(GOLDENS / "train-tiny-fp32-cpu-ws1")
+    assert c.ours.losses[0] == c.golden.outputs.losses[0]
+    assert (c.first_divergent_step, c.first_divergent_parameter) == (1, "layers.1.feed_forward.w2.weight")
+    assert "first at step 1, parameter layers.1.feed_forward.w2.weight" in c.failure
+
+
+def test_verify_command_checks_a_training_set(capsys):
+    cli_main(["verify", str(GOLDENS / "train-tiny-bf16-cpu-ws1")])
+    out = capsys.readouterr().out
+    assert "verdict: pass (bit-exact)" in out and "first-step gradient norms: 21/21 parameters bit-identical" in out
+
+
+@pytest.mark.reference
+@pytest.mark.slow
+def test_recording_a_training_set_again_gives_the_committed_bytes(tmp_path):
+    from reference_harness.record_training import launch_training
+
+    out = launch_training(tmp_path / "set", None, "cpu", "float32", 1)
+    committed = GOLDENS / "train-tiny-fp32-cpu-ws1"
+    if golden_format.read_training_set(out).manifest.platform != read_training_set(committed).manifest.platform:
+        pytest.skip("recorded on another platform: bytes may differ")
+    for file in [*golden_format.TRAINING_DATA_FILES, "manifest.json"]:
+        assert (out / file).read_bytes() == (committed / file).read_bytes(), file
+
+
+def test_optimizer_settings_of_the_recording_are_the_trainers():
+    """The recorder builds torch's AdamW itself: its settings must be what microllama's make_optimizer makes."""
+    m = read_training_set(GOLDENS / "train-tiny-fp32-cpu-ws1").manifest
+    cfg = dataclasses.replace(verify_training.TrainConfig(data="-"), weight_decay=m.optimization.weight_decay)
+    optimizer = trainers_optimizer([torch.nn.Parameter(torch.ones(2, 2))], cfg, torch.device("cpu"))
+    assert optimizer.defaults["eps"] == m.optimization.eps and optimizer.defaults["fused"] is True
+    assert m.optimization.optimizer == "torch.optim.AdamW(fused=True)"

@@ -1,0 +1,155 @@
+"""Training speed and peak memory per mode, with and without activation checkpointing and the chunked
+cross-entropy: microllama.train's own train_step on random weights and random tokens.
+
+    python tools/bench_train.py                                            # tiny shapes, CPU
+    python tools/bench_train.py --model llama3.2-1b --n_layers 2 --seq_len 128 --batch_size 1
+    python tools/bench_train.py --model llama3.1-8b --device cuda --seq_len 2048 --batch_size 1   # then 2
+
+Each row runs in a fresh process (spawned), so that its peak memory is its own: on CUDA the peak of
+torch.cuda.max_memory_allocated, on the CPU the process's peak resident set (which includes Python and
+torch themselves: the `baseline` row, a process that only imports torch and allocates the data). Speed is
+the median over --steps timed steps after one warm-up step, in tokens (batch_size x seq_len) per second.
+Weights are random and drawn in the model's dtype on the device (no float32 copy of an 8B model).
+"""
+
+import functools
+import json
+import multiprocessing
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from this checkout
+
+from microllama import cli  # noqa: E402
+
+VARIANTS = {"plain": (False, 0), "ckpt+chunk": (True, 1024)}  # activation checkpointing, loss_chunk
+
+
+def _clock(device: Any) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def run_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One configuration, in this process: build, warm up, time; returns the row with its figures."""
+    import torch
+
+    from microllama import family
+    from microllama.data import Batch
+    from microllama.files import parse_dtype
+    from microllama.model import ModelArgs, Transformer
+    from microllama.train import make_optimizer, peak_memory_gib, select_trainable, train_step
+    from microllama.train_config import TrainConfig
+
+    if row["threads"]:
+        torch.set_num_threads(row["threads"])
+    device, dtype = torch.device(row["device"]), parse_dtype(row["dtype"])
+    params = {**family.lookup(row["model"]).params}
+    if row["n_layers"]:
+        params["n_layers"] = row["n_layers"]
+    args = ModelArgs.from_params(params, max_seq_len=row["seq_len"], flash=row["flash"])
+    g = torch.Generator(device=device).manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (row["batch_size"], row["seq_len"] + 1), device=device, generator=g)
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], torch.zeros_like(tokens[:, :-1]))  # one document per row
+    if row["mode"] == "baseline":
+        return {**row, "tok_s": None, "peak_gib": peak_memory_gib(device)}
+    with torch.device("meta"):
+        model = Transformer(args).to(dtype)
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
+    model.train()
+    checkpointing, chunk = VARIANTS[row["variant"]]
+    model.activation_checkpointing = checkpointing
+    cfg = TrainConfig(data="-", mode=row["mode"], loss_chunk=chunk, lora_targets=["wq", "wv"])
+    trainable = select_trainable(model, cfg)
+    optimizer = make_optimizer(trainable, cfg, device)
+    times = []
+    for _ in range(row["steps"] + 1):  # the first is a warm-up
+        start = _clock(device)
+        train_step(model, trainable, optimizer, [batch], 1e-5, cfg)
+        times.append(_clock(device) - start)
+    tokens_per_step = row["batch_size"] * row["seq_len"]
+    return {**row, "tok_s": tokens_per_step / statistics.median(times[1:]), "peak_gib": peak_memory_gib(device),
+            "trainable": sum(p.numel() for p in trainable)}  # fmt: skip
+
+
+def _child(row: dict[str, Any], queue: Any) -> None:
+    try:
+        queue.put(run_row(row))
+    except Exception as e:  # reported in the table, not lost in a child's traceback
+        queue.put({**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"})
+
+
+def benchmark(
+    model: str = "tiny",
+    n_layers: Optional[int] = None,
+    device: str = "cpu",
+    dtype: Optional[str] = None,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    steps: int = 3,
+    modes: Optional[list[str]] = None,
+    variants: Optional[list[str]] = None,
+    flash: bool = False,
+    threads: int = 0,
+) -> list[dict[str, Any]]:
+    """One row per mode (full, lora, norms) and variant (plain; ckpt+chunk: activation checkpointing and a
+    1,024-position cross-entropy chunk), each in its own process, after a baseline row."""
+    for name, count in {"seq_len": seq_len, "batch_size": batch_size, "steps": steps}.items():
+        if count < 1:
+            raise ValueError(f"--{name} must be at least 1, got {count}")
+    modes, variants = modes or ["full", "lora", "norms"], variants or list(VARIANTS)
+    unknown = [v for v in variants if v not in VARIANTS] + [m for m in modes if m not in ("full", "lora", "norms")]
+    if unknown:
+        raise ValueError(f"unknown mode or variant {unknown[0]!r}: modes full, lora, norms; variants "
+                         f"{', '.join(VARIANTS)}")  # fmt: skip
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    base = dict(model=model, n_layers=n_layers, device=device, dtype=dtype, seq_len=seq_len, batch_size=batch_size,
+                steps=steps, flash=flash, threads=threads)  # fmt: skip
+    rows = [dict(base, mode="baseline", variant="-")]
+    rows += [dict(base, mode=m, variant=v) for m in modes for v in variants]
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for row in rows:
+        queue = context.Queue()
+        child = context.Process(target=_child, args=(row, queue))
+        child.start()
+        result = queue.get()
+        child.join()
+        results.append(result)
+        print(json.dumps(result), file=sys.stderr, flush=True)
+    return results
+
+
+@functools.wraps(benchmark)  # the command line takes benchmark's flags
+def main(**kwargs: Any) -> None:
+    results = benchmark(**kwargs)
+    first = results[0]
+    layers = f", {first['n_layers']} layers" if first["n_layers"] else ""
+    print(f"{first['model']}{layers}, {first['dtype']}, {first['device']}, batch {first['batch_size']} x "
+          f"{first['seq_len']} tokens")  # fmt: skip
+    print(f"{'mode':<9} {'variant':<11} {'trainable':>12} {'tokens/s':>10} {'peak GiB':>9}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['mode']:<9} {r['variant']:<11} {r['error']}")
+            continue
+        trainable = f"{r['trainable']:,}" if "trainable" in r else "-"
+        speed = f"{r['tok_s']:,.0f}" if r["tok_s"] else "-"
+        print(f"{r['mode']:<9} {r['variant']:<11} {trainable:>12} {speed:>10} {r['peak_gib']:>9.2f}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
