@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import re
 import sys
 import typing
@@ -220,7 +221,9 @@ def _field_comments(config: type) -> str:
 def _train(config: Any) -> None:
     from .train import train as run_training
 
-    print(run_training(config).line())
+    summary = run_training(config)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for the job
+        print(summary.line())
 
 
 def plot(run_dir: str) -> None:
