@@ -8,7 +8,9 @@ gradient is the one-process gradient of the global batch; DDP and FSDP average g
 each rank's loss is multiplied by the world size first (exact for a power of two).
 """
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -58,6 +60,14 @@ class Ranks:
         part = slice(self.rank * n, (self.rank + 1) * n)
         return Batch(batch.tokens[part], batch.targets[part], batch.documents[part])
 
+    def loss(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Transformer.loss on this rank's rows, run through DDP or FSDP (their hooks around the module's call)."""
+        return self.loss_fn(*args, **kwargs)
+
+    def rank_0_first(self) -> "contextlib.AbstractContextManager[None]":
+        """A block rank 0 runs before the others: it fills a cache (the tokenized corpus) that they then read."""
+        return _rank_0_first(self.is_rank_0)
+
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """value added over the ranks (a step's loss, for the log)."""
         dist.all_reduce(value)
@@ -80,6 +90,15 @@ class Ranks:
         every rank must call it."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {k: v.to(dtype) for k, v in get_model_state_dict(model, options=options).items()}
+
+
+@contextlib.contextmanager
+def _rank_0_first(is_rank_0: bool) -> Iterator[None]:
+    if not is_rank_0:
+        dist.barrier()
+    yield
+    if is_rank_0:
+        dist.barrier()
 
 
 def join(kind: str, batch_size: int, device: torch.device) -> Optional[Ranks]:

@@ -15,6 +15,7 @@ step, log, save), with features as switches on it.
   The final weights go out in Meta's layout, LoRA merged, for `microllama generate`, `verify` and `convert`.
 """
 
+import contextlib
 import json
 import math
 import resource
@@ -22,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -102,12 +103,14 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: t
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
 
 
-def step_loss(loss_fn: Callable[..., torch.Tensor], batch: Batch, n_targets: int, loss_chunk: int = 0) -> torch.Tensor:
+def step_loss(
+    model: Union[Transformer, distributed.Ranks], batch: Batch, n_targets: int, loss_chunk: int = 0
+) -> torch.Tensor:
     """This micro-batch's summed token losses over the whole step's target count: the step's loss is the sum
-    of these, whatever the split into micro-batches (not the mean of per-micro-batch means). loss_fn: the
-    model's loss, or its data-parallel wrapper's."""
-    total = loss_fn(batch.tokens, batch.targets, documents=batch.documents, reduction="sum",
-                    chunk_size=loss_chunk or None)  # fmt: skip
+    of these, whatever the split into micro-batches (not the mean of per-micro-batch means). model: the
+    Transformer, or the Ranks whose loss runs it through DDP or FSDP."""
+    total = model.loss(batch.tokens, batch.targets, documents=batch.documents, reduction="sum",
+                       chunk_size=loss_chunk or None)  # fmt: skip
     return total / max(1, n_targets)
 
 
@@ -132,10 +135,10 @@ def train_step(
     loss = torch.zeros((), device=micro_batches[0].tokens.device)
     for batch in micro_batches:
         if ranks is None:
-            micro_loss = step_loss(model.loss, batch, n_targets, cfg.loss_chunk)
+            micro_loss = step_loss(model, batch, n_targets, cfg.loss_chunk)
             micro_loss.backward()
         else:  # DDP and FSDP average the ranks' gradients: times world_size makes it their sum
-            micro_loss = step_loss(ranks.loss_fn, ranks.rows(batch), n_targets, cfg.loss_chunk)
+            micro_loss = step_loss(ranks, ranks.rows(batch), n_targets, cfg.loss_chunk)
             (micro_loss * ranks.world_size).backward()
         loss += micro_loss.detach()
     loss = (loss if ranks is None else ranks.sum(loss)).item()
@@ -158,7 +161,7 @@ def evaluate(
 ) -> float:
     """Mean token loss over the held-out rows (dropout off); data-parallel, every rank computes all of them."""
     model.eval()
-    loss_fn = model.loss if ranks is None else ranks.loss_fn
+    loss_fn = model.loss if ranks is None else ranks.loss
     total = sum(loss_fn(b.tokens, b.targets, documents=b.documents, reduction="sum",
                         chunk_size=cfg.loss_chunk or None).item() for b in batches)  # fmt: skip
     model.train()
@@ -215,7 +218,8 @@ def train(cfg: TrainConfig) -> Summary:
     # Data: tokenized once into the cache, a held-out split, rows packed per epoch in a seeded order.
     checkpoint = open_checkpoint(cfg.ckpt_dir)
     tokenizer = Tokenizer(cfg.tokenizer_path, checkpoint.dir)
-    corpus = load_corpus(cfg.data, tokenizer, cache_dir() / "data")
+    with contextlib.nullcontext() if ranks is None else ranks.rank_0_first():  # one rank tokenizes
+        corpus = load_corpus(cfg.data, tokenizer, cache_dir() / "data")
     train_docs, eval_docs = split_documents(len(corpus), cfg.eval_fraction, cfg.seed)
     batches = Batches(corpus, train_docs, cfg.max_seq_len, cfg.batch_size, cfg.seed, tokenizer.pad_id)
     packing = batches.packing(0)
