@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import family, tiny
+from . import family, parallel, tiny
 from .config import CheckpointError, args_from_params
 from .files import StateDict, parse_dtype, read_json, state_dict_sha256
 from .hf_layout import hf_stored_bytes, read_config, read_hf, safetensors_files, save_hf
@@ -59,14 +59,18 @@ class Checkpoint:
         return self.weight_files
 
     def read_state_dict(
-        self, device: Union[str, torch.device] = "cpu", dtype: Optional[Union[str, torch.dtype]] = None
+        self,
+        device: Union[str, torch.device] = "cpu",
+        dtype: Optional[Union[str, torch.dtype]] = None,
+        part: tuple[int, int] = (0, 1),
     ) -> StateDict:
-        """Dense, checked tensors in Meta's names, in dtype (None: as stored) on device."""
+        """Checked tensors in Meta's names, in dtype (None: as stored) on device: dense, or with part = (rank, n)
+        the slices rank holds under tensor parallelism at n ranks, read without reading the rest."""
         device, dtype = torch.device(device), None if dtype is None else parse_dtype(dtype)
         files = list(self._files())
         if self.layout == "meta":
-            return read_meta(files, self.args, device, dtype, self.config_file)
-        return read_hf(files, self.args, self.tied, device, dtype)
+            return read_meta(files, self.args, device, dtype, self.config_file, part)
+        return read_hf(files, self.args, self.tied, device, dtype, part)
 
     def load_model(
         self,
@@ -76,18 +80,27 @@ class Checkpoint:
         dtype: Union[str, torch.dtype] = torch.float32,
         flash: bool = False,
         state_dict: Optional[StateDict] = None,
+        mesh: Optional[parallel.DeviceMesh] = None,
     ) -> Transformer:
         """A Transformer holding the weights in `dtype` on `device`, built on the meta device (no memory is
         spent on an initialisation the checkpoint overwrites). state_dict: tensors already read (by
-        read_state_dict), converted here instead of reading the files again."""
+        read_state_dict), converted here instead of reading the files again. mesh: shard the model over its
+        ranks as Meta's tensor parallelism does (microllama.parallel), each rank reading only its slices."""
         args = self.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size, flash=flash)
         dtype = parse_dtype(dtype)
+        if mesh is not None and state_dict is not None:
+            raise ValueError("a tensor-parallel model reads its own slices of the checkpoint: pass no state_dict")
+        if mesh is not None:
+            parallel.check_world_size(args, mesh.size(), self.source)
+        part = (0, 1) if mesh is None else (mesh.get_local_rank(), mesh.size())
         if state_dict is None:
-            state_dict = self.read_state_dict(device, dtype)
+            state_dict = self.read_state_dict(device, dtype, part)
         else:
             state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
         with torch.device("meta"):
             model = Transformer(args)
+        if mesh is not None:
+            state_dict = parallel.from_local(parallel.parallelize(model, mesh), state_dict)
         model.load_state_dict(state_dict, strict=True, assign=True)
         return model.eval()
 

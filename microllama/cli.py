@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import re
 import sys
 import typing
@@ -41,21 +42,27 @@ def generate(
 ) -> None:
     """Complete PROMPT (default: "Clearly, the meaning of life is"), streamed as it comes, or each of --prompts,
     a JSON list of strings: --prompts '["first", "second"]'. ckpt_dir: a checkpoint directory or a tiny
-    checkpoint's name (default: tiny, whose random weights produce fluent-looking nonsense)."""
+    checkpoint's name (default: tiny, whose random weights produce fluent-looking nonsense). Launched by
+    torchrun with several ranks (torchrun --nproc_per_node N -m microllama.cli generate ...), the model is
+    tensor-parallel over them and rank 0 prints."""
     if prompt is not None and prompts is not None:
         raise ValueError("give --prompt or --prompts, not both")
     texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
     from .generation import Llama, check_sampling
+    from .parallel import is_rank_0, torchrun_world_size
     from .terminal import StreamPrinter
 
     check_sampling(temperature, top_p, max_gen_len, seed)  # before a checkpoint that may take minutes to load
     if max_seq_len < 1:
         raise ValueError(f"--max_seq_len must be at least 1, got {max_seq_len}")
     llama = Llama.build(ckpt_dir, max_seq_len, len(texts), device=device, dtype=dtype, flash=flash,
-                        tokenizer_path=tokenizer_path)  # fmt: skip
+                        tokenizer_path=tokenizer_path, tensor_parallel=torchrun_world_size() > 1)  # fmt: skip
     # The whole request is checked before the prompt is echoed, so that an error does not follow it.
     tokens = [llama.tokenizer.encode(t, bos=True, eos=False) for t in texts]
     llama.check_request(tokens, temperature, top_p, max_gen_len, seed)
+    if not is_rank_0():  # every rank computes the same tokens; one prints them
+        llama.text_completion(texts, temperature, top_p, max_gen_len, seed=seed)
+        return
     if len(texts) == 1:
         print(texts[0], end="", flush=True)
         llama.text_completion(texts, temperature, top_p, max_gen_len, seed=seed,
@@ -100,7 +107,9 @@ def verify(
     capture point, the completions and chat replies (or, for a training set, each step of microllama's
     trainer), the first divergent check and a verdict on stdout, progress on stderr; exit status 1 when the
     check fails. ckpt_dir defaults to the set's own checkpoint (a directory, or tiny / tiny-hd128); one whose
-    sha256 is not the recording's fails the check unless --other_checkpoint says that is intended."""
+    sha256 is not the recording's fails the check unless --other_checkpoint says that is intended. Launched by
+    torchrun with several ranks, an inference set's model is tensor-parallel over them (bit-identical to a set
+    Meta recorded at that world size) and rank 0 reports."""
     from .golden_format import is_training_set
 
     if is_training_set(golden_dir):  # a training set: microllama's trainer against Meta's fine-tune
@@ -111,11 +120,14 @@ def verify(
         if not training.passed:
             sys.exit(1)
         return
+    from .parallel import is_rank_0, torchrun_world_size
     from .verify import format_comparison
     from .verify import verify as verify_golden_set
 
-    comparison = verify_golden_set(golden_dir, ckpt_dir, device, other_checkpoint=other_checkpoint, progress=True)
-    print(format_comparison(comparison))
+    comparison = verify_golden_set(golden_dir, ckpt_dir, device, other_checkpoint=other_checkpoint,
+                                   progress=is_rank_0(), tensor_parallel=torchrun_world_size() > 1)  # fmt: skip
+    if is_rank_0():
+        print(format_comparison(comparison))
     if not comparison.passed:
         sys.exit(1)
 
@@ -209,7 +221,9 @@ def _field_comments(config: type) -> str:
 def _train(config: Any) -> None:
     from .train import train as run_training
 
-    print(run_training(config).line())
+    summary = run_training(config)
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for the job
+        print(summary.line())
 
 
 def plot(run_dir: str) -> None:

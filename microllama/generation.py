@@ -11,6 +11,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from . import parallel
 from .chat import ChatFormat, DialogError, Message, as_dialog, check_prompt
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from .files import parse_dtype
@@ -88,14 +89,21 @@ class Llama:
         dtype: Optional[Union[str, torch.dtype]] = None,
         flash: bool = False,
         tokenizer_path: Optional[Union[str, Path]] = None,
+        tensor_parallel: bool = False,
     ) -> "Llama":
         """Load a checkpoint: a directory in Meta's or Hugging Face's layout, a tiny checkpoint's name or an
         open Checkpoint (default: the embedded tiny one). dtype defaults to bfloat16 on CUDA and float32
-        elsewhere."""
+        elsewhere. tensor_parallel: under torchrun, shard the model over the job's ranks as Meta's tensor
+        parallelism does (microllama.parallel; on CUDA, rank r uses cuda:LOCAL_RANK), each rank reading only
+        its slices of the checkpoint; every rank must make the same calls and gets the same tokens."""
         checkpoint = open_checkpoint(ckpt_dir)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
+        mesh = None
+        if tensor_parallel:
+            parallel.check_world_size(checkpoint.args, parallel.torchrun_world_size(), checkpoint.source)
+            mesh, device = parallel.device_mesh(device)
         dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
         tokenizer = Tokenizer(tokenizer_path, ckpt_dir=checkpoint.dir)
         if checkpoint.args.vocab_size != tokenizer.n_words:
@@ -103,7 +111,7 @@ class Llama:
                 f"{checkpoint.source}: vocab_size {checkpoint.args.vocab_size} differs from the tokenizer's "
                 f"{tokenizer.n_words} ({tokenizer.model_path})"
             )
-        model = checkpoint.load_model(max_seq_len, max_batch_size, device=device, dtype=dtype, flash=flash)
+        model = checkpoint.load_model(max_seq_len, max_batch_size, device=device, dtype=dtype, flash=flash, mesh=mesh)
         return Llama(model, tokenizer)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer):
@@ -186,6 +194,9 @@ class Llama:
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
         token_logprobs = torch.zeros_like(tokens, dtype=torch.float) if logprobs else None
+        mesh = parallel.mesh_of(self.model)
+        if seed is None and temperature > 0 and mesh is not None:
+            seed = parallel.shared_seed(mesh)  # tensor-parallel ranks must draw the same tokens
         generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
         input_text_mask = tokens != pad_id
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)

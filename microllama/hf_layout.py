@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from . import family
 from .config import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
 from .files import StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
+from .meta_layout import rank_range, shard_dim, shard_shape
 from .model import ModelArgs, RopeScaling, ffn_hidden_dim
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -206,10 +207,16 @@ def hf_stored_bytes(paths: list[Path]) -> dict[str, int]:
 
 
 def read_hf(
-    paths: list[Path], args: ModelArgs, tied: bool, device: torch.device, dtype: Optional[torch.dtype]
+    paths: list[Path],
+    args: ModelArgs,
+    tied: bool,
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+    part: tuple[int, int] = (0, 1),
 ) -> StateDict:
-    """Dense, checked tensors in Meta's names from the safetensors files `paths`, in dtype (None: as
-    stored) on device, memory-mapped as read."""
+    """Checked tensors in Meta's names from the safetensors files `paths`, in dtype (None: as stored) on
+    device, memory-mapped as read: dense, or with part = (rank, n) only the slice of each split tensor that
+    rank holds under tensor parallelism at n ranks (Meta's split, meta_layout.shard_dim), sliced as it is read."""
     expected = {hf_name(k): s for k, s in expected_shapes(args).items() if not (tied and k == "output.weight")}
     meta_names = {hf_name(k): k for k in expected_shapes(args)}
     state_dict: StateDict = {}
@@ -218,16 +225,25 @@ def read_hf(
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             check_shapes(shapes, {k: s for k, s in expected.items() if k in shapes}, path, "config.json")
             for key in shapes:
-                tensor = f.get_tensor(key)
+                dim = shard_dim(meta_names[key])
+                if part == (0, 1) or dim is None:
+                    tensor = f.get_tensor(key)
+                else:
+                    start, stop = rank_range(shapes[key][dim], part)
+                    # A block of columns comes back as a view of whole rows: made contiguous, as a weight read
+                    # whole is (a strided weight would take another matmul kernel, and other bits).
+                    tensor = f.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)].contiguous()
                 check_dtype(tensor.dtype, key, path)
                 tensor = converted(tensor, device, dtype)
                 check_finite(tensor, key, path)
-                if key.endswith(("q_proj.weight", "k_proj.weight")):
+                if key.endswith(("q_proj.weight", "k_proj.weight")):  # a rank's slice holds whole heads
                     n = args.n_heads if key.endswith("q_proj.weight") else args.n_kv_heads
-                    tensor = permute_rotary(tensor, n, to_hf=False)
+                    tensor = permute_rotary(tensor, n // part[1], to_hf=False)
                 state_dict[meta_names[key]] = tensor
     source = paths[0].parent / (INDEX if len(paths) > 1 else "model.safetensors")
-    check_shapes({hf_name(k): tuple(v.shape) for k, v in state_dict.items()}, expected, source, "config.json")
+    local = {hf_name(k): shard_shape(k, s, part[1]) for k, s in expected_shapes(args).items()}
+    check_shapes({hf_name(k): tuple(v.shape) for k, v in state_dict.items()},
+                 {k: local[k] for k in expected}, source, "config.json")  # fmt: skip
     if tied:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     return state_dict

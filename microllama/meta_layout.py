@@ -98,44 +98,69 @@ def meta_stored_bytes(paths: list[Path]) -> dict[str, int]:
     return totals
 
 
-def read_meta(
-    paths: list[Path], args: ModelArgs, device: torch.device, dtype: Optional[torch.dtype], config: Path
-) -> StateDict:
-    """The dense, checked tensors of the shard files `paths`, in dtype (None: as stored) on device.
+def rank_range(size: int, part: tuple[int, int]) -> tuple[int, int]:
+    """The indices [start, stop) that rank r of n holds of a dimension of `size` split by tensor parallelism,
+    part = (r, n): equal contiguous blocks in rank order, as fairscale splits and DTensor's Shard places them."""
+    rank, n = part
+    return rank * size // n, (rank + 1) * size // n
 
-    All shards are memory-mapped at once and each merged tensor is assembled from its slices, whose
-    pages are given back block by block as they are copied: host memory holds the merged weights and
-    a block more. A single file whose tensors need no conversion is used as mapped, without a copy."""
-    n = len(paths)
+
+def read_meta(
+    paths: list[Path],
+    args: ModelArgs,
+    device: torch.device,
+    dtype: Optional[torch.dtype],
+    config: Path,
+    part: tuple[int, int] = (0, 1),
+) -> StateDict:
+    """The checked tensors of the shard files `paths`, in dtype (None: as stored) on device: dense, or with
+    part = (rank, n) only the slice of each split tensor that rank holds under tensor parallelism at n ranks.
+
+    Only the shards holding that slice are opened (n ranks over n shards: rank i opens consolidated.0i.pth
+    alone), memory-mapped, and each tensor is assembled from its pieces, whose pages are given back block by
+    block as they are copied: host memory holds the result and a block more. A tensor that is one piece needing
+    no conversion is used as mapped, without a copy."""
+    n, (rank, ranks) = len(paths), part
     expected = expected_shapes(args)
     per_shard = {key: shard_shape(key, shape, n) for key, shape in expected.items()}
-    shards = [load_pth(path) for path in paths]
+    # Every split tensor is divided alike: shard s holds the fraction [s/n, (s+1)/n) of it, the rank [rank/ranks,
+    # (rank+1)/ranks), so the same shards overlap the rank's slice for every tensor.
+    opened = [s for s in range(n) if s * ranks < (rank + 1) * n and (s + 1) * ranks > rank * n]
+    shards = {s: load_pth(paths[s]) for s in opened}
+    first, base = paths[opened[0]], shards[opened[0]]
     what = config.name if n == 1 else f"{config.name} split over {n} shards"
-    for path, shard in zip(paths, shards, strict=True):
-        check_shapes({k: tuple(v.shape) for k, v in shard.items()}, per_shard, path, what)
+    for s, shard in shards.items():
+        check_shapes({k: tuple(v.shape) for k, v in shard.items()}, per_shard, paths[s], what)
         for key, t in shard.items():
-            check_dtype(t.dtype, key, path)
-            if t.dtype != shards[0][key].dtype:
-                raise CheckpointError(f"{path}: tensor {key!r} is {t.dtype}, but {shards[0][key].dtype} in {paths[0]}")
-    merged: StateDict = {}
+            check_dtype(t.dtype, key, paths[s])
+            if t.dtype != base[key].dtype:
+                raise CheckpointError(f"{paths[s]}: tensor {key!r} is {t.dtype}, but {base[key].dtype} in {first}")
+    out: StateDict = {}
     for key, shape in expected.items():
-        parts = [shard[key] for shard in shards]
         dim = shard_dim(key)
         if dim is None:
-            for path, part in zip(paths[1:], parts[1:], strict=True):
-                if not torch.equal(part, parts[0]):
-                    raise CheckpointError(f"{path}: replicated tensor {key!r} differs from the one in {paths[0]}")
-        if n == 1 or dim is None:
-            merged[key] = converted(parts[0], device, dtype)  # as mapped when nothing changes
-            for part in parts[1:]:  # replicated, equal to parts[0]
-                release_pages(part)
+            for s in opened[1:]:
+                if not torch.equal(shards[s][key], base[key]):
+                    raise CheckpointError(f"{paths[s]}: replicated tensor {key!r} differs from the one in {first}")
+            out[key] = converted(base[key], device, dtype)  # as mapped when nothing changes
+            for s in opened[1:]:  # replicated, equal to the first
+                release_pages(shards[s][key])
         else:
-            merged[key] = torch.empty(shape, device=device, dtype=dtype or parts[0].dtype)
-            size = per_shard[key][dim]
-            for rank, part in enumerate(parts):
-                copy_releasing(merged[key].narrow(dim, rank * size, size), part)
-        check_finite(merged[key], key, paths[0] if n == 1 else paths[0].parent)
-    return merged
+            start, stop = rank_range(shape[dim], part)
+            size = per_shard[key][dim]  # of each shard
+            pieces = []  # (where in the rank's slice, the piece of shard s it takes)
+            for s in opened:
+                a, b = max(start, s * size), min(stop, (s + 1) * size)
+                pieces.append((a - start, shards[s][key].narrow(dim, a - s * size, b - a)))
+            if len(pieces) == 1 and pieces[0][1].is_contiguous():
+                out[key] = converted(pieces[0][1], device, dtype)  # as mapped when nothing changes
+            else:
+                local = shape[:dim] + (stop - start,) + shape[dim + 1 :]
+                out[key] = torch.empty(local, device=device, dtype=dtype or base[key].dtype)
+                for at, piece in pieces:
+                    copy_releasing(out[key].narrow(dim, at, piece.shape[dim]), piece)
+        check_finite(out[key], key, first if len(opened) == 1 else first.parent)
+    return out
 
 
 def save_meta(state_dict: StateDict, params: dict[str, Any], out_dir: Union[str, Path], n_shards: int = 1) -> Path:

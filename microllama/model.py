@@ -261,6 +261,8 @@ class Attention(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
+        # The heads this module computes: all of them, or one rank's share under tensor parallelism
+        # (microllama/parallel.py divides both counts by the world size, as Meta's n_local_heads).
         self.n_heads = args.n_heads
         self.n_kv_heads = args.n_kv_heads
         self.n_rep = args.n_heads // args.n_kv_heads
@@ -382,11 +384,12 @@ class Transformer(nn.Module):
                 f"{self.params.max_seq_len} positions and at least 1 sequence"
             )
         weight = self.output.weight
-        head_dim, n_kv_heads = self.params.head_dim, self.params.n_kv_heads
         for layer in self.layers:
+            # Each attention's own kv heads: under tensor parallelism a rank caches only its share.
             layer.attention.cache = KVCache(
-                max_batch_size, max_seq_len, n_kv_heads, head_dim, dtype=weight.dtype, device=weight.device
-            )
+                max_batch_size, max_seq_len, layer.attention.n_kv_heads, self.params.head_dim,
+                dtype=weight.dtype, device=weight.device,
+            )  # fmt: skip
 
     def clear_cache(self) -> None:
         """Free every layer's KV cache: forward is back to whole sequences from position 0."""

@@ -15,6 +15,7 @@ step, log, save), with features as switches on it.
   The final weights go out in Meta's layout, LoRA merged, for `microllama generate`, `verify` and `convert`.
 """
 
+import contextlib
 import json
 import math
 import resource
@@ -22,12 +23,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from tqdm.auto import tqdm
 
-from . import cli
+from . import cli, distributed
 from . import train_checkpoint as ckpts
 from .checkpoint import Checkpoint, open_checkpoint
 from .data import Batch, Batches, Corpus, load_corpus, make_batch, pack, split_documents
@@ -102,9 +103,12 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, device: t
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
 
 
-def step_loss(model: Transformer, batch: Batch, n_targets: int, loss_chunk: int = 0) -> torch.Tensor:
+def step_loss(
+    model: Union[Transformer, distributed.Ranks], batch: Batch, n_targets: int, loss_chunk: int = 0
+) -> torch.Tensor:
     """This micro-batch's summed token losses over the whole step's target count: the step's loss is the sum
-    of these, whatever the split into micro-batches (not the mean of per-micro-batch means)."""
+    of these, whatever the split into micro-batches (not the mean of per-micro-batch means). model: the
+    Transformer, or the Ranks whose loss runs it through DDP or FSDP."""
     total = model.loss(batch.tokens, batch.targets, documents=batch.documents, reduction="sum",
                        chunk_size=loss_chunk or None)  # fmt: skip
     return total / max(1, n_targets)
@@ -118,37 +122,48 @@ def train_step(
     lr: float,
     cfg: TrainConfig,
     inspect_gradients: Optional[Callable[[], None]] = None,
+    ranks: Optional[distributed.Ranks] = None,
 ) -> tuple[float, float]:
     """One optimizer step: step_loss's gradients accumulated over the micro-batches, the global norm clipped to
     cfg.grad_clip, AdamW at learning rate lr. Returns the step's loss and the gradient norm before clipping.
     A non-finite loss raises FloatingPointError before any weight changes. inspect_gradients is called once
-    the gradients are complete (the training goldens record them)."""
+    the gradients are complete (the training goldens record them). ranks: data-parallel, each rank computing
+    its rows of every (global) micro-batch."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     n_targets = sum(b.n_targets() for b in micro_batches)  # the whole step's: accumulation changes nothing
     loss = torch.zeros((), device=micro_batches[0].tokens.device)
     for batch in micro_batches:
-        micro_loss = step_loss(model, batch, n_targets, cfg.loss_chunk)
-        micro_loss.backward()
+        if ranks is None:
+            micro_loss = step_loss(model, batch, n_targets, cfg.loss_chunk)
+            micro_loss.backward()
+        else:  # DDP and FSDP average the ranks' gradients: times world_size makes it their sum
+            micro_loss = step_loss(ranks, ranks.rows(batch), n_targets, cfg.loss_chunk)
+            (micro_loss * ranks.world_size).backward()
         loss += micro_loss.detach()
-    loss = loss.item()
+    loss = (loss if ranks is None else ranks.sum(loss)).item()
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite loss ({loss})")
     if inspect_gradients is not None:
         inspect_gradients()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: sharded norms
+    grad_norm = grad_norm.item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, batches: list[Batch], cfg: TrainConfig) -> float:
-    """Mean token loss over the held-out rows (dropout off)."""
+def evaluate(
+    model: Transformer, batches: list[Batch], cfg: TrainConfig, ranks: Optional[distributed.Ranks] = None
+) -> float:
+    """Mean token loss over the held-out rows (dropout off); data-parallel, every rank computes all of them."""
     model.eval()
-    total = sum(model.loss(b.tokens, b.targets, documents=b.documents, reduction="sum",
-                           chunk_size=cfg.loss_chunk or None).item() for b in batches)  # fmt: skip
+    loss_fn = model.loss if ranks is None else ranks.loss
+    total = sum(loss_fn(b.tokens, b.targets, documents=b.documents, reduction="sum",
+                        chunk_size=cfg.loss_chunk or None).item() for b in batches)  # fmt: skip
     model.train()
     return total / max(1, sum(b.n_targets() for b in batches))
 
@@ -169,13 +184,17 @@ def run_record(cfg: TrainConfig, checkpoint: Checkpoint, corpus: Corpus, dtype: 
     }
 
 
-def export_final(model: Transformer, checkpoint: Checkpoint, run_dir: Path, record: dict[str, Any]) -> Path:
+def export_final(
+    model: Transformer, checkpoint: Checkpoint, run_dir: Path, record: dict[str, Any],
+    state_dict: Optional[dict[str, torch.Tensor]] = None,
+) -> Path:  # fmt: skip
     """run_dir/final: the trained model in Meta's layout (adapters merged into their weights) with the run's
-    record; and for LoRA the adapters alone, run_dir/adapters.pth (microllama.lora.load_adapters reads them)."""
+    record; and for LoRA the adapters alone, run_dir/adapters.pth (microllama.lora.load_adapters reads them).
+    state_dict: the whole weights, gathered from a data-parallel run's ranks."""
     adapters = adapter_state_dict(model)
     if adapters:
         ckpts.save_adapters(run_dir, adapters)
-    state_dict = merge_lora(model).state_dict()
+    state_dict = merge_lora(model).state_dict() if state_dict is None else state_dict
     with atomic_dir(run_dir / ckpts.FINAL, replace=True) as tmp:
         save_meta(state_dict, checkpoint.params, tmp)
         ckpts.write_record(tmp, record)
@@ -191,30 +210,39 @@ def train(cfg: TrainConfig) -> Summary:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
     dtype = parse_dtype(cfg.dtype) if cfg.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
+    ranks = distributed.join(cfg.distributed, cfg.batch_size, device)  # None: this process trains alone
+    is_main = ranks is None or ranks.is_rank_0  # the one that writes the run's files and prints
     run_dir = Path(cfg.out_dir)
-    resumed = ckpts.load_checkpoint(run_dir) if cfg.resume else ckpts.check_new_run_dir(run_dir)
+    resumed = ckpts.load_checkpoint(run_dir) if cfg.resume else ckpts.check_new_run_dir(run_dir) if is_main else None
 
     # Data: tokenized once into the cache, a held-out split, rows packed per epoch in a seeded order.
     checkpoint = open_checkpoint(cfg.ckpt_dir)
     tokenizer = Tokenizer(cfg.tokenizer_path, checkpoint.dir)
-    corpus = load_corpus(cfg.data, tokenizer, cache_dir() / "data")
+    with contextlib.nullcontext() if ranks is None else ranks.rank_0_first():  # one rank tokenizes
+        corpus = load_corpus(cfg.data, tokenizer, cache_dir() / "data")
     train_docs, eval_docs = split_documents(len(corpus), cfg.eval_fraction, cfg.seed)
     batches = Batches(corpus, train_docs, cfg.max_seq_len, cfg.batch_size, cfg.seed, tokenizer.pad_id)
     packing = batches.packing(0)
     eval_rows = pack(corpus.lengths(), eval_docs, cfg.max_seq_len).rows[: cfg.eval_rows]
     eval_batches = [make_batch(corpus, eval_rows[i : i + cfg.batch_size], cfg.max_seq_len, tokenizer.pad_id)
                     for i in range(0, len(eval_rows), cfg.batch_size)]  # fmt: skip
-    print(f"data: {len(train_docs):,} documents ({packing.tokens:,} tokens) in {len(packing.rows):,} rows of "
-          f"{cfg.max_seq_len} ({packing.tokens / (len(packing.rows) * cfg.max_seq_len):.0%} filled), "
-          f"{packing.n_split} split for being longer than a row; {len(eval_docs)} held out", flush=True)  # fmt: skip
+    if is_main:
+        print(f"data: {len(train_docs):,} documents ({packing.tokens:,} tokens) in {len(packing.rows):,} rows of "
+              f"{cfg.max_seq_len} ({packing.tokens / (len(packing.rows) * cfg.max_seq_len):.0%} filled), "
+              f"{packing.n_split} split for being longer than a row; {len(eval_docs)} held out",
+              flush=True)  # fmt: skip
 
-    # Model: the checkpoint's weights in dtype; what trains depends on the mode.
-    model = checkpoint.load_model(cfg.max_seq_len, 1, device, dtype, cfg.flash).train()
+    # Model: the checkpoint's weights in dtype (fsdp: float32, computing in dtype); what trains depends on the mode.
+    weights_dtype = torch.float32 if ranks is not None and ranks.kind == "fsdp" else dtype
+    model = checkpoint.load_model(cfg.max_seq_len, 1, device, weights_dtype, cfg.flash).train()
     if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():
         model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # a tied model trains untied
     model.activation_checkpointing = cfg.activation_checkpointing
     torch.manual_seed(cfg.seed)  # LoRA's initialisation, then dropout
     params = select_trainable(model, cfg)
+    if ranks is not None:
+        ranks.wrap(model, dtype)
+        params = [p for p in model.parameters() if p.requires_grad]  # FSDP's sharded parameters replace them
     optimizer = make_optimizer(params, cfg, device)
     record = run_record(cfg, checkpoint, corpus, dtype)
 
@@ -222,30 +250,38 @@ def train(cfg: TrainConfig) -> Summary:
     if resumed:
         state, saved_record = resumed
         ckpts.check_resumable(saved_record, record, run_dir / ckpts.CHECKPOINT)
-        model.load_state_dict(state.weights, strict=False)
-        optimizer.load_state_dict(state.optimizer)
+        if state.dcp is not None:  # saved by a data-parallel run, at any world size
+            ckpts.load_sharded_weights(state.dcp, model, optimizer)
+        elif ranks is not None and ranks.kind == "fsdp":
+            raise ckpts.TrainCheckpointError(f"{run_dir / ckpts.CHECKPOINT} was saved by one process: resume it so")
+        else:
+            model.load_state_dict(state.weights, strict=False)
+            optimizer.load_state_dict(state.optimizer)
         ckpts.restore_rng(state.rng)
         batches.position, step, saved_step, targets_seen = state.data, state.step, state.step, state.targets_seen
-        ckpts.truncate_metrics(run_dir, step)
-    else:
+        if is_main:
+            ckpts.truncate_metrics(run_dir, step)
+    elif is_main:
         ckpts.start_run_dir(run_dir, record)
-    metrics = open(run_dir / ckpts.METRICS, "a")
+    metrics = open(run_dir / ckpts.METRICS, "a") if is_main else None
 
     def log(**values: Any) -> None:
-        metrics.write(json.dumps(values) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(values) + "\n")
+            metrics.flush()
 
     losses, eval_losses = [], []
     if eval_batches and step == 0:
-        eval_losses.append(evaluate(model, eval_batches, cfg))
+        eval_losses.append(evaluate(model, eval_batches, cfg, ranks))
         log(step=0, eval_loss=eval_losses[-1])
     start, tokens = time.perf_counter(), 0
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train ({cfg.mode})", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train ({cfg.mode})", unit="step", dynamic_ncols=True,
+               disable=not is_main)  # fmt: skip
     while step < cfg.max_steps:
         lr = lr_at(step, cfg)
         micro_batches = [batches.next_batch().to(device) for _ in range(cfg.grad_accum)]
         try:
-            loss, grad_norm = train_step(model, params, optimizer, micro_batches, lr, cfg)
+            loss, grad_norm = train_step(model, params, optimizer, micro_batches, lr, cfg, ranks=ranks)
         except FloatingPointError as e:
             kept = f"the last good checkpoint, of step {saved_step}, is in {run_dir / ckpts.CHECKPOINT}" if saved_step \
                 else "no checkpoint had been saved"  # fmt: skip
@@ -262,20 +298,28 @@ def train(cfg: TrainConfig) -> Summary:
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mem=f"{memory:.2f}G")
         bar.update()
         if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            eval_losses.append(evaluate(model, eval_batches, cfg))
+            eval_losses.append(evaluate(model, eval_batches, cfg, ranks))
             log(step=step, eval_loss=eval_losses[-1])
             bar.write(f"step {step}: held-out loss {eval_losses[-1]:.4f}")
         if (cfg.save_every and step % cfg.save_every == 0) or step in (cfg.max_steps, cfg.stop_at):
-            state = ckpts.TrainState(step, trainable_state(model), optimizer.state_dict(), batches.position,
-                                     targets_seen, ckpts.capture_rng())  # fmt: skip
-            ckpts.save_checkpoint(run_dir, state, record)
+            if ranks is None:
+                state = ckpts.TrainState(step, trainable_state(model), optimizer.state_dict(), batches.position,
+                                         targets_seen, ckpts.capture_rng())  # fmt: skip
+                ckpts.save_checkpoint(run_dir, state, record)
+            else:
+                state = ckpts.TrainState(step, {}, {}, batches.position, targets_seen, ckpts.capture_rng())
+                ckpts.save_sharded_checkpoint(run_dir, state, record, model, optimizer, ranks.is_rank_0)
             saved_step = step
         if step == cfg.stop_at:
             break
     bar.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
 
-    final = export_final(model, checkpoint, run_dir, record) if step == cfg.max_steps else None
+    final = None
+    if step == cfg.max_steps:
+        whole = None if ranks is None else ranks.full_state_dict(model, dtype)  # every rank takes part
+        final = export_final(model, checkpoint, run_dir, record, whole) if is_main else None
     seconds = time.perf_counter() - start
     first_last = [x for values in (losses, eval_losses) for x in ((values[0], values[-1]) if values else (None, None))]
     return Summary(step, seconds, tokens / max(seconds, 1e-9), peak_memory_gib(device), *first_last, final)

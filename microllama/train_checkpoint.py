@@ -2,7 +2,9 @@
 
     OUT_DIR/train_config.json    the run's resolved configuration (TrainConfig, model, data, dtype, versions)
     OUT_DIR/metrics.jsonl        one line per step and per evaluation
-    OUT_DIR/checkpoint/          the last save: state.pth and train_config.json, replaced atomically
+    OUT_DIR/checkpoint/          the last save: state.pth and train_config.json, replaced atomically; a
+                                 data-parallel run's weights and AdamW state in dcp/ (torch.distributed.checkpoint,
+                                 written by every rank, readable at any world size, one process included)
     OUT_DIR/final/               params.json + consolidated.00.pth in Meta's layout (LoRA merged), train_config.json
     OUT_DIR/adapters.pth         LoRA runs: the adapters alone (microllama.lora.load_adapters)
 
@@ -14,20 +16,28 @@ position. It is read with weights_only=True: tensors, numbers and strings, nothi
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from .data import DataPosition
 from .files import StateDict, atomic_dir, read_json
 from .train_config import RESUMABLE
 
+if dist.is_available():
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
 STATE_FORMAT = 1
 RECORD = "train_config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint"
+DCP = "dcp"
 FINAL = "final"
 ADAPTERS = "adapters.pth"
 
@@ -44,6 +54,7 @@ class TrainState:
     data: DataPosition
     targets_seen: int = 0  # target tokens trained on so far
     rng: dict[str, Any] = field(default_factory=dict)  # torch's generator states: "cpu", and "cuda" (one per device)
+    dcp: Optional[Path] = None  # where a data-parallel run saved weights and optimizer (then both above are empty)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -76,6 +87,40 @@ def save_checkpoint(run_dir: Path, state: TrainState, record: dict[str, Any]) ->
     return run_dir / CHECKPOINT
 
 
+def save_sharded_checkpoint(
+    run_dir: Path, state: TrainState, record: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+    is_rank_0: bool,
+) -> Path:  # fmt: skip
+    """A data-parallel run's save, called on every rank: the weights and AdamW state (sharded or not) with
+    torch.distributed.checkpoint into a partial directory, which rank 0 then moves into run_dir/checkpoint/dcp
+    beside state.pth (step, data position, random states) and the record, replaced atomically."""
+    partial = run_dir / f".{CHECKPOINT}-{DCP}.partial"
+    if is_rank_0:
+        shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier()
+    weights, optim = get_state_dict(model, optimizer)
+    dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=partial)
+    if is_rank_0:
+        payload = {"format": STATE_FORMAT, "step": state.step, "weights": {}, "optimizer": {}, "dcp": True,
+                   "data": {"epoch": state.data.epoch, "row": state.data.row}, "targets_seen": state.targets_seen,
+                   "rng": state.rng}  # fmt: skip
+        with atomic_dir(run_dir / CHECKPOINT, replace=True) as tmp:
+            torch.save(payload, tmp / "state.pth")
+            write_record(tmp, record)
+            partial.rename(tmp / DCP)
+    dist.barrier()
+    return run_dir / CHECKPOINT
+
+
+def load_sharded_weights(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Weights and AdamW state saved by save_sharded_checkpoint at any world size, into model and optimizer as
+    they are placed here (sharded by FSDP, whole under DDP or in one process): DCP reshards as it reads."""
+    weights, optim = get_state_dict(model, optimizer)
+    state = {"model": weights, "optimizer": optim}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def load_checkpoint(run_dir: Path) -> tuple[TrainState, dict[str, Any]]:
     """The state and the record of run_dir's last checkpoint."""
     path = run_dir / CHECKPOINT / "state.pth"
@@ -94,6 +139,7 @@ def load_checkpoint(run_dir: Path) -> tuple[TrainState, dict[str, Any]]:
         data=DataPosition(**payload["data"]),
         targets_seen=payload["targets_seen"],
         rng=payload["rng"],
+        dcp=run_dir / CHECKPOINT / DCP if payload.get("dcp") else None,
     )
     return state, read_record(run_dir / CHECKPOINT)
 

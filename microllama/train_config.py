@@ -43,6 +43,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
     loss_chunk: int = 0  # positions per cross-entropy chunk (0: whole micro-batch at once)
     seed: int = 0  # the held-out split, the data order, LoRA's initialisation and dropout
+    # Each rank takes its block of every micro-batch's rows (--batch_size stays the global micro-batch); fsdp keeps
+    # float32 weights and computes in --dtype. A run saved at one world size resumes at any other.
+    distributed: str = "none"  # under torchrun: ddp or fsdp over its ranks (microllama.distributed)
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     stop_at: Optional[int] = None  # stop after this step, as if interrupted (a checkpoint is saved): --resume goes on
     tokenizer_path: Optional[str] = None  # tokenizer.model (default: beside the checkpoint, or llama-models')
@@ -66,6 +69,10 @@ class TrainConfig:
         for name in ("beta1", "beta2", "eval_fraction"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.distributed not in ("none", "ddp", "fsdp"):
+            raise ValueError(f"--distributed must be none, ddp or fsdp, got {self.distributed!r}")
+        if self.distributed != "none" and self.mode != "full":
+            raise ValueError(f"--distributed {self.distributed} trains --mode full only, got --mode {self.mode}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
             raise ValueError(f"--stop_at must be a step from 1 to --max_steps ({self.max_steps}), got {self.stop_at}")
 
@@ -75,4 +82,4 @@ class TrainConfig:
 
 # What may differ between a run and its resumption, none changing what is computed: the data is compared by
 # content (the corpus's key), not by the path that names it, and out_dir is where the checkpoint was found.
-RESUMABLE = ("resume", "stop_at", "data", "out_dir")
+RESUMABLE = ("resume", "stop_at", "data", "out_dir", "distributed")  # a data-parallel save resumes at any world size

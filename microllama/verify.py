@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import parallel
 from .capture import Records, cpu_threads, platform_fingerprint, run_cases
 from .checkpoint import Checkpoint, open_checkpoint
 from .files import state_dict_sha256, tensor_sha256
@@ -161,12 +162,16 @@ def compare_records(golden: GoldenSet, records: Records, exact: bool) -> tuple[l
     return results + [output, lse], sha_equal
 
 
-def comparison_mode(golden: GoldenSet, device: Union[str, torch.device]) -> tuple[bool, str]:
-    """Whether bit-identity is expected on `device` here, and a line saying why: it is where the platform
-    fingerprint matches the recording's at world size 1; elsewhere LOGITS_ATOL applies."""
+def comparison_mode(golden: GoldenSet, device: Union[str, torch.device], world_size: int = 1) -> tuple[bool, str]:
+    """Whether bit-identity is expected on `device` here at world_size tensor-parallel ranks, and a line saying
+    why: it is where the platform fingerprint and the world size match the recording's; elsewhere LOGITS_ATOL
+    applies."""
     m, device = golden.manifest, torch.device(device)
-    if m.world_size != 1:
-        return False, f"tolerance: recorded at world size {m.world_size} (row-parallel sums add in another order)"
+    if m.world_size != world_size:
+        return False, (
+            f"tolerance: recorded at world size {m.world_size}, checked at {world_size} (row-parallel sums add "
+            "in another order)"
+        )
     if torch.device(m.device).type != device.type:
         return False, f"tolerance: recorded on {m.device}, checked on {device.type}"
     differ = platform_fingerprint(device).differences(m.platform)
@@ -249,13 +254,15 @@ def verify(
     device: Optional[Union[str, torch.device]] = None,
     other_checkpoint: bool = False,
     progress: bool = False,
+    tensor_parallel: bool = False,
 ) -> Comparison:
     """Check microllama (on ckpt_dir, default the set's own checkpoint; on the set's device unless
     given, or the CPU where that is CUDA and none is here) against a golden set: capture points,
     logits, prompt ids, greedy and top-p completions and chat replies (sampled ones only on the recording's
     device type).
     A checkpoint other than the recorded one fails the check unless other_checkpoint. On the CPU it runs
-    with the recording's thread count, which decides the bits. progress: what it is doing, on stderr."""
+    with the recording's thread count, which decides the bits. progress: what it is doing, on stderr.
+    tensor_parallel: under torchrun, the model sharded over the job's ranks (every rank calls verify)."""
     golden = read_set(golden_dir)
     m = golden.manifest
     if device is None:  # the set's own device, else the CPU (the check then says so and uses tolerances)
@@ -264,7 +271,7 @@ def verify(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GoldenError(f"--device {device} was asked for, but torch sees no CUDA device here")
     with cpu_threads(m.platform.threads if device.type == "cpu" else None):
-        return _verify(golden, ckpt_dir, device, other_checkpoint, progress)
+        return _verify(golden, ckpt_dir, device, other_checkpoint, progress, tensor_parallel)
 
 
 def _verify(
@@ -273,14 +280,22 @@ def _verify(
     device: torch.device,
     other_checkpoint: bool,
     progress: bool,
+    tensor_parallel: bool,
 ) -> Comparison:
     m = golden.manifest
     ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else recorded_checkpoint(golden))
     if progress:
         print(f"loading {ckpt.dir} ({m.dtype}, {device})", file=sys.stderr, flush=True)
-    stored = ckpt.read_state_dict()  # read once: its sha256, then the model
-    model = ckpt.load_model(m.model.max_seq_len, m.model.max_batch_size, device, m.torch_dtype, state_dict=stored)
-    exact, mode = comparison_mode(golden, device)
+    size = (m.model.max_seq_len, m.model.max_batch_size)
+    if tensor_parallel:  # each rank reads its own slices; the sha256 reads the whole checkpoint once more
+        mesh, device = parallel.device_mesh(device)
+        model = ckpt.load_model(*size, device, m.torch_dtype, mesh=mesh)
+        sha256, world_size = ckpt.sha256(), mesh.size()
+    else:
+        stored = ckpt.read_state_dict()  # read once: its sha256, then the model
+        model = ckpt.load_model(*size, device, m.torch_dtype, state_dict=stored)
+        sha256, world_size = state_dict_sha256(stored), 1
+    exact, mode = comparison_mode(golden, device, world_size)
     # A seed gives one random stream on the CPU and another on CUDA: sampled ids compare on one device type.
     sampling_comparable = device.type == torch.device(m.device).type
     why = f"sampled with the {m.device} generator, checked on {device.type}: random streams differ by device"
@@ -292,7 +307,7 @@ def _verify(
     return Comparison(
         golden=golden,
         ckpt_dir=ckpt.dir,
-        checkpoint_matches=state_dict_sha256(stored) == m.checkpoint.sha256,
+        checkpoint_matches=sha256 == m.checkpoint.sha256,
         other_checkpoint=other_checkpoint,
         exact=exact,
         mode=mode,

@@ -2,6 +2,11 @@
 
     python tools/bench_load.py run --out /tmp/bench            # llama3.2-1b shapes, 2 layers: 1.29 GB
     python tools/bench_load.py run --out /tmp/bench --device cuda
+    python tools/bench_load.py tp --out /tmp/bench             # tensor-parallel, per rank, 2 and 4 ranks
+
+`tp` starts torchrun (gloo ranks on the CPU) for each world size N and loads the N-shard checkpoint, and the
+one-file one sliced as read, with `load_model(..., mesh=...)`; each rank reports its own peak, as a multiple of
+the checkpoint's bytes / N (what a rank's share of the weights is).
 
 "Peak host memory" here is the rise of the loading process's peak resident set (VmHWM) over its
 resident set just before loading, after every weight has been read once. VmHWM counts anonymous memory
@@ -10,10 +15,12 @@ the page cache are counted in full, as if they had been copied; the figure is an
 loading costs. Each load runs in a fresh process, so nothing cached in this one counts.
 """
 
+import itertools
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,8 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from this checkout
 
-from microllama import cli, family  # noqa: E402
-from microllama.checkpoint import convert, load_model  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from microllama import cli, family, parallel  # noqa: E402
+from microllama.checkpoint import convert, load_model, open_checkpoint  # noqa: E402
 from microllama.hf_layout import save_hf  # noqa: E402
 from microllama.meta_layout import save_meta  # noqa: E402
 
@@ -70,6 +79,54 @@ def measure(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu") -> dict
     return figures
 
 
+def measure_tp(ckpt_dir: str, out: str, dtype: str = "bfloat16") -> None:
+    """Under torchrun: load ckpt_dir tensor-parallel over the job's ranks (CPU, gloo), touch every weight of this
+    rank, and write its figures to OUT/rank{RANK}.json. The process group exists before the baseline is taken."""
+    mesh, device = parallel.device_mesh("cpu")
+    ckpt_bytes = sum(p.stat().st_size for p in Path(ckpt_dir).iterdir() if p.suffix in (".pth", ".safetensors"))
+    before = _status("VmRSS")
+    model = open_checkpoint(ckpt_dir).load_model(16, 1, device, dtype, mesh=mesh)
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p
+        local.detach().reshape(-1).view(torch.uint8)[::4096].sum()
+    peak = _status("VmHWM") - before
+    share = ckpt_bytes / mesh.size()
+    figures = {"rank": mesh.get_local_rank(), "world_size": mesh.size(), "checkpoint_bytes": ckpt_bytes,
+               "peak_host_bytes": peak, "ratio_to_share": round(peak / share, 3)}  # fmt: skip
+    Path(out, f"rank{mesh.get_local_rank()}.json").write_text(json.dumps(figures))
+
+
+def tp(
+    out: str, name: str = "llama3.2-1b", n_layers: int = 2, world_sizes: Optional[list[int]] = None,
+    dtypes: Optional[list[str]] = None,
+) -> None:  # fmt: skip
+    """Build the checkpoint under OUT (once) in Meta's layout, one file and N shards for each of --world_sizes (a
+    JSON list, default [2, 4]); for each N load both at N ranks and print each rank's peak host memory against
+    the checkpoint's bytes / N."""
+    root = Path(__file__).resolve().parent.parent
+    dense = Path(out) / f"{name}-{n_layers}l-meta"
+    if not dense.exists():
+        build(str(dense), name, n_layers, "meta")
+    for n in world_sizes or [2, 4]:
+        sharded = Path(out) / f"{name}-{n_layers}l-meta-{n}-shards"
+        if not sharded.exists():
+            convert(dense, sharded, "meta", shards=n)
+        for path, dtype in itertools.product((sharded, dense), dtypes or ["bfloat16", "float32"]):
+            with tempfile.TemporaryDirectory() as reports:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                       __file__, "measure_tp", str(path), reports, f"--dtype={dtype}"]  # fmt: skip
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root)
+                if done.returncode:
+                    raise RuntimeError(f"measuring {path} at {n} ranks failed: {done.stderr.strip()[-2000:]}")
+                ranks = [json.loads((Path(reports) / f"rank{r}.json").read_text()) for r in range(n)]
+            per_rank = ", ".join(f"{f['peak_host_bytes'] / 1e9:.3f} GB ({f['ratio_to_share']:.3f}x)" for f in ranks)
+            print(
+                f"{path.name:<28} {dtype:<8} at {n} ranks: checkpoint {ranks[0]['checkpoint_bytes'] / 1e9:.3f} GB, "
+                f"share {ranks[0]['checkpoint_bytes'] / n / 1e9:.3f} GB; peak host per rank {per_rank}"
+            )
+
+
 def measure_in_subprocess(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu") -> dict:
     """measure() in a fresh Python process, so nothing cached here counts."""
     code = f"import json, tools.bench_load as b; print(json.dumps(b.measure({ckpt_dir!r}, {dtype!r}, {device!r})))"
@@ -102,7 +159,7 @@ def run(
             )
 
 
-COMMANDS = {"run": run, "build": build, "measure": measure}
+COMMANDS = {"run": run, "build": build, "measure": measure, "tp": tp, "measure_tp": measure_tp}
 
 if __name__ == "__main__":
     cli.run(COMMANDS)

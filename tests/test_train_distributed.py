@@ -1,0 +1,116 @@
+"""Data-parallel training (microllama/distributed.py) against one process: DDP and FSDP2 at world size 2, started
+by torchrun on gloo (tests/train_worker.py, both runs in one launch), give one process's losses on the same global
+batch within microllama.tolerances.DATA_PARALLEL_RTOL and its final weights within DATA_PARALLEL_WEIGHTS_ATOL; an
+FSDP2 run's torch.distributed.checkpoint save at world size 2 resumes in one process with the same losses."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from microllama.meta_layout import load_pth
+from microllama.tolerances import DATA_PARALLEL_RTOL, DATA_PARALLEL_WEIGHTS_ATOL
+from microllama.train import train
+from microllama.train_checkpoint import load_checkpoint, read_metrics
+from microllama.train_config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+# 3 steps of a global micro-batch of 2 rows of 32 tokens, one row per rank; held-out loss at the start and end.
+RUN = dict(data=str(REPO / "corpus" / "tinytales.txt"), max_seq_len=32, batch_size=2, max_steps=3, warmup_steps=1,
+           eval_every=0, eval_rows=1, save_every=0)  # fmt: skip
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
+    pytest.mark.usefixtures("tokenizer"),
+]
+
+
+def steps(run_dir: Path) -> list[dict]:
+    return [{k: m[k] for k in ("step", "loss", "grad_norm", "eval_loss") if k in m} for m in read_metrics(run_dir)]
+
+
+def assert_close_runs(got: list[dict], expected: list[dict]) -> None:
+    assert [(m["step"], m.keys()) for m in got] == [(m["step"], m.keys()) for m in expected]
+    for a, b in zip(got, expected, strict=True):
+        for key in a.keys() - {"step"}:
+            assert math.isclose(a[key], b[key], rel_tol=DATA_PARALLEL_RTOL, abs_tol=0), (a, b)
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    x, y = load_pth(a / "final" / "consolidated.00.pth"), load_pth(b / "final" / "consolidated.00.pth")
+    assert x.keys() == y.keys() and all(x[k].dtype == y[k].dtype == torch.float32 for k in x)
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+
+def torchrun(world_size: int, configs: list[dict]) -> None:
+    """tests/train_worker.py on world_size gloo ranks of one thread each, training each config in turn."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+           str(REPO / "tests" / "train_worker.py"), json.dumps(configs)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process, then at 2 ranks DDP (3 steps) and FSDP2 stopped after step 2 (saved with DCP), then that
+    FSDP2 run resumed in one process."""
+    root = tmp_path_factory.mktemp("dp")
+    dirs = {name: root / name for name in ("single", "ddp", "fsdp")}
+    train(TrainConfig(out_dir=str(dirs["single"]), **RUN))
+    configs = [{**RUN, "out_dir": str(dirs["ddp"]), "distributed": "ddp"},
+               {**RUN, "out_dir": str(dirs["fsdp"]), "distributed": "fsdp", "stop_at": 2}]  # fmt: skip
+    torchrun(2, configs)
+    dirs["fsdp-at-2"] = steps(dirs["fsdp"])  # what the ranks logged before the resume
+    dirs["saved"] = load_checkpoint(dirs["fsdp"])[0]
+    dirs["saved_files"] = sorted(p.name for p in (dirs["fsdp"] / "checkpoint" / "dcp").iterdir())
+    train(TrainConfig(out_dir=str(dirs["fsdp"]), resume=True, **RUN))  # one process, no torchrun
+    return dirs
+
+
+def test_ddp_at_world_size_2_gives_one_process_losses_and_weights(runs):
+    assert_close_runs(steps(runs["ddp"]), steps(runs["single"]))
+    assert max_weight_diff(runs["ddp"], runs["single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
+
+
+def test_fsdp2_at_world_size_2_gives_one_process_losses(runs):
+    single = steps(runs["single"])
+    assert [m["step"] for m in runs["fsdp-at-2"]] == [0, 1, 2]
+    assert_close_runs(runs["fsdp-at-2"], single[:3])
+
+
+def test_fsdp2_dcp_save_at_world_size_2_resumes_in_one_process_with_the_same_losses(runs):
+    """The DCP save (every rank's shard) is read into one unsharded model and AdamW: step 3 and the final
+    held-out loss are one process's, and so are the exported weights."""
+    assert runs["saved"].step == 2 and runs["saved"].dcp is not None and runs["saved"].weights == {}
+    assert runs["saved_files"] == [".metadata", "__0_0.distcp", "__1_0.distcp"]  # one file per rank
+    assert_close_runs(steps(runs["fsdp"]), steps(runs["single"]))
+    assert max_weight_diff(runs["fsdp"], runs["single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
+
+
+@pytest.mark.slow
+def test_fsdp2_run_to_the_end_at_world_size_2_exports_one_process_weights_from_rank_0(runs, tmp_path):
+    """The whole weights gathered from the shards (get_model_state_dict, full) and written by rank 0 alone."""
+    torchrun(2, [{**RUN, "out_dir": str(tmp_path / "fsdp"), "distributed": "fsdp"}])
+    assert_close_runs(steps(tmp_path / "fsdp"), steps(runs["single"]))
+    assert max_weight_diff(tmp_path / "fsdp", runs["single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "final").iterdir()) == [
+        "consolidated.00.pth", "params.json", "train_config.json"
+    ]  # fmt: skip
+
+
+def test_a_batch_the_ranks_cannot_split_and_a_non_full_mode_are_refused(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="--distributed ddp trains --mode full only, got --mode lora"):
+        train(TrainConfig(out_dir=str(tmp_path / "a"), distributed="ddp", mode="lora", **RUN))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="--batch_size 3 rows must split evenly over 2 ranks"):
+        train(TrainConfig(out_dir=str(tmp_path / "b"), distributed="fsdp", **{**RUN, "batch_size": 3}))
+    with pytest.raises(ValueError, match="launched by torchrun with 2 ranks: pass --distributed ddp or fsdp"):
+        train(TrainConfig(out_dir=str(tmp_path / "c"), **RUN))
+    assert not any(tmp_path.iterdir())

@@ -1,0 +1,16 @@
+"""One rank of the data-parallel training runs of tests/test_train_distributed.py, started by torchrun:
+
+    torchrun --standalone --nproc_per_node N tests/train_worker.py CONFIGS_JSON
+
+Runs microllama.train.train on each TrainConfig (a JSON list of their fields) in turn, in one process group:
+one torchrun start for several runs."""
+
+import json
+import sys
+
+from microllama.train import train
+from microllama.train_config import TrainConfig
+
+if __name__ == "__main__":
+    for fields in json.loads(sys.argv[1]):
+        train(TrainConfig(**fields))
