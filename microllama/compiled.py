@@ -48,8 +48,8 @@ class CompiledDecoder:
 
     backend is torch.compile's (None: the same static-shape step, run eagerly). With inductor: on CUDA mode
     "reduce-overhead" (CUDA graphs); elsewhere inductor's freezing (weights become constants of the compiled
-    step, packed for the CPU's matmul kernels: the step keeps its own copy, and later changes to the weights
-    are not seen)."""
+    step, which inductor may lay out anew for its CPU matmul kernels: later changes to the weights are not
+    seen)."""
 
     def __init__(self, model: Transformer, backend: Union[str, Callable, None] = "inductor"):
         if not model.params.flash:

@@ -332,7 +332,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['shapes']}, {result['dtype']}, {result['device']} ({result['threads']} threads); "
         f"weights read per step {result['step_bytes'] / 2**20:.1f} MiB",
         f"{'system':<28} {'prefill tok/s':>13} {'ms/token':>9} {'tok/s':>8} {'vs compiled':>11} "
-        f"{'peak +MiB':>9} {'warm-up s':>9}  greedy tokens",
+        f"{'peak +MiB':>9} {'warm-up s':>9} {'+MiB':>7}  greedy tokens",
     ]
     for r in rows:
         ratio = "-" if base is None else f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}x"
@@ -343,7 +343,8 @@ def format_report(result: dict[str, Any]) -> str:
             same = f"DIFFER from microllama's (row {row}, token {pos})"
         lines.append(
             f"{r['system']:<28} {r['prefill_tok_s']:>13,.0f} {r['decode_ms_per_step']:>9.2f} {r['decode_tok_s']:>8.1f} "
-            f"{ratio:>11} {r['peak_bytes'] / 2**20:>9.1f} {r['warm_up_s']:>9.1f}  {same}"
+            f"{ratio:>11} {r['peak_bytes'] / 2**20:>9.1f} {r['warm_up_s']:>9.1f} "
+            f"{r['warm_up_bytes'] / 2**20:>7.0f}  {same}"
         )
     if result["bandwidth"] is not None:
         best = max(rows, key=lambda r: r["decode_tok_s"])
