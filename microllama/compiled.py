@@ -14,6 +14,7 @@ Results are not bit-identical to the default path: the flash tolerances of micro
 """
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Union
 
@@ -119,5 +120,10 @@ class CompiledDecoder:
         padded = tokens.new_zeros(bucket, 1)
         padded[:bsz] = tokens
         pos = torch.tensor([start_pos], device=tokens.device)
+        with warnings.catch_warnings():
+            # RoPE's complex multiply (model.py) stays aten's kernel inside the compiled graph, and inductor
+            # says so at each compilation, in the middle of a streamed completion.
+            warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
+            logits = self.step(padded, pos)
         # A copy: with CUDA graphs the step's output buffer is overwritten by the next replay.
-        return self.step(padded, pos)[:bsz].clone()
+        return logits[:bsz].clone()
