@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import platform
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -76,11 +76,13 @@ def run_cases(
     chunk: int,
     cache: Optional[contextlib.AbstractContextManager] = None,
     progress: bool = False,
+    decode_step: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
 ) -> Records:
     """Each prompt's forward from position 0, then the long-range case: long_ids[:-1] prefilled in
     chunks of `chunk` positions, and one decode step for long_ids[-1]. `cache` is entered around the
-    long-range case (microllama's `model.kv_cache(...)`; Meta's model always has one). progress: bars on
-    stderr."""
+    long-range case (microllama's `model.kv_cache(...)`; Meta's model always has one). decode_step(tokens,
+    start_pos) makes that step (default model.forward; a CompiledDecoder's forward checks the compiled
+    step). progress: bars on stderr."""
     device = model.output.weight.device
     captured: dict[str, list[torch.Tensor]] = {}
     logits, rows, first_row = [], [], 0
@@ -99,7 +101,7 @@ def run_cases(
                 model.forward(long_tokens[:, start : min(start + chunk, step)], start)
                 bar.update(min(chunk, step - start))
         with capturing(model, captured):
-            logits.append(model.forward(long_tokens[:, step:], step)[0].float().cpu())
+            logits.append((decode_step or model.forward)(long_tokens[:, step:], step)[0].float().cpu())
     rows.append(Row(case=LONG_RANGE, first_row=first_row, n_rows=1, start_pos=step))
     return Records(logits=logits, activations={name: torch.cat(parts) for name, parts in captured.items()}, rows=rows)
 

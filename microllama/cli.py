@@ -39,12 +39,14 @@ def generate(
     dtype: Optional[str] = None,
     flash: bool = False,
     tokenizer_path: Optional[str] = None,
+    compile: bool = False,
 ) -> None:
     """Complete PROMPT (default: "Clearly, the meaning of life is"), streamed as it comes, or each of --prompts,
     a JSON list of strings: --prompts '["first", "second"]'. ckpt_dir: a checkpoint directory or a tiny
     checkpoint's name (default: tiny, whose random weights produce fluent-looking nonsense). Launched by
     torchrun with several ranks (torchrun --nproc_per_node N -m microllama.cli generate ...), the model is
-    tensor-parallel over them and rank 0 prints."""
+    tensor-parallel over them and rank 0 prints. --compile: the compiled decode path (static KV cache,
+    torch.compile; flash attention; the first step compiles; one process only)."""
     if prompt is not None and prompts is not None:
         raise ValueError("give --prompt or --prompts, not both")
     texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
@@ -56,7 +58,8 @@ def generate(
     if max_seq_len < 1:
         raise ValueError(f"--max_seq_len must be at least 1, got {max_seq_len}")
     llama = Llama.build(ckpt_dir, max_seq_len, len(texts), device=device, dtype=dtype, flash=flash,
-                        tokenizer_path=tokenizer_path, tensor_parallel=torchrun_world_size() > 1)  # fmt: skip
+                        tokenizer_path=tokenizer_path, tensor_parallel=torchrun_world_size() > 1,
+                        compile=compile)  # fmt: skip
     # The whole request is checked before the prompt is echoed, so that an error does not follow it.
     tokens = [llama.tokenizer.encode(t, bos=True, eos=False) for t in texts]
     llama.check_request(tokens, temperature, top_p, max_gen_len, seed)
@@ -101,7 +104,12 @@ def info(target: str) -> None:
 
 
 def verify(
-    golden_dir: str, ckpt_dir: Optional[str] = None, device: Optional[str] = None, *, other_checkpoint: bool = False
+    golden_dir: str,
+    ckpt_dir: Optional[str] = None,
+    device: Optional[str] = None,
+    *,
+    other_checkpoint: bool = False,
+    compile: bool = False,
 ) -> None:
     """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
     capture point, the completions and chat replies (or, for a training set, each step of microllama's
@@ -109,7 +117,9 @@ def verify(
     check fails. ckpt_dir defaults to the set's own checkpoint (a directory, or tiny / tiny-hd128); one whose
     sha256 is not the recording's fails the check unless --other_checkpoint says that is intended. Launched by
     torchrun with several ranks, an inference set's model is tensor-parallel over them (bit-identical to a set
-    Meta recorded at that world size) and rank 0 reports."""
+    Meta recorded at that world size) and rank 0 reports.
+    --compile checks the compiled decode path instead of the default one (values within tolerance, completions
+    and chat replies exact)."""
     from .golden_format import is_training_set
 
     if is_training_set(golden_dir):  # a training set: microllama's trainer against Meta's fine-tune
@@ -125,7 +135,8 @@ def verify(
     from .verify import verify as verify_golden_set
 
     comparison = verify_golden_set(golden_dir, ckpt_dir, device, other_checkpoint=other_checkpoint,
-                                   progress=is_rank_0(), tensor_parallel=torchrun_world_size() > 1)  # fmt: skip
+                                   progress=is_rank_0(), tensor_parallel=torchrun_world_size() > 1,
+                                   compile=compile)  # fmt: skip
     if is_rank_0():
         print(format_comparison(comparison))
     if not comparison.passed:
@@ -148,6 +159,7 @@ def chat(
     dtype: Optional[str] = None,
     flash: bool = False,
     tokenizer_path: Optional[str] = None,
+    compile: bool = False,
 ) -> None:
     """Talk with a model in Llama 3.1's dialog format: an interactive session (--system TEXT: a system prompt;
     type /reset, /system TEXT, /tool TEXT or /exit; Ctrl-C stops a reply), or with --dialogs FILE the reply to
@@ -175,7 +187,7 @@ def chat(
     checkpoint = open_checkpoint(ckpt_dir)
     batch = min(max_batch_size, len(read)) if read is not None else 1
     llama = Llama.build(checkpoint, max_seq_len, batch, device=device, dtype=dtype, flash=flash,
-                        tokenizer_path=tokenizer_path)  # fmt: skip
+                        tokenizer_path=tokenizer_path, compile=compile)  # fmt: skip
     sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, seed=seed,
                     tool_prompt_format=tool_prompt_format)  # fmt: skip
     if read is not None:

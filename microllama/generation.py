@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from . import parallel
 from .chat import ChatFormat, DialogError, Message, as_dialog, check_prompt
 from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .compiled import CompiledDecoder
 from .files import parse_dtype
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -90,12 +91,17 @@ class Llama:
         flash: bool = False,
         tokenizer_path: Optional[Union[str, Path]] = None,
         tensor_parallel: bool = False,
+        compile: bool = False,
     ) -> "Llama":
         """Load a checkpoint: a directory in Meta's or Hugging Face's layout, a tiny checkpoint's name or an
         open Checkpoint (default: the embedded tiny one). dtype defaults to bfloat16 on CUDA and float32
         elsewhere. tensor_parallel: under torchrun, shard the model over the job's ranks as Meta's tensor
         parallelism does (microllama.parallel; on CUDA, rank r uses cuda:LOCAL_RANK), each rank reading only
-        its slices of the checkpoint; every rank must make the same calls and gets the same tokens."""
+        its slices of the checkpoint; every rank must make the same calls and gets the same tokens.
+        compile: decode through microllama.compiled (static cache, torch.compile; implies flash), within the
+        flash tolerances of the default path instead of bit-identical; not with tensor_parallel."""
+        if tensor_parallel and compile:
+            raise ValueError("compile and tensor_parallel cannot be combined: the compiled path runs on one device")
         checkpoint = open_checkpoint(ckpt_dir)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -111,12 +117,16 @@ class Llama:
                 f"{checkpoint.source}: vocab_size {checkpoint.args.vocab_size} differs from the tokenizer's "
                 f"{tokenizer.n_words} ({tokenizer.model_path})"
             )
-        model = checkpoint.load_model(max_seq_len, max_batch_size, device=device, dtype=dtype, flash=flash, mesh=mesh)
-        return Llama(model, tokenizer)
+        model = checkpoint.load_model(max_seq_len, max_batch_size, device=device, dtype=dtype, flash=flash or compile,
+                                      mesh=mesh)  # fmt: skip
+        return Llama(model, tokenizer, compile=compile)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
+        """compile: decode through a CompiledDecoder of model (which must have flash attention)."""
         self.model = model
         self.tokenizer = tokenizer
+        # What generation runs: the model itself, or its compiled decoder (same kv_cache and forward).
+        self.decoder: Union[Transformer, CompiledDecoder] = CompiledDecoder(model) if compile else model
 
     @functools.cached_property
     def formatter(self) -> ChatFormat:
@@ -207,10 +217,10 @@ class Llama:
 
         # The cache has Meta's shape (max_batch_size, max_seq_len): the slices attention reads then
         # have Meta's strides too.
-        with self.model.kv_cache(params.max_batch_size, params.max_seq_len):
+        with self.decoder.kv_cache(params.max_batch_size, params.max_seq_len):
             prev_pos = 0
             for cur_pos in range(min_prompt_len, total_len):
-                logits = self.model.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+                logits = self.decoder.forward(tokens[:, prev_pos:cur_pos], prev_pos)
                 if temperature > 0:
                     probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
                     next_token = sample_top_p(probs, top_p, generator)

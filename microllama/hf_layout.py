@@ -249,13 +249,10 @@ def read_hf(
     return state_dict
 
 
-def save_hf(
-    state_dict: StateDict, params: dict[str, Any], out_dir: Union[str, Path], max_shard_bytes: Optional[int] = None
-) -> Path:
-    """Write config.json and safetensors (several files and an index when max_shard_bytes is exceeded).
-    An output equal to the embedding is written once, as tie_word_embeddings."""
+def hf_state_dict(state_dict: StateDict, params: dict[str, Any], tied: bool) -> StateDict:
+    """Meta-named tensors under Hugging Face's names, the rows of wq and wk in its RoPE order; without the
+    output when tied (it is the embedding)."""
     args = args_from_params(params, "params.json")
-    tied = torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"])
     tensors = {}
     for key, t in state_dict.items():
         if key == "output.weight" and tied:
@@ -263,7 +260,16 @@ def save_hf(
         if key.endswith(("attention.wq.weight", "attention.wk.weight")):
             t = permute_rotary(t, args.n_heads if key.endswith("wq.weight") else args.n_kv_heads, to_hf=True)
         tensors[hf_name(key)] = t
-    tensors = own_tensors(tensors)
+    return tensors
+
+
+def save_hf(
+    state_dict: StateDict, params: dict[str, Any], out_dir: Union[str, Path], max_shard_bytes: Optional[int] = None
+) -> Path:
+    """Write config.json and safetensors (several files and an index when max_shard_bytes is exceeded).
+    An output equal to the embedding is written once, as tie_word_embeddings."""
+    tied = torch.equal(state_dict["output.weight"], state_dict["tok_embeddings.weight"])
+    tensors = own_tensors(hf_state_dict(state_dict, params, tied))
     groups: list[dict[str, torch.Tensor]] = [{}]
     for key, t in tensors.items():
         if max_shard_bytes and groups[-1] and sum(v.nbytes for v in groups[-1].values()) + t.nbytes > max_shard_bytes:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import parallel
 from .capture import Records, cpu_threads, platform_fingerprint, run_cases
 from .checkpoint import Checkpoint, open_checkpoint
+from .compiled import CompiledDecoder
 from .files import state_dict_sha256, tensor_sha256
 from .generation import Llama
 from .golden_format import (
@@ -181,14 +182,16 @@ def comparison_mode(golden: GoldenSet, device: Union[str, torch.device], world_s
 
 
 def check_forwards(
-    golden: GoldenSet, model: nn.Module, exact: bool, progress: bool = False
+    golden: GoldenSet, model: nn.Module, exact: bool, progress: bool = False, decoder: Optional[CompiledDecoder] = None
 ) -> tuple[list[PointResult], list[bool]]:
     """Run the set's cases on a microllama model (prompts without a KV cache, the long-range case with
-    one) and compare: per capture point results, and per case whether the full logits' sha256 is equal."""
+    one; its decode step through decoder's compiled step when given) and compare: per capture point results,
+    and per case whether the full logits' sha256 is equal."""
     m = golden.manifest
-    cache = model.kv_cache(m.model.max_batch_size, m.model.max_seq_len)
+    cache = (decoder or model).kv_cache(m.model.max_batch_size, m.model.max_seq_len)
+    step = None if decoder is None else decoder.forward
     records = run_cases(model, golden.outputs.prompt_ids, golden.long_context.tolist(), m.long_range.chunk, cache,
-                        progress)  # fmt: skip
+                        progress, step)  # fmt: skip
     return compare_records(golden, records, exact)
 
 
@@ -255,6 +258,7 @@ def verify(
     other_checkpoint: bool = False,
     progress: bool = False,
     tensor_parallel: bool = False,
+    compile: bool = False,
 ) -> Comparison:
     """Check microllama (on ckpt_dir, default the set's own checkpoint; on the set's device unless
     given, or the CPU where that is CUDA and none is here) against a golden set: capture points,
@@ -262,7 +266,11 @@ def verify(
     device type).
     A checkpoint other than the recorded one fails the check unless other_checkpoint. On the CPU it runs
     with the recording's thread count, which decides the bits. progress: what it is doing, on stderr.
-    tensor_parallel: under torchrun, the model sharded over the job's ranks (every rank calls verify)."""
+    tensor_parallel: under torchrun, the model sharded over the job's ranks (every rank calls verify).
+    compile: check the compiled decode path (Llama.build(compile=True)) instead of the default one: capture
+    points and logits within tolerance, completions and chat replies exactly."""
+    if tensor_parallel and compile:
+        raise GoldenError("--compile checks the compiled path in one process; it cannot be tensor-parallel")
     golden = read_set(golden_dir)
     m = golden.manifest
     if device is None:  # the set's own device, else the CPU (the check then says so and uses tolerances)
@@ -271,7 +279,7 @@ def verify(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GoldenError(f"--device {device} was asked for, but torch sees no CUDA device here")
     with cpu_threads(m.platform.threads if device.type == "cpu" else None):
-        return _verify(golden, ckpt_dir, device, other_checkpoint, progress, tensor_parallel)
+        return _verify(golden, ckpt_dir, device, other_checkpoint, progress, tensor_parallel, compile)
 
 
 def _verify(
@@ -281,6 +289,7 @@ def _verify(
     other_checkpoint: bool,
     progress: bool,
     tensor_parallel: bool,
+    compile: bool,
 ) -> Comparison:
     m = golden.manifest
     ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else recorded_checkpoint(golden))
@@ -289,21 +298,28 @@ def _verify(
     size = (m.model.max_seq_len, m.model.max_batch_size)
     if tensor_parallel:  # each rank reads its own slices; the sha256 reads the whole checkpoint once more
         mesh, device = parallel.device_mesh(device)
-        model = ckpt.load_model(*size, device, m.torch_dtype, mesh=mesh)
+        model = ckpt.load_model(*size, device, m.torch_dtype, flash=compile, mesh=mesh)
         sha256, world_size = ckpt.sha256(), mesh.size()
     else:
         stored = ckpt.read_state_dict()  # read once: its sha256, then the model
-        model = ckpt.load_model(*size, device, m.torch_dtype, state_dict=stored)
+        model = ckpt.load_model(*size, device, m.torch_dtype, flash=compile, state_dict=stored)
         sha256, world_size = state_dict_sha256(stored), 1
     exact, mode = comparison_mode(golden, device, world_size)
+    if compile:
+        exact = False
+        mode = (
+            "tolerance: the compiled path (prefill through flash attention, decode steps compiled) is not "
+            "bit-identical; completions and chat replies are compared exactly"
+        )
     # A seed gives one random stream on the CPU and another on CUDA: sampled ids compare on one device type.
     sampling_comparable = device.type == torch.device(m.device).type
     why = f"sampled with the {m.device} generator, checked on {device.type}: random streams differ by device"
     not_compared = {kind: why for kind, s in m.completions.items() if s.temperature > 0 and not sampling_comparable}
     chat_kinds = m.chat.completions if m.chat is not None else {}
     chat_not_compared = {kind: why for kind, s in chat_kinds.items() if s.temperature > 0 and not sampling_comparable}
-    points, sha_equal = check_forwards(golden, model, exact, progress)
-    llama = Llama(model, Tokenizer(ckpt_dir=ckpt.dir))
+    llama = Llama(model, Tokenizer(ckpt_dir=ckpt.dir), compile=compile)
+    decoder = llama.decoder if isinstance(llama.decoder, CompiledDecoder) else None
+    points, sha_equal = check_forwards(golden, model, exact, progress, decoder)
     return Comparison(
         golden=golden,
         ckpt_dir=ckpt.dir,

@@ -29,6 +29,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
 import types
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -202,7 +203,7 @@ def cut_stream(
                 done[i] = True
             else:
                 tokens[i].append(r.token)
-                logprobs[i].extend(r.logprobs)
+                logprobs[i].extend(r.logprobs or [])
                 generated[i] += 1
                 done[i] = max_gen_len is not None and generated[i] >= max_gen_len
     return tokens, logprobs
@@ -236,20 +237,28 @@ def meta_generate(
     top_p: float,
     echo: bool = False,
     seed: Optional[int] = None,
+    step_times: Optional[list[float]] = None,
+    logprobs: bool = True,
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Meta's `Llama3.generate` on token ids, after `torch.manual_seed(seed)` when seed is given, read
     with cut_stream: per row the ids microllama's `generate` returns, and the generated ids' Meta
-    log-probabilities."""
+    log-probabilities. step_times: a list that gets time.perf_counter() as each step's results arrive
+    (Meta's stream yields them as Python ints: the step's work is done). logprobs=False spares Meta's loop
+    computing them (the log-probabilities returned are then empty)."""
     from llama_models.llama3.chat_format import LLMInput
 
     inputs = [LLMInput(tokens=list(t)) for t in prompt_tokens]
-    settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=True, echo=echo)
+    settings = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, logprobs=logprobs, echo=echo)
     device = next(llama.model.parameters()).device
     with restore_torch_defaults(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.set_default_device(device)
         if seed is not None:
             torch.manual_seed(seed)
-        steps = list(llama.generate(inputs, **settings))
+        steps = []
+        for step in llama.generate(inputs, **settings):
+            steps.append(step)
+            if step_times is not None:
+                step_times.append(time.perf_counter())
     return cut_stream(steps, len(inputs), llama.tokenizer.stop_tokens, max_gen_len)
 
 

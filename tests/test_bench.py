@@ -4,15 +4,30 @@ import re
 
 import pytest
 
-from tools.bench_decode import benchmark
+from tools.bench_decode import benchmark, format_report
 from tools.bench_load import tp
 
 
-def test_decode_benchmark_reports_both_attention_paths_on_the_same_weights():
-    rows = benchmark(model="tiny", prompt_len=8, gen_len=4, repeats=1)
-    assert [r["path"] for r in rows] == ["default", "flash"]
+def test_decode_benchmark_runs_each_system_on_the_same_weights_and_compares_their_tokens():
+    result = benchmark(model="tiny", prompt_len=8, gen_len=4, repeats=1, systems=["microllama-flash", "transformers"],
+                       bandwidth=False)  # fmt: skip
+    rows = result["rows"]
+    assert [r["system"] for r in rows] == ["microllama", "microllama-flash", "transformers"]
     assert all(r["prefill_tok_s"] > 0 and r["decode_ms_per_step"] > 0 for r in rows)
-    assert rows[0]["tokens"] == rows[1]["tokens"]  # float32 greedy ids agree across the two paths
+    assert all(len(r["tokens"][0]) == 4 for r in rows)
+    assert all(r["same_tokens"] for r in rows)  # float32 greedy ids agree across the three
+    assert "same as microllama" in format_report(result)
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_decode_benchmark_side_by_side_with_compiled_paths_and_meta():
+    result = benchmark(model="tiny", prompt_len=8, gen_len=4, repeats=1)
+    rows = {r["system"]: r for r in result["rows"]}
+    assert set(rows) == {"microllama", "microllama-flash", "microllama-compiled", "transformers",
+                         "transformers-static-compile", "meta"}  # fmt: skip
+    assert all(r["same_tokens"] for r in rows.values()), format_report(result)
+    assert result["bound_tok_s"] > 0
 
 
 @pytest.mark.slow

@@ -1,0 +1,129 @@
+"""The opt-in fast decode path (`Llama.build(..., compile=True)`): a KV cache of one fixed shape and a decode
+step whose shapes never change from token to token, compiled once with torch.compile.
+
+The readable model in model.py decodes with tensors that grow by one position per token (the cache is
+sliced to `start_pos + 1` keys), so a compiler would see a new shape at every step. Here the step attends
+over the whole cache, max_seq_len keys, and a mask hides the positions not written yet; the position comes
+in as a tensor, not a Python int. Prefill (many positions at once) stays eager, through the flash (SDPA)
+path of model.py, writing the same cache. The modules and their weights are model.py's: only the cache's
+update and the top of the decode step are new here.
+
+Batches are padded up to a power of two (capped at max_batch_size), so at most 1 + log2(max_batch_size)
+graphs are ever compiled, one per bucket; prompt lengths never cause one (prefill is not compiled).
+Results are not bit-identical to the default path: the flash tolerances of microllama/tolerances.py apply.
+"""
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Union
+
+import torch
+
+from .model import KVCache, Transformer
+
+
+class StaticKVCache(KVCache):
+    """A KVCache that a decode step updates at a position given as a tensor, returning the whole cache:
+    (bsz, max_seq_len, n_kv_heads, head_dim) keys and values whatever the position."""
+
+    def update(
+        self, start_pos: Union[int, torch.Tensor], xk: torch.Tensor, xv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(start_pos, torch.Tensor):  # prefill, eager: model.py's slices
+            return super().update(start_pos, xk, xv)
+        bsz = xk.shape[0]
+        self.cache_k[:bsz].index_copy_(1, start_pos, xk)
+        self.cache_v[:bsz].index_copy_(1, start_pos, xv)
+        return self.cache_k[:bsz], self.cache_v[:bsz]
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """The batch sizes a decode step is compiled for: powers of two below max_batch_size, and max_batch_size."""
+    return [b for b in (2**i for i in range(max_batch_size.bit_length())) if b < max_batch_size] + [max_batch_size]
+
+
+class CompiledDecoder:
+    """A flash-attention Transformer's generation with a static cache and a compiled decode step. It offers
+    what generation uses of the model: `kv_cache(max_batch_size, max_seq_len)` and `forward(tokens, start_pos)`.
+
+    backend is torch.compile's (None: the same static-shape step, run eagerly). With inductor: on CUDA mode
+    "reduce-overhead" (CUDA graphs); elsewhere inductor's freezing (weights become constants of the compiled
+    step, which inductor may lay out anew for its CPU matmul kernels: later changes to the weights are not
+    seen)."""
+
+    def __init__(self, model: Transformer, backend: Union[str, Callable, None] = "inductor"):
+        if not model.params.flash:
+            raise ValueError("the compiled decode path runs attention through SDPA: build the model with flash=True")
+        p, weight = model.params, model.output.weight
+        self.model = model
+        # Allocated once for the decoder's lifetime: a new cache would be a new input, and a recompilation.
+        self.caches = [
+            StaticKVCache(p.max_batch_size, p.max_seq_len, p.n_kv_heads, p.head_dim, dtype=weight.dtype,
+                          device=weight.device)
+            for _ in model.layers
+        ]  # fmt: skip
+        self.buckets = batch_buckets(p.max_batch_size)
+        self.positions = torch.arange(p.max_seq_len, device=weight.device)
+        with torch.inference_mode():
+            self.freqs_cis = model.freqs_cis(weight.device)
+        settings: dict = {}
+        if backend == "inductor":
+            cuda = weight.device.type == "cuda"
+            settings = {"mode": "reduce-overhead"} if cuda else {"options": {"freezing": True}}
+        self.step = self.decode_step
+        if backend is not None:
+            self.step = torch.compile(self.decode_step, backend=backend, fullgraph=True, dynamic=False, **settings)
+
+    @contextlib.contextmanager
+    def kv_cache(self, max_batch_size: int, max_seq_len: int) -> Iterator[None]:
+        """`with decoder.kv_cache(b, n):` the static cache in every layer inside the block (it always holds
+        the model's max_batch_size x max_seq_len; b and n are checked against that)."""
+        p = self.model.params
+        if not (0 < max_seq_len <= p.max_seq_len and 0 < max_batch_size <= p.max_batch_size):
+            raise ValueError(
+                f"a KV cache of {max_batch_size} x {max_seq_len} positions; the compiled decoder holds "
+                f"{p.max_batch_size} x {p.max_seq_len}"
+            )
+        for layer, cache in zip(self.model.layers, self.caches, strict=True):
+            layer.attention.cache = cache
+        try:
+            yield
+        finally:
+            self.model.clear_cache()
+
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tokens (bucket, 1) at position pos (a 1-element tensor) -> float32 logits (bucket, 1, vocab_size)."""
+        h = self.model.tok_embeddings(tokens)  # (bucket, 1, dim)
+        freqs_cis = self.freqs_cis[pos]  # (1, head_dim // 2): this position's rotations
+        # Keys at or before pos are seen; later slots of the cache are not written yet: -inf.
+        mask = torch.where(self.positions <= pos, 0.0, float("-inf")).to(h.dtype)[None]  # (1, max_seq_len)
+        for layer in self.model.layers:
+            h = layer(h, pos, freqs_cis, mask, False)
+        return self.model.output(self.model.norm(h)).float()
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Float32 logits (bsz, seqlen, vocab_size), as Transformer.forward with a cache: several positions
+        go through the eager flash path (prefill), one position through the compiled step."""
+        bsz, seqlen = tokens.shape
+        if seqlen > 1 or self.model.layers[0].attention.cache is None:
+            return self.model.forward(tokens, start_pos)
+        p = self.model.params
+        if start_pos + 1 > p.max_seq_len:
+            raise ValueError(f"position {start_pos} is past the KV cache's limit of {p.max_seq_len} (max_seq_len)")
+        if bsz > p.max_batch_size:
+            raise ValueError(f"batch of {bsz} exceeds the KV cache's max_batch_size {p.max_batch_size}")
+        bucket = next(b for b in self.buckets if b >= bsz)
+        # A new tensor, not the caller's: a column of the generation buffer has the buffer's width as its
+        # stride, and a new stride would be a new graph. Rows past bsz decode a dummy token into cache rows
+        # that no sequence uses.
+        padded = tokens.new_zeros(bucket, 1)
+        padded[:bsz] = tokens
+        pos = torch.tensor([start_pos], device=tokens.device)
+        with warnings.catch_warnings():
+            # RoPE's complex multiply (model.py) stays aten's kernel inside the compiled graph, and inductor
+            # says so at each compilation, in the middle of a streamed completion.
+            warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex")
+            logits = self.step(padded, pos)
+        # A copy: with CUDA graphs the step's output buffer is overwritten by the next replay.
+        return logits[:bsz].clone()
