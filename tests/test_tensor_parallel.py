@@ -22,6 +22,7 @@ from microllama.generation import Llama
 from microllama.meta_layout import shard_dim, shard_shape
 from microllama.parallel import TensorParallelError, check_world_size
 from microllama.tiny import default_ckpt_dir
+from microllama.tolerances import LOGITS_ATOL
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDENS = REPO / "goldens"
@@ -71,9 +72,14 @@ def ws2(checkpoints, tmp_path_factory, tokenizer):
 
 
 def test_tp_prompt_logits_are_bit_identical_to_metas_ws2_goldens(ws2):
-    """The sha256 of all the logits' bits, per prompt; everything else in the set: the slow verify below."""
+    """The sha256 of all the logits' bits, per prompt, on the recording's platform (as verify decides; on another
+    CPU the bits differ, and the recorded top-k entries must lie within LOGITS_ATOL); everything else in the
+    set: the slow verify below."""
     for rank in ws2:
-        assert rank["golden_logits_sha256_equal"] == [True] * 6
+        golden = rank["golden"]
+        if golden["exact_expected"]:
+            assert golden["sha256_equal"] == [True] * 6 and golden["topk_max_abs"] == 0
+        assert golden["topk_max_abs"] <= LOGITS_ATOL[torch.float32]
 
 
 @pytest.mark.reference
@@ -127,8 +133,9 @@ def test_tp_verify_is_bit_exact_against_the_golden_set_meta_recorded_at_its_worl
             "verify": str(GOLDENS / name)}  # fmt: skip
     ranks = torchrun(world_size, tmp_path, spec)
     for rank in ranks:
-        assert rank["verify"]["passed"] and rank["verify"]["exact"], rank["verify"]["report"]
-        assert set(rank["verify"]["max_abs"].values()) == {0.0}
+        assert rank["verify"]["passed"], rank["verify"]["report"]
+        if rank["verify"]["exact"]:  # the recording's platform (verify's rule): bit for bit at every point
+            assert set(rank["verify"]["max_abs"].values()) == {0.0}
         assert all(rank["other_layouts_equal"].values())
         if kv4 and HAVE_REFERENCE:
             assert rank["meta"] == {"logits_equal": True, "logits_max_abs": 0.0, "greedy_tokens_equal": True,
