@@ -260,7 +260,9 @@ def make_batch(corpus: Corpus, rows: Sequence[Sequence[Segment]], seq_len: int, 
             ids, is_target = corpus.document(doc)
             n = end - start
             tokens[r, o : o + n] = ids[start:end]
-            targets[r, o : o + n - 1] = np.where(is_target[start + 1 : end] == 1, ids[start + 1 : end], IGNORE_INDEX)
+            # int64 before -100 meets the stored uint32 ids (numpy 2.5 refuses to cast it to uint32)
+            following = ids[start + 1 : end].astype(np.int64)
+            targets[r, o : o + n - 1] = np.where(is_target[start + 1 : end] == 1, following, IGNORE_INDEX)
             documents[r, o : o + n] = d
             o += n
         documents[r, o:] = len(row)  # padding is a document of its own, with no targets
