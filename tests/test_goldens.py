@@ -534,6 +534,25 @@ def test_planted_stop_token_fails_verify_at_the_chat_replies(monkeypatch, capsys
     )
 
 
+def test_a_completion_differing_only_in_the_last_prompt_fails_verify_naming_it(monkeypatch, tokenizer):
+    """Every prompt's completion is compared, not only the first: a slip that changes the last token of the last
+    row of the greedy batch alone is named at the greedy completions."""
+    generate = Llama.generate
+
+    def generate_with_a_slip(self, prompt_tokens, max_gen_len, temperature=0.6, *args, **kwargs):
+        tokens, logprobs = generate(self, prompt_tokens, max_gen_len, temperature, *args, **kwargs)
+        if temperature == 0 and len(tokens) == len(golden.outputs.completions["greedy"]):
+            tokens[-1] = [*tokens[-1][:-1], (tokens[-1][-1] + 1) % tokenizer.n_words]
+        return tokens, logprobs
+
+    golden = read_set(GOLDENS / "tiny-bf16-cpu-ws1")
+    monkeypatch.setattr(Llama, "generate", generate_with_a_slip)
+    c = verify(GOLDENS / "tiny-bf16-cpu-ws1")
+    n = len(golden.outputs.completions["greedy"])
+    assert c.completions_equal["greedy"] == [True] * (n - 1) + [False]
+    assert c.first_divergent == "greedy completions" and not c.passed
+
+
 LOWER_CAPABILITY = {"AVX512": "avx2", "AVX2": "default"}  # ATEN_CPU_CAPABILITY values; others: none lower known
 
 

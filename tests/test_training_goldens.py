@@ -100,6 +100,20 @@ def test_a_planted_slip_is_named_by_its_first_step_and_parameter(monkeypatch):
     assert "first at step 1, parameter layers.1.feed_forward.w2.weight" in c.failure
 
 
+def test_final_weights_whose_sha256_differs_from_the_recording_fail_where_bit_exact(tmp_path):
+    """On the recording's platform the sha256 of all the final weights is a check of its own: a set recording
+    another one fails, naming it, though every loss, gradient norm and parameter's own sha256 agree."""
+    g = read_training_set(GOLDENS / "train-tiny-fp32-cpu-ws1")
+    outputs = dataclasses.replace(g.outputs, final_sha256="0" * 64)
+    changed = write_training_set(tmp_path / "set", g.manifest, outputs, g.tokens, g.targets)
+    c = verify_training.verify_training(changed)
+    if c.exact:
+        assert c.first_divergent_step is None and c.first_divergent_parameter is None
+        assert not c.passed and c.failure == "the final weights' sha256 differs"
+    else:  # another platform: the final weights are compared within tolerance, their sha256 is not asked
+        assert c.passed
+
+
 def test_verify_command_checks_a_training_set(capsys):
     cli_main(["verify", str(GOLDENS / "train-tiny-bf16-cpu-ws1")])
     out = capsys.readouterr().out
