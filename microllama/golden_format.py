@@ -46,7 +46,7 @@ import torch
 from .chat import STOP_REASONS, TOOL_PROMPT_FORMATS, DialogError, Message, as_message, check_prompt
 from .checkpoint import Checkpoint
 from .config import expected_shapes
-from .files import atomic_dir, file_sha256, read_json
+from .files import atomic_dir, file_sha256, read_json, state_dict_sha256, tensor_sha256
 from .generation import check_sampling
 from .model import ModelArgs
 from .tiny import SHA256 as TINY_SHA256
@@ -815,6 +815,24 @@ class TrainingOutputs:
     final_weight_norms: list[float]  # per parameter, its final weight's norm
     final_parameter_sha256: list[str]  # per parameter, tensor_sha256 of its final (dense) weight
     final_sha256: str  # state_dict_sha256 of all final weights
+
+    @classmethod
+    def from_run(
+        cls,
+        losses: list[float],
+        grad_norms: list[float],
+        first_step_grad_norms: list[float],
+        weights: dict[str, torch.Tensor],
+    ) -> "TrainingOutputs":
+        """A run's outputs, the final weights' norms and sha256 taken from weights (dense, in parameter order)."""
+        return cls(
+            losses=losses,
+            grad_norms=grad_norms,
+            first_step_grad_norms=first_step_grad_norms,
+            final_weight_norms=[torch.linalg.vector_norm(w.float()).item() for w in weights.values()],
+            final_parameter_sha256=[tensor_sha256(w) for w in weights.values()],
+            final_sha256=state_dict_sha256(weights),
+        )
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

@@ -12,24 +12,11 @@ import torch
 from .capture import cpu_threads
 from .checkpoint import Checkpoint, open_checkpoint
 from .data import Batch
-from .files import state_dict_sha256, tensor_sha256
-from .golden_format import GoldenError, TrainingSet, read_training_set
+from .golden_format import GoldenError, TrainingOutputs, TrainingSet, read_training_set
 from .tolerances import GRAD_RTOL, LOGITS_ATOL, TRAINED_WEIGHTS_RTOL
 from .train import make_optimizer, select_trainable, train_step
 from .train_config import TrainConfig
 from .verify import comparison_mode
-
-
-@dataclass(frozen=True, kw_only=True)
-class Values:
-    """What microllama's trainer computed, in the golden set's terms."""
-
-    losses: list[float]
-    grad_norms: list[float]
-    first_step_grad_norms: list[float]
-    final_weight_norms: list[float]
-    final_parameter_sha256: list[str]
-    final_sha256: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,7 +26,7 @@ class TrainingComparison:
     checkpoint_matches: bool
     exact: bool
     mode: str
-    ours: Values
+    ours: TrainingOutputs  # what microllama's trainer computed
 
     def _step_diverges(self, i: int) -> bool:
         o, g, dtype = self.ours, self.golden.outputs, self.golden.manifest.torch_dtype
@@ -95,7 +82,7 @@ class TrainingComparison:
         return self.failure is None
 
 
-def train_on_golden_batch(golden: TrainingSet, checkpoint: Checkpoint, device: torch.device) -> Values:
+def train_on_golden_batch(golden: TrainingSet, checkpoint: Checkpoint, device: torch.device) -> TrainingOutputs:
     """Full fine-tune of the checkpoint's weights with the set's optimizer settings and learning rates, through
     microllama.train's select_trainable, make_optimizer and train_step."""
     m = golden.manifest
@@ -122,14 +109,7 @@ def train_on_golden_batch(golden: TrainingSet, checkpoint: Checkpoint, device: t
         losses.append(loss)
         grad_norms.append(grad_norm)
     weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return Values(
-        losses=losses,
-        grad_norms=grad_norms,
-        first_step_grad_norms=first,
-        final_weight_norms=[torch.linalg.vector_norm(w.float()).item() for w in weights.values()],
-        final_parameter_sha256=[tensor_sha256(w) for w in weights.values()],
-        final_sha256=state_dict_sha256(weights),
-    )
+    return TrainingOutputs.from_run(losses, grad_norms, first, weights)
 
 
 def verify_training(

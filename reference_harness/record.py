@@ -132,6 +132,17 @@ def record_chat(llama: object, spec: ChatSpec) -> ChatOutputs:
     return ChatOutputs(prompt_ids=meta_chat_prompt_ids(llama, dialogs), replies=replies)
 
 
+def reference_versions() -> Versions:
+    """The versions of what a recording ran: torch, Meta's llama-models and fairscale, numpy, Python."""
+    return Versions(
+        torch=torch.__version__,
+        llama_models=importlib.metadata.version("llama-models"),
+        fairscale=importlib.metadata.version("fairscale"),
+        numpy=np.__version__,
+        python=sys.version.split()[0],
+    )
+
+
 def is_rank_0() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
@@ -186,13 +197,7 @@ def record(
             dtype=dtype,
             device=device,
             world_size=world_size,
-            versions=Versions(
-                torch=torch.__version__,
-                llama_models=importlib.metadata.version("llama-models"),
-                fairscale=importlib.metadata.version("fairscale"),
-                numpy=np.__version__,
-                python=sys.version.split()[0],
-            ),
+            versions=reference_versions(),
             platform=platform_fingerprint(device),
             prompts=prompts,
             completions=settings,

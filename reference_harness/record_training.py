@@ -12,7 +12,6 @@ the set through microllama.golden_format. `record_training_goldens()` (tools/rec
 records into the cache and checks microllama's trainer against it and against the committed set.
 """
 
-import importlib.metadata
 import os
 import sys
 import time
@@ -24,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from microllama.capture import platform_fingerprint
-from microllama.files import state_dict_sha256, tensor_sha256
 from microllama.golden_format import (
     DTYPES,
     SCHEMA_VERSION,
@@ -34,7 +32,6 @@ from microllama.golden_format import (
     Optimization,
     TrainingManifest,
     TrainingOutputs,
-    Versions,
     checkpoint_entry,
     is_training_set,
     training_set_name,
@@ -47,7 +44,7 @@ from microllama.train_config import TrainConfig
 from microllama.verify_training import TrainingComparison, format_training_comparison, verify_training
 
 from .meta import meta_forward_for_training, meta_llama
-from .record import REPO, check_request, is_rank_0, progress, run_process_group
+from .record import REPO, check_request, is_rank_0, progress, reference_versions, run_process_group
 
 ROWS, SEQLEN, STEPS = 2, 48, 4
 SETTINGS = TrainConfig(data="-", lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=STEPS, weight_decay=0.1,
@@ -141,13 +138,7 @@ def record_training(out: str, ckpt_dir: Optional[str] = None, device: str = "cpu
             dtype=dtype,
             device=device,
             world_size=world_size,
-            versions=Versions(
-                torch=torch.__version__,
-                llama_models=importlib.metadata.version("llama-models"),
-                fairscale=importlib.metadata.version("fairscale"),
-                numpy=np.__version__,
-                python=sys.version.split()[0],
-            ),  # fmt: skip
+            versions=reference_versions(),
             platform=platform_fingerprint(device),
             optimization=Optimization(
                 optimizer=f"torch.optim.AdamW(fused={fused})",
@@ -161,14 +152,7 @@ def record_training(out: str, ckpt_dir: Optional[str] = None, device: str = "cpu
             ),  # fmt: skip
             parameters=names,
         )
-        outputs = TrainingOutputs(
-            losses=losses,
-            grad_norms=grad_norms,
-            first_step_grad_norms=first_norms,
-            final_weight_norms=[torch.linalg.vector_norm(w.float()).item() for w in weights.values()],
-            final_parameter_sha256=[tensor_sha256(w) for w in weights.values()],
-            final_sha256=state_dict_sha256(weights),
-        )
+        outputs = TrainingOutputs.from_run(losses, grad_norms, first_norms, weights)
         write_training_set(out, manifest, outputs, tokens_np, targets_np)
         progress(f"wrote {out}")
     dist.barrier()
