@@ -7,7 +7,6 @@ import functools
 import inspect
 import json
 import math
-import os
 import re
 import sys
 import typing
@@ -231,10 +230,11 @@ def _field_comments(config: type) -> str:
 
 
 def _train(config: Any) -> None:
+    from .parallel import is_rank_0
     from .train import train as run_training
 
     summary = run_training(config)
-    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, rank 0 speaks for the job
+    if is_rank_0():  # under torchrun, rank 0 speaks for the job
         print(summary.line())
 
 

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .data import Batch
 from .model import Transformer
+from .parallel import torchrun_world_size
 
 if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still trains in one process
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -104,7 +105,7 @@ def _rank_0_first(is_rank_0: bool) -> Iterator[None]:
 def join(kind: str, batch_size: int, device: torch.device) -> Optional[Ranks]:
     """This rank of torchrun's job (its process group joined: gloo on CPU, nccl on CUDA), or None when one
     process trains (kind none, or not launched by torchrun). ValueError for a split that cannot work."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = torchrun_world_size()
     if kind not in KINDS:
         raise ValueError(f"--distributed must be one of {', '.join(KINDS)}, got {kind!r}")
     if world_size > 1 and kind == "none":

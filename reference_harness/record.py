@@ -57,6 +57,7 @@ from microllama.golden_format import (
     to_json,
     write_set,
 )
+from microllama.parallel import is_rank_0, torchrun_world_size
 from microllama.tiny import cache_dir
 from microllama.verify import Comparison, format_comparison, verify
 
@@ -143,10 +144,6 @@ def reference_versions() -> Versions:
     )
 
 
-def is_rank_0() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
-
-
 def progress(message: str) -> None:
     if is_rank_0():
         print(f"[record {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -167,7 +164,7 @@ def record(
 
     prompts = PROMPTS if prompts is None else list(prompts)
     ckpt = open_checkpoint(ckpt_dir)
-    torch_dtype, world_size = DTYPES[dtype], int(os.environ.get("WORLD_SIZE", 1))
+    torch_dtype, world_size = DTYPES[dtype], torchrun_world_size()
     max_seq_len = long_context + 256
     chat = chat_spec(max_gen_len)
     max_batch_size = max(len(prompts), len(chat.dialogs))

@@ -38,13 +38,14 @@ from microllama.golden_format import (
     write_training_set,
 )
 from microllama.meta_layout import shard_dim
+from microllama.parallel import is_rank_0, torchrun_world_size
 from microllama.tiny import cache_dir
 from microllama.train import lr_at
 from microllama.train_config import TrainConfig
 from microllama.verify_training import TrainingComparison, format_training_comparison, verify_training
 
 from .meta import meta_forward_for_training, meta_llama
-from .record import REPO, check_request, is_rank_0, progress, reference_versions, run_process_group
+from .record import REPO, check_request, progress, reference_versions, run_process_group
 
 ROWS, SEQLEN, STEPS = 2, 48, 4
 SETTINGS = TrainConfig(data="-", lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=STEPS, weight_decay=0.1,
@@ -87,8 +88,8 @@ def record_training(out: str, ckpt_dir: Optional[str] = None, device: str = "cpu
     """Run under torchrun: every rank trains, rank 0 writes the training set to `out`."""
     import torch.distributed as dist
 
-    ckpt = check_request(None, ckpt_dir, device, dtype, int(os.environ.get("WORLD_SIZE", 1)))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = torchrun_world_size()
+    ckpt = check_request(None, ckpt_dir, device, dtype, world_size)
     progress(f"Meta's Llama3.build: {ckpt.dir}, {device}, {dtype}, world size {world_size}")
     model = meta_llama(ckpt.dir, DTYPES[dtype], SEQLEN + 16, ROWS, 1, device, world_size).model.train()
     names = [name for name, _ in model.named_parameters()]
