@@ -2,6 +2,9 @@
 
 import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,19 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 HAVE_REFERENCE = all(importlib.util.find_spec(m) is not None for m in ("llama_models", "fairscale"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_torchrun(world_size: int, script: str, *args: str, timeout: int = 600) -> None:
+    """tests/SCRIPT ARGS on world_size gloo ranks of one thread each, under torchrun; fails with its stderr."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
+           str(REPO / "tests" / script), *args]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 REFERENCE_REASON = "needs Meta's reference code: pip install -e '.[reference]' (llama-models==0.3.0, fairscale)"
 
 

@@ -6,15 +6,12 @@ Ranks are started by torchrun on gloo (tests/tp_worker.py), once per world size 
 that need no second process (what a rank reads, the refusals) run in-process."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAVE_REFERENCE
+from conftest import HAVE_REFERENCE, run_torchrun
 
 from microllama.checkpoint import CheckpointError, convert, open_checkpoint
 from microllama.cli import main as cli_main
@@ -32,12 +29,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="ne
 def torchrun(world_size: int, out: Path, spec: dict, timeout: int = 600) -> list[dict]:
     """tests/tp_worker.py on world_size gloo ranks of one thread each; what each rank wrote, in rank order."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
-           str(REPO / "tests" / "tp_worker.py"), str(out), json.dumps(spec)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_torchrun(world_size, "tp_worker.py", str(out), json.dumps(spec), timeout=timeout)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 

@@ -5,13 +5,11 @@ FSDP2 run's torch.distributed.checkpoint save at world size 2 resumes in one pro
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_torchrun
 
 from microllama.meta_layout import load_pth
 from microllama.tolerances import DATA_PARALLEL_RTOL, DATA_PARALLEL_WEIGHTS_ATOL
@@ -48,12 +46,7 @@ def max_weight_diff(a: Path, b: Path) -> float:
 
 def torchrun(world_size: int, configs: list[dict]) -> None:
     """tests/train_worker.py on world_size gloo ranks of one thread each, training each config in turn."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
-           str(REPO / "tests" / "train_worker.py"), json.dumps(configs)]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_torchrun(world_size, "train_worker.py", json.dumps(configs))
 
 
 @pytest.fixture(scope="module")
