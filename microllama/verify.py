@@ -25,6 +25,7 @@ from .golden_format import (
     GoldenError,
     GoldenSet,
     Row,
+    TrainingSet,
     chat_message,
     full_vocab_rows,
     json_bytes,
@@ -163,7 +164,9 @@ def compare_records(golden: GoldenSet, records: Records, exact: bool) -> tuple[l
     return results + [output, lse], sha_equal
 
 
-def comparison_mode(golden: GoldenSet, device: Union[str, torch.device], world_size: int = 1) -> tuple[bool, str]:
+def comparison_mode(
+    golden: Union[GoldenSet, TrainingSet], device: Union[str, torch.device], world_size: int = 1
+) -> tuple[bool, str]:
     """Whether bit-identity is expected on `device` here at world_size tensor-parallel ranks, and a line saying
     why: it is where the platform fingerprint and the world size match the recording's; elsewhere LOGITS_ATOL
     applies."""
@@ -241,7 +244,18 @@ def check_chat(
     )
 
 
-def recorded_checkpoint(golden: GoldenSet) -> str:
+def checking_device(recorded: str, device: Optional[Union[str, torch.device]]) -> torch.device:
+    """The device a check runs on: the one asked for, else the set's own, else the CPU where that is CUDA and
+    none is here (the check then says so and uses tolerances). GoldenError for CUDA asked for and absent."""
+    if device is None:
+        device = recorded if torch.device(recorded).type != "cuda" or torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GoldenError(f"--device {device} was asked for, but torch sees no CUDA device here")
+    return device
+
+
+def recorded_checkpoint(golden: Union[GoldenSet, TrainingSet]) -> str:
     """The checkpoint a set was recorded from, when it is here: a tiny checkpoint's name or a directory."""
     c = golden.manifest.checkpoint
     if c.tiny:
@@ -273,11 +287,7 @@ def verify(
         raise GoldenError("--compile checks the compiled path in one process; it cannot be tensor-parallel")
     golden = read_set(golden_dir)
     m = golden.manifest
-    if device is None:  # the set's own device, else the CPU (the check then says so and uses tolerances)
-        device = m.device if torch.device(m.device).type != "cuda" or torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GoldenError(f"--device {device} was asked for, but torch sees no CUDA device here")
+    device = checking_device(m.device, device)
     with cpu_threads(m.platform.threads if device.type == "cpu" else None):
         return _verify(golden, ckpt_dir, device, other_checkpoint, progress, tensor_parallel, compile)
 

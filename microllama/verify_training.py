@@ -16,7 +16,7 @@ from .golden_format import GoldenError, TrainingOutputs, TrainingSet, read_train
 from .tolerances import GRAD_RTOL, LOGITS_ATOL, TRAINED_WEIGHTS_RTOL
 from .train import make_optimizer, select_trainable, train_step
 from .train_config import TrainConfig
-from .verify import comparison_mode
+from .verify import checking_device, comparison_mode, recorded_checkpoint
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,10 +120,8 @@ def verify_training(
     """Run microllama's trainer on a training set's batch and compare (see the module's docstring)."""
     golden = read_training_set(golden_dir)
     m = golden.manifest
-    ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else (m.checkpoint.tiny or m.checkpoint.dir))
-    if device is None:
-        device = m.device if torch.device(m.device).type != "cuda" or torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else recorded_checkpoint(golden))
+    device = checking_device(m.device, device)
     with cpu_threads(m.platform.threads if device.type == "cpu" else None):  # the count splits CPU sums
         exact, mode = comparison_mode(golden, device)
         ours = train_on_golden_batch(golden, ckpt, device)
