@@ -174,7 +174,11 @@ def precompute_freqs_cis(
 def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE: turn each pair of features of q and k by an angle proportional to the token's position, so that
     q . k depends on how far apart two tokens are. Shapes are kept: (bsz, seqlen, heads, head_dim).
-    freqs_cis: (seqlen, head_dim // 2), the same positions for every row, or (bsz, seqlen, head_dim // 2)."""
+    freqs_cis: (seqlen, head_dim // 2), the same positions for every row, or (bsz, seqlen, head_dim // 2).
+    A real freqs_cis, (..., head_dim // 2, 2) as torch.view_as_real makes it, turns in real arithmetic (see
+    rotate_pairs)."""
+    if not freqs_cis.is_complex():
+        return rotate_pairs(xq, freqs_cis), rotate_pairs(xk, freqs_cis)
     # Features (x0, x1), (x2, x3), ... become complex numbers x0 + i x1, so that turning is multiplying:
     # (bsz, seqlen, heads, head_dim) -> (bsz, seqlen, heads, head_dim // 2, 2) -> complex (..., head_dim // 2).
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))
@@ -185,6 +189,20 @@ def apply_rotary_emb(xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
     xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
     xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def rotate_pairs(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_emb's turn for one of q and k, with the complex product written out: (a + ib)(c + is) =
+    (ac - bs) + i(as + bc). The compiled decode path's (microllama/compiled.py): torch.compile makes no code
+    for complex numbers, so the complex product is a separate kernel there. Run eagerly on x86 CPUs it measured
+    bit-identical to the complex product; compiled, a multiply and an add may be fused into one rounding: within
+    the tolerances of microllama/tolerances.py.
+    cos_sin: (seqlen or bsz x seqlen, head_dim // 2, 2), each rotation's (cos, sin)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (bsz, seqlen, heads, head_dim // 2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    cos_sin = cos_sin.view(-1, x.shape[1], 1, x.shape[-1] // 2, 2)  # the same turn for every head
+    c, s = cos_sin[..., 0], cos_sin[..., 1]
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(3).type_as(x)
 
 
 class KVCache(nn.Module):

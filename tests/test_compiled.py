@@ -1,6 +1,6 @@
 """The compiled decode path (microllama/compiled.py): its static cache computes what the growing one does, it
 compiles once per batch bucket and never per token, and compiled with inductor it stays within the flash
-tolerances of the default path over a 9,000-position decode and passes a golden set (completions exact)."""
+tolerances of the default path over a 9,000-position decode and passes golden sets."""
 
 from pathlib import Path
 
@@ -135,10 +135,14 @@ def test_compiled_logits_within_flash_tolerance_at_every_step_of_a_9000_position
 
 
 @pytest.mark.slow
-def test_verify_through_the_compiled_path_passes_the_fp32_golden_set():
+@pytest.mark.parametrize("name", ["tiny-fp32-cpu-ws1", "tiny-bf16-cpu-ws1"])
+def test_verify_through_the_compiled_path_passes_the_golden_sets(name):
     """microllama verify --compile: capture points and logits within tolerance (the long-range step, at
-    position 9,000, compiled), greedy and top-p completions and chat replies identical to Meta's."""
-    comparison = verify(GOLDENS / "tiny-fp32-cpu-ws1", compile=True)
+    position 9,000, compiled). In float32 greedy and top-p completions and chat replies are identical to Meta's;
+    in bfloat16 those that differ must part from Meta's where the tolerance allows (verify.tolerance_admits)."""
+    comparison = verify(GOLDENS / name, compile=True)
     assert not comparison.exact
-    assert all(all(equal) for equal in comparison.completions_equal.values())
+    if "fp32" in name:
+        assert all(all(equal) for equal in comparison.completions_equal.values())
+        assert not any(comparison.completions_parted.values()) and not any(comparison.chat.parted.values())
     assert comparison.passed, comparison.failure
