@@ -3,6 +3,7 @@ platform, else within microllama.tolerances), the errors at every capture point,
 chat replies, and the report `microllama verify` prints."""
 
 import dataclasses
+import math
 import sys
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from .golden_format import (
     read_set,
     to_json,
 )
+from .model import Transformer
 from .tokenizer import Tokenizer
 from .tolerances import LOGITS_ATOL
 
@@ -55,6 +57,9 @@ class ChatCheck:
     prompt_ids_equal: list[bool]  # per dialog: microllama's ChatFormat ids are Meta's
     differences: dict[str, list[list[str]]]  # kind -> per dialog, the REPLY_FIELDS that differ (none: identical)
     not_compared: dict[str, str]  # kind -> why
+    # kind -> dialog -> the token where the reply parts from the recorded one, for replies that differ where the
+    # tolerance allows (see tolerance_admits; only when the check is not bit-exact)
+    parted: dict[str, dict[int, int]] = dataclasses.field(default_factory=dict)
 
     @property
     def first_divergent(self) -> Optional[str]:
@@ -62,7 +67,7 @@ class ChatCheck:
             return f"chat prompt ids (dialog {self.prompt_ids_equal.index(False)})"
         for kind, dialogs in self.differences.items():
             for i, fields in enumerate(dialogs):
-                if fields:
+                if fields and i not in self.parted.get(kind, {}):
                     return f"chat {kind} (dialog {i}: {', '.join(fields)})"
         return None
 
@@ -78,8 +83,11 @@ class Comparison:
     points: list[PointResult]
     logits_sha256_equal: list[bool]
     prompt_ids_equal: bool
-    completions_equal: dict[str, list[bool]]
+    completions_equal: dict[str, list[bool]]  # kind -> per prompt, the ids identical
     completions_not_compared: dict[str, str]  # kind -> why
+    # kind -> prompt -> the token where the completion parts from the recorded one, for completions that differ
+    # where the tolerance allows (see tolerance_admits; only when the check is not bit-exact)
+    completions_parted: dict[str, dict[int, int]]
     chat: Optional[ChatCheck]  # None: the set records no chat
 
     @property
@@ -91,7 +99,7 @@ class Comparison:
             if point.diverges:
                 return point.name
         for kind, equal in self.completions_equal.items():
-            if not all(equal):
+            if not all(e or i in self.completions_parted.get(kind, {}) for i, e in enumerate(equal)):
                 return f"{kind} completions"
         return None if self.chat is None else self.chat.first_divergent
 
@@ -198,19 +206,77 @@ def check_forwards(
     return compare_records(golden, records, exact)
 
 
+def tolerance_admits(
+    model: Transformer,
+    prompt: Sequence[int],
+    completion: Sequence[int],
+    stops: Collection[int],
+    temperature: float,
+    top_p: float,
+    atol: float,
+) -> Optional[int]:
+    """Whether a model whose logits lie within atol of model's, generating as Llama.generate does, could have made
+    completion after prompt, then one of stops (none: the row ran out of length): None if it could, else the
+    first step where it could not. Teacher-forced, one forward over prompt + completion; at each step, for the
+    token taken there:
+    - greedy (temperature 0): that model ranked the token first, so here its logit is within 2 atol of the top;
+    - sampled: on logits divided by the temperature T, that model's probabilities lie within a factor
+      exp(2 atol / T) of these, so the mass it put on the tokens ranked above this one is at least
+      exp(-2 atol / T) times the mass here on the tokens more than 2 atol / T above it; top-p kept the token,
+      so that is at most top_p. In bfloat16 (atol 0.375) this admits nearly any token of the nucleus."""
+    ids = torch.tensor([[*prompt, *completion]], device=model.output.weight.device)
+    with torch.inference_mode():
+        logits = model.forward(ids)[0, len(prompt) - 1 :].double()  # row k: the logits of step k
+    steps = [[token] for token in completion] + ([list(stops)] if stops else [])
+    for k, candidates in enumerate(steps):
+        z = logits[k] if temperature == 0 else logits[k] / temperature
+        margin = 2 * atol / (temperature or 1)
+        if temperature == 0:
+            admitted = [float(z.max() - z[t]) <= margin for t in candidates]
+        else:
+            probs = torch.softmax(z, dim=-1)
+            admitted = [float(probs[z > z[t] + margin].sum()) * math.exp(-margin) <= top_p for t in candidates]
+        if not any(admitted):
+            return k
+    return None
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def check_completions(
-    golden: GoldenSet, llama: Llama, skip: Collection[str] = (), progress: bool = False
-) -> dict[str, list[bool]]:
-    """Per completion kind (greedy, top_p) not in skip, whether each prompt's generated ids equal the
-    recorded ones."""
-    completions = {}
+    golden: GoldenSet, llama: Llama, skip: Collection[str] = (), progress: bool = False, atol: Optional[float] = None
+) -> tuple[dict[str, list[bool]], dict[str, dict[int, int]]]:
+    """Per completion kind (greedy, top_p) not in skip, whether each prompt's generated ids equal the recorded
+    ones; and with atol (a check within tolerance), per kind the prompts whose ids differ but both the generated
+    and the recorded completion are ones the tolerance admits (tolerance_admits), each with the token where the
+    two part."""
+    completions, parted = {}, {}
+    max_seq_len = llama.model.params.max_seq_len
     kinds = [kind for kind in golden.manifest.completions if kind not in skip]
     for kind in tqdm(kinds, "completions", disable=not progress, file=sys.stderr):
         s = golden.manifest.completions[kind]
         ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in s.prompts]
         tokens, _ = llama.generate(ids, s.max_gen_len, s.temperature, s.top_p, seed=s.seed)
-        completions[kind] = [a == b for a, b in zip(tokens, golden.outputs.completions[kind], strict=True)]
-    return completions
+        recorded = golden.outputs.completions[kind]
+        completions[kind] = [a == b for a, b in zip(tokens, recorded, strict=True)]
+        if atol is None:
+            continue
+        # Generation's lengths: a row shorter than its limit ended at a stop token (which one is not kept).
+        max_gen_len = s.max_gen_len if s.max_gen_len is not None and s.max_gen_len < max_seq_len else max_seq_len - 1
+        total_len = min(max_seq_len, max_gen_len + max(map(len, ids)))
+        parted[kind] = {}
+        for i, (prompt, got, rec) in enumerate(zip(ids, tokens, recorded, strict=True)):
+            limit = min(len(prompt) + max_gen_len, total_len) - len(prompt)
+            admitted = (
+                tolerance_admits(llama.model, prompt, c, llama.tokenizer.stop_tokens if len(c) < limit else [],
+                                 s.temperature, s.top_p, atol) is None
+                for c in (got, rec)
+            )  # fmt: skip
+            if got != rec and all(admitted):
+                parted[kind][i] = _first_difference(got, rec)
+    return completions, parted
 
 
 def reply_differences(got: ChatReply, recorded: ChatReply) -> list[str]:
@@ -221,14 +287,19 @@ def reply_differences(got: ChatReply, recorded: ChatReply) -> list[str]:
 
 
 def check_chat(
-    golden: GoldenSet, llama: Llama, skip: Mapping[str, str] = MappingProxyType({}), progress: bool = False
+    golden: GoldenSet,
+    llama: Llama,
+    skip: Mapping[str, str] = MappingProxyType({}),
+    progress: bool = False,
+    atol: Optional[float] = None,
 ) -> ChatCheck:
     """microllama's prompt ids for the set's dialogs against Meta's, and per chat kind not in skip (kind ->
-    why it is not compared) its chat_completion of all the dialogs in one batch against the recorded replies."""
+    why it is not compared) its chat_completion of all the dialogs in one batch against the recorded replies;
+    with atol, replies whose ids differ where the tolerance allows (as check_completions)."""
     spec, recorded = golden.manifest.chat, golden.chat
     dialogs = [[to_json(m) for m in dialog] for dialog in spec.dialogs]
     prompt_ids = [llama.formatter.encode_dialog_prompt(d, spec.tool_prompt_format) for d in dialogs]
-    differences = {}
+    differences, parted = {}, {}
     kinds = [kind for kind in spec.completions if kind not in skip]
     for kind in tqdm(kinds, "chat completions", disable=not progress, file=sys.stderr):
         s = spec.completions[kind]
@@ -237,10 +308,22 @@ def check_chat(
         got = [ChatReply(tokens=c.tokens, stop_token=c.stop_token, stop_reason=c.stop_reason,
                          message=chat_message(c.message)) for c in replies]  # fmt: skip
         differences[kind] = [reply_differences(a, b) for a, b in zip(got, recorded.replies[kind], strict=True)]
+        if atol is None:
+            continue
+        parted[kind] = {}
+        for i, (prompt, a, b) in enumerate(zip(prompt_ids, got, recorded.replies[kind], strict=True)):
+            admitted = (
+                tolerance_admits(llama.model, prompt, r.tokens, [] if r.stop_token is None else [r.stop_token],
+                                 s.temperature, s.top_p, atol) is None
+                for r in (a, b)
+            )  # fmt: skip
+            if a.tokens != b.tokens and all(admitted):
+                parted[kind][i] = _first_difference(a.tokens, b.tokens)
     return ChatCheck(
         prompt_ids_equal=[a == b for a, b in zip(prompt_ids, recorded.prompt_ids, strict=True)],
         differences=differences,
         not_compared=dict(skip),
+        parted=parted,
     )
 
 
@@ -318,8 +401,7 @@ def _verify(
     if compile:
         exact = False
         mode = (
-            "tolerance: the compiled path (prefill through flash attention, decode steps compiled) is not "
-            "bit-identical; completions and chat replies are compared exactly"
+            "tolerance: the compiled path (prefill through flash attention, decode steps compiled) is not bit-identical"
         )
     # A seed gives one random stream on the CPU and another on CUDA: sampled ids compare on one device type.
     sampling_comparable = device.type == torch.device(m.device).type
@@ -330,6 +412,8 @@ def _verify(
     llama = Llama(model, Tokenizer(ckpt_dir=ckpt.dir), compile=compile)
     decoder = llama.decoder if isinstance(llama.decoder, CompiledDecoder) else None
     points, sha_equal = check_forwards(golden, model, exact, progress, decoder)
+    atol = None if exact else LOGITS_ATOL[m.torch_dtype]
+    completions_equal, completions_parted = check_completions(golden, llama, not_compared, progress, atol)
     return Comparison(
         golden=golden,
         ckpt_dir=ckpt.dir,
@@ -341,24 +425,35 @@ def _verify(
         logits_sha256_equal=sha_equal,
         prompt_ids_equal=[llama.tokenizer.encode(p, bos=True, eos=False) for p in m.prompts]
         == golden.outputs.prompt_ids,
-        completions_equal=check_completions(golden, llama, skip=not_compared, progress=progress),
+        completions_equal=completions_equal,
         completions_not_compared=not_compared,
-        chat=None if m.chat is None else check_chat(golden, llama, chat_not_compared, progress),
+        completions_parted=completions_parted,
+        chat=None if m.chat is None else check_chat(golden, llama, chat_not_compared, progress, atol),
     )
+
+
+def format_parted(parted: Mapping[int, int], noun: str) -> str:
+    """The report's words for the rows (prompts or dialogs) that part from the recording where the tolerance allows."""
+    if not parted:
+        return ""
+    rows = ", ".join(f"{noun} {i} at token {k}" for i, k in parted.items())
+    return f"; {rows} part{'s' if len(parted) == 1 else ''} from the recording where the tolerance allows"
 
 
 def format_chat(chat: Optional[ChatCheck]) -> list[str]:
     """The report's chat lines: prompt ids, then per kind the replies identical in ids, stop token, stop reason
-    and parsed message."""
+    and parsed message, and those parting where the tolerance allows."""
     if chat is None:
         return ["chat: not recorded in this set"]
     n, equal = len(chat.prompt_ids_equal), chat.prompt_ids_equal
     differ = ", ".join(str(i) for i, e in enumerate(equal) if not e)
     lines = [f"chat prompt ids: {'identical' if all(equal) else f'DIFFER in dialogs {differ}'} ({n} dialogs)"]
     for kind, dialogs in chat.differences.items():
-        first = next(((i, f) for i, f in enumerate(dialogs) if f), None)
+        parted = chat.parted.get(kind, {})
+        first = next(((i, f) for i, f in enumerate(dialogs) if f and i not in parted), None)
         where = f" (dialog {first[0]}: {', '.join(first[1])} differ)" if first else ""
-        lines.append(f"chat {kind}: {sum(not f for f in dialogs)}/{n} identical{where}")
+        identical = f"{sum(not f for f in dialogs)}/{n} identical"
+        lines.append(f"chat {kind}: {identical}{format_parted(parted, 'dialog')}{where}")
     for kind, why in chat.not_compared.items():
         lines.append(f"chat {kind}: not compared ({why})")
     return lines
@@ -393,7 +488,8 @@ def format_comparison(c: Comparison) -> str:
         f"prompt ids: {'identical' if c.prompt_ids_equal else 'DIFFER'} ({len(m.prompts)} prompts)",
     ]
     for kind, equal in c.completions_equal.items():
-        lines.append(f"{kind} completions: {sum(equal)}/{len(equal)} identical")
+        parted = format_parted(c.completions_parted.get(kind, {}), "prompt")
+        lines.append(f"{kind} completions: {sum(equal)}/{len(equal)} identical{parted}")
     for kind, why in c.completions_not_compared.items():
         lines.append(f"{kind} completions: not compared ({why})")
     lines += format_chat(c.chat)

@@ -25,10 +25,12 @@ from microllama.cli import main as cli_main
 from microllama.generation import Llama
 from microllama.golden_format import ChatToolCall, GoldenError, data_files, from_json, read_set, to_json, write_set
 from microllama.meta_layout import save_meta
+from microllama.model import ModelArgs
 from microllama.tokenizer import Tokenizer
 from microllama.tolerances import LOGITS_ATOL
-from microllama.verify import format_comparison, verify
+from microllama.verify import format_comparison, tolerance_admits, verify
 from reference_harness import record
+from tests.strategies import SMALL_VOCAB, SmallVocabTokenizer, random_transformer
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDENS = REPO / "goldens"
@@ -551,6 +553,32 @@ def test_a_completion_differing_only_in_the_last_prompt_fails_verify_naming_it(m
     n = len(golden.outputs.completions["greedy"])
     assert c.completions_equal["greedy"] == [True] * (n - 1) + [False]
     assert c.first_divergent == "greedy completions" and not c.passed
+
+
+def test_tolerance_admits_a_model_s_own_completions_and_refuses_a_token_it_ranks_last():
+    """tolerance_admits, the judge of completions that part from the recording under tolerance, on a small random
+    model: its own greedy and top-p completions are admitted at the float32 tolerance; one token swapped for the
+    token the model ranks last there is refused at that step, greedy or sampled, unless the tolerance spans the
+    logits' whole range; a row that ended early is judged at its stop token too."""
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=SMALL_VOCAB, multiple_of=8,
+                     max_seq_len=64, max_batch_size=1)  # fmt: skip
+    model = random_transformer(args, 3)
+    llama = Llama(model, SmallVocabTokenizer(stop_tokens=[SMALL_VOCAB]))  # a stop id never made: full lengths
+    prompt, atol, k = [5, 17, 42, 9], LOGITS_ATOL[torch.float32], 6
+    (greedy,), _ = llama.generate([prompt], max_gen_len=12, temperature=0)
+    (sampled,), _ = llama.generate([prompt], max_gen_len=12, temperature=0.8, top_p=0.9, seed=1)
+    assert tolerance_admits(model, prompt, greedy, [], 0.0, 1.0, atol) is None
+    assert tolerance_admits(model, prompt, sampled, [], 0.8, 0.9, atol) is None
+    with torch.inference_mode():
+        logits = model.forward(torch.tensor([prompt + greedy]))[0, len(prompt) - 1 :]
+    last = int(logits[k].argmin())
+    swapped = [*greedy[:k], last, *greedy[k + 1 :]]
+    assert tolerance_admits(model, prompt, swapped, [], 0.0, 1.0, atol) == k
+    assert tolerance_admits(model, prompt, swapped, [], 0.8, 0.9, atol) == k
+    spread = float(logits[k].max() - logits[k].min())
+    assert tolerance_admits(model, prompt, swapped, [], 0.0, 1.0, spread / 2) is None
+    assert tolerance_admits(model, prompt, greedy[:k], [greedy[k]], 0.0, 1.0, atol) is None
+    assert tolerance_admits(model, prompt, greedy[:k], [last], 0.0, 1.0, atol) == k
 
 
 LOWER_CAPABILITY = {"AVX512": "avx2", "AVX2": "default"}  # ATEN_CPU_CAPABILITY values; others: none lower known
