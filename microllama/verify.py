@@ -210,15 +210,17 @@ def tolerance_admits(
     model: Transformer,
     prompt: Sequence[int],
     completion: Sequence[int],
-    stops: Collection[int],
+    stop_tokens: Collection[int],
+    end: Collection[int],
     temperature: float,
     top_p: float,
     atol: float,
 ) -> Optional[int]:
-    """Whether a model whose logits lie within atol of model's, generating as Llama.generate does, could have made
-    completion after prompt, then one of stops (none: the row ran out of length): None if it could, else the
-    first step where it could not. Teacher-forced, one forward over prompt + completion; at each step, for the
-    token taken there:
+    """Whether a model whose logits lie within atol of model's, generating as Llama.generate does with stop_tokens,
+    could have made completion after prompt, then one of end (the ids one of which ended the row; none: it ran out
+    of length): None if it could, else the first step where it could not. A stop token inside the completion, or
+    an end that is no stop token, it could not have made. Teacher-forced, one forward over prompt + completion; at
+    each step, for the token taken there:
     - greedy (temperature 0): that model ranked the token first, so here its logit is within 2 atol of the top;
     - sampled: on logits divided by the temperature T, that model's probabilities lie within a factor
       exp(2 atol / T) of these, so the mass it put on the tokens ranked above this one is at least
@@ -227,8 +229,10 @@ def tolerance_admits(
     ids = torch.tensor([[*prompt, *completion]], device=model.output.weight.device)
     with torch.inference_mode():
         logits = model.forward(ids)[0, len(prompt) - 1 :].double()  # row k: the logits of step k
-    steps = [[token] for token in completion] + ([list(stops)] if stops else [])
+    steps = [[token] for token in completion] + ([[t for t in end if t in stop_tokens]] if end else [])
     for k, candidates in enumerate(steps):
+        if not candidates or (k < len(completion) and completion[k] in stop_tokens):
+            return k
         z = logits[k] if temperature == 0 else logits[k] / temperature
         margin = 2 * atol / (temperature or 1)
         if temperature == 0:
@@ -269,9 +273,10 @@ def check_completions(
         parted[kind] = {}
         for i, (prompt, got, rec) in enumerate(zip(ids, tokens, recorded, strict=True)):
             limit = min(len(prompt) + max_gen_len, total_len) - len(prompt)
+            stops = llama.tokenizer.stop_tokens
             admitted = (
-                tolerance_admits(llama.model, prompt, c, llama.tokenizer.stop_tokens if len(c) < limit else [],
-                                 s.temperature, s.top_p, atol) is None
+                tolerance_admits(llama.model, prompt, c, stops, stops if len(c) < limit else [], s.temperature,
+                                 s.top_p, atol) is None
                 for c in (got, rec)
             )  # fmt: skip
             if got != rec and all(admitted):
@@ -313,8 +318,8 @@ def check_chat(
         parted[kind] = {}
         for i, (prompt, a, b) in enumerate(zip(prompt_ids, got, recorded.replies[kind], strict=True)):
             admitted = (
-                tolerance_admits(llama.model, prompt, r.tokens, [] if r.stop_token is None else [r.stop_token],
-                                 s.temperature, s.top_p, atol) is None
+                tolerance_admits(llama.model, prompt, r.tokens, llama.tokenizer.stop_tokens,
+                                 [] if r.stop_token is None else [r.stop_token], s.temperature, s.top_p, atol) is None
                 for r in (a, b)
             )  # fmt: skip
             if a.tokens != b.tokens and all(admitted):

@@ -5,6 +5,7 @@ starts, nothing left running."""
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -509,9 +510,13 @@ def test_planted_bug_diverges_first_at_its_capture_point(planted_ckpt, tokenizer
     assert "first divergent capture point: layers.0.ffn_norm" in format_comparison(c)
 
 
-def test_planted_stop_token_fails_verify_at_the_chat_replies(monkeypatch, capsys, tokenizer):
+@pytest.mark.parametrize("exact", [True, False], ids=["bit-exact", "within-tolerance"])
+def test_planted_stop_token_fails_verify_at_the_chat_replies(monkeypatch, capsys, tokenizer, exact):
     """A slip only the chat replies show: microllama's stop list with one more id, one that the recorded greedy
-    reply to the first dialog holds and no recorded completion does."""
+    reply to the first dialog holds and no recorded completion does; under tolerance too, where the reply that
+    stops there is likely enough but the recorded one holds what is now a stop token."""
+    if not exact:
+        monkeypatch.setattr(verify_module, "comparison_mode", lambda *args: (False, "tolerance: forced by the test"))
     golden = read_set(GOLDENS / "tiny-fp32-cpu-ws1")
     completed = {t for kind in golden.outputs.completions.values() for ids in kind for t in ids}
     extra = next(t for t in golden.chat.replies["greedy"][0].tokens if t not in completed)
@@ -536,10 +541,18 @@ def test_planted_stop_token_fails_verify_at_the_chat_replies(monkeypatch, capsys
     )
 
 
-def test_a_completion_differing_only_in_the_last_prompt_fails_verify_naming_it(monkeypatch, tokenizer):
+@pytest.mark.parametrize(
+    "exact, where", [(True, "microllama"), (False, "microllama"), (False, "recording")],
+    ids=["bit-exact", "within-tolerance", "within-tolerance-recording"],
+)  # fmt: skip
+def test_a_completion_differing_only_in_the_last_prompt_fails_verify_naming_it(monkeypatch, tokenizer, exact, where):
     """Every prompt's completion is compared, not only the first: a slip that changes the last token of the last
-    row of the greedy batch alone is named at the greedy completions."""
-    generate = Llama.generate
+    row of the greedy batch alone is named at the greedy completions, on the recording's platform and under
+    tolerance too, where a differing completion passes only if the tolerance admits both it and the recorded
+    one: a slip in microllama's or in the recording's (one token up from the one ranked first) is refused."""
+    if not exact:
+        monkeypatch.setattr(verify_module, "comparison_mode", lambda *args: (False, "tolerance: forced by the test"))
+    generate, read = Llama.generate, verify_module.read_set
 
     def generate_with_a_slip(self, prompt_tokens, max_gen_len, temperature=0.6, *args, **kwargs):
         tokens, logprobs = generate(self, prompt_tokens, max_gen_len, temperature, *args, **kwargs)
@@ -547,11 +560,21 @@ def test_a_completion_differing_only_in_the_last_prompt_fails_verify_naming_it(m
             tokens[-1] = [*tokens[-1][:-1], (tokens[-1][-1] + 1) % tokenizer.n_words]
         return tokens, logprobs
 
+    def read_with_a_slip(path):
+        recorded = read(path)
+        row = recorded.outputs.completions["greedy"][-1]
+        row[-1] = (row[-1] + 1) % tokenizer.n_words
+        return recorded
+
     golden = read_set(GOLDENS / "tiny-bf16-cpu-ws1")
-    monkeypatch.setattr(Llama, "generate", generate_with_a_slip)
+    if where == "microllama":
+        monkeypatch.setattr(Llama, "generate", generate_with_a_slip)
+    else:
+        monkeypatch.setattr(verify_module, "read_set", read_with_a_slip)
     c = verify(GOLDENS / "tiny-bf16-cpu-ws1")
     n = len(golden.outputs.completions["greedy"])
     assert c.completions_equal["greedy"] == [True] * (n - 1) + [False]
+    assert c.exact == exact and not c.completions_parted.get("greedy")
     assert c.first_divergent == "greedy completions" and not c.passed
 
 
@@ -559,26 +582,46 @@ def test_tolerance_admits_a_model_s_own_completions_and_refuses_a_token_it_ranks
     """tolerance_admits, the judge of completions that part from the recording under tolerance, on a small random
     model: its own greedy and top-p completions are admitted at the float32 tolerance; one token swapped for the
     token the model ranks last there is refused at that step, greedy or sampled, unless the tolerance spans the
-    logits' whole range; a row that ended early is judged at its stop token too."""
+    logits' whole range; a row that ended early is judged at its stop token too, which must be a stop token, and
+    none may come before."""
     args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=SMALL_VOCAB, multiple_of=8,
                      max_seq_len=64, max_batch_size=1)  # fmt: skip
     model = random_transformer(args, 3)
-    llama = Llama(model, SmallVocabTokenizer(stop_tokens=[SMALL_VOCAB]))  # a stop id never made: full lengths
+    STOPS = [SMALL_VOCAB]  # noqa: N806  # a stop id never made: full lengths
+    llama = Llama(model, SmallVocabTokenizer(stop_tokens=STOPS))
     prompt, atol, k = [5, 17, 42, 9], LOGITS_ATOL[torch.float32], 6
     (greedy,), _ = llama.generate([prompt], max_gen_len=12, temperature=0)
     (sampled,), _ = llama.generate([prompt], max_gen_len=12, temperature=0.8, top_p=0.9, seed=1)
-    assert tolerance_admits(model, prompt, greedy, [], 0.0, 1.0, atol) is None
-    assert tolerance_admits(model, prompt, sampled, [], 0.8, 0.9, atol) is None
+    assert tolerance_admits(model, prompt, greedy, STOPS, [], 0.0, 1.0, atol) is None
+    assert tolerance_admits(model, prompt, sampled, STOPS, [], 0.8, 0.9, atol) is None
     with torch.inference_mode():
         logits = model.forward(torch.tensor([prompt + greedy]))[0, len(prompt) - 1 :]
     last = int(logits[k].argmin())
     swapped = [*greedy[:k], last, *greedy[k + 1 :]]
-    assert tolerance_admits(model, prompt, swapped, [], 0.0, 1.0, atol) == k
-    assert tolerance_admits(model, prompt, swapped, [], 0.8, 0.9, atol) == k
+    assert tolerance_admits(model, prompt, swapped, STOPS, [], 0.0, 1.0, atol) == k
+    assert tolerance_admits(model, prompt, swapped, STOPS, [], 0.8, 0.9, atol) == k
     spread = float(logits[k].max() - logits[k].min())
-    assert tolerance_admits(model, prompt, swapped, [], 0.0, 1.0, spread / 2) is None
-    assert tolerance_admits(model, prompt, greedy[:k], [greedy[k]], 0.0, 1.0, atol) is None
-    assert tolerance_admits(model, prompt, greedy[:k], [last], 0.0, 1.0, atol) == k
+    assert tolerance_admits(model, prompt, swapped, STOPS, [], 0.0, 1.0, spread / 2) is None
+    # The bounds are exact: the runner-up at step k is admitted from an atol of half its gap to the top, and a
+    # token is kept by top-p from the probability mass above it (an atol of 0 adds no margin).
+    (top, second), (_, runner_up) = logits[k].double().topk(2)
+    with_runner_up = [*greedy[:k], int(runner_up)]  # what follows it would be judged on a new prefix
+    gap = float(top - second)
+    assert tolerance_admits(model, prompt, with_runner_up, STOPS, [], 0.0, 1.0, gap / 2 * 1.01) is None
+    assert tolerance_admits(model, prompt, with_runner_up, STOPS, [], 0.0, 1.0, gap / 2 * 0.99) == k
+    above = float(torch.softmax(logits[k].double(), -1).max())
+    assert tolerance_admits(model, prompt, with_runner_up, STOPS, [], 1.0, above * 1.01, 0.0) is None
+    assert tolerance_admits(model, prompt, with_runner_up, STOPS, [], 1.0, above * 0.99, 0.0) == k
+    # With an atol, the mass above may be exp(2 atol) less; and a top within 2 atol does not count as above.
+    shrunk = above * math.exp(-gap / 2)  # atol gap / 4
+    assert tolerance_admits(model, prompt, with_runner_up, STOPS, [], 1.0, shrunk * 1.01, gap / 4) is None
+    assert tolerance_admits(model, prompt, with_runner_up, STOPS, [], 1.0, shrunk * 0.99, gap / 4) == k
+    assert tolerance_admits(model, prompt, with_runner_up, STOPS, [], 1.0, above * 0.5, gap / 2 * 1.01) is None
+    assert tolerance_admits(model, prompt, greedy[:k], [*STOPS, greedy[k]], [greedy[k]], 0.0, 1.0, atol) is None
+    assert tolerance_admits(model, prompt, greedy[:k], [*STOPS, last], [last], 0.0, 1.0, atol) == k
+    # A stop token inside the completion, or an end that is not a stop token, no generator makes.
+    assert tolerance_admits(model, prompt, greedy, [greedy[3]], [], 0.0, 1.0, atol) == greedy.index(greedy[3])
+    assert tolerance_admits(model, prompt, greedy[:k], STOPS, [greedy[k]], 0.0, 1.0, atol) == k
 
 
 LOWER_CAPABILITY = {"AVX512": "avx2", "AVX2": "default"}  # ATEN_CPU_CAPABILITY values; others: none lower known
