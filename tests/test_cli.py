@@ -161,6 +161,23 @@ def test_generate_streams_the_greedy_completion_after_the_prompt(capsys, tiny_ll
     assert capsys.readouterr().out == PROMPT + expected[0].generation + "\n"
 
 
+def test_generate_with_compile_says_on_stderr_that_the_first_step_compiles(capsys, monkeypatch, tiny_llama):
+    """The first compiled step can take a minute (8B on CUDA): said before the prompt is echoed, on stderr, so
+    stdout stays the completion. (Llama.build is stood in for by the eager model here: the saying is the test.)"""
+    built = {}
+
+    def build(*args, **kwargs):
+        built.update(kwargs)
+        return tiny_llama
+
+    monkeypatch.setattr(Llama, "build", staticmethod(build))
+    main(["generate", "--prompt", PROMPT, "--temperature", "0", "--max_gen_len", "4", "--compile"])
+    captured = capsys.readouterr()
+    assert built["compile"] is True
+    assert captured.err.startswith("--compile: the first decode step compiles the model")
+    assert captured.out.startswith(PROMPT)
+
+
 @pytest.mark.parametrize("prompt", ["Hello, world", "1984", "None", "True", '{"a": 1}', '["a", "b"]', "-1", ""])
 def test_generate_takes_the_prompt_as_plain_text(prompt, capsys, tiny_llama):
     main(["generate", "--prompt", prompt, "--temperature", "0", "--max_gen_len", "2"])
