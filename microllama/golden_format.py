@@ -698,14 +698,20 @@ def write_set(
     return Path(out_dir)
 
 
-def read_manifest(path: Union[str, Path]) -> Manifest:
-    """The manifest of the set in directory path, parsed and checked on its own (data files unread)."""
-    file = Path(path) / "manifest.json"
+def _manifest_json(path: Path) -> tuple[Path, dict]:
+    """The manifest.json of the set in directory path and its parsed JSON, of this microllama's schema."""
+    file = path / "manifest.json"
     if not file.is_file():
         raise GoldenError(f"{file} not found: not a golden set directory")
     raw = read_json(file, GoldenError)
     if raw.get("schema") != SCHEMA_VERSION:
         raise _fail(file, "schema", f"{_show(raw.get('schema'))}, this microllama reads {SCHEMA_VERSION}")
+    return file, raw
+
+
+def read_manifest(path: Union[str, Path]) -> Manifest:
+    """The manifest of the set in directory path, parsed and checked on its own (data files unread)."""
+    file, raw = _manifest_json(Path(path))
     manifest = from_json(Manifest, raw, file)
     _check_manifest(manifest, file)
     return manifest
@@ -913,12 +919,7 @@ def read_training_set(path: Union[str, Path]) -> TrainingSet:
     """Load a training set: the manifest, each data file against its sha256, every field and array against
     the manifest; GoldenError naming file and field otherwise."""
     path = Path(path)
-    file = path / "manifest.json"
-    if not file.is_file():
-        raise GoldenError(f"{file} not found: not a golden set directory")
-    raw = read_json(file, GoldenError)
-    if raw.get("schema") != SCHEMA_VERSION:
-        raise _fail(file, "schema", f"{_show(raw.get('schema'))}, this microllama reads {SCHEMA_VERSION}")
+    file, raw = _manifest_json(path)
     manifest = from_json(TrainingManifest, raw, file)
     for name in TRAINING_DATA_FILES:
         if not (path / name).is_file():
