@@ -78,6 +78,16 @@ def check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int],
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
 
 
+def output_ends(prompt_lens: Sequence[int], max_gen_len: Optional[int], max_seq_len: int) -> tuple[int, list[int]]:
+    """Generation's lengths (Meta's): the token buffer's length, and where each row's output ends at the latest
+    (exclusive), after max_gen_len new tokens (None, or max_seq_len or more: max_seq_len - 1) or at the end of the
+    buffer; a stop token may end it sooner."""
+    if max_gen_len is None or max_gen_len >= max_seq_len:
+        max_gen_len = max_seq_len - 1
+    total_len = min(max_seq_len, max_gen_len + max(prompt_lens))
+    return total_len, [min(n + max_gen_len, total_len) for n in prompt_lens]
+
+
 class Llama:
     """A model and its tokenizer, with Meta's batched generation loop."""
 
@@ -191,13 +201,12 @@ class Llama:
         """generate's loop; the result also says which stop token ended each row."""
         self.check_request(prompt_tokens, temperature, top_p, max_gen_len, seed)
         params = self.model.params
-        if max_gen_len is None or max_gen_len >= params.max_seq_len:
-            max_gen_len = params.max_seq_len - 1
+        lens = [len(t) for t in prompt_tokens]
+        total_len, ends = output_ends(lens, max_gen_len, params.max_seq_len)
         device = self.model.output.weight.device
         bsz = len(prompt_tokens)
-        prompt_lens = torch.tensor([len(t) for t in prompt_tokens], device=device)
-        min_prompt_len, max_prompt_len = int(prompt_lens.min()), int(prompt_lens.max())
-        total_len = min(params.max_seq_len, max_gen_len + max_prompt_len)
+        prompt_lens = torch.tensor(lens, device=device)
+        min_prompt_len = min(lens)
 
         pad_id = self.tokenizer.pad_id
         tokens = torch.full((bsz, total_len), pad_id, dtype=torch.long, device=device)
@@ -212,7 +221,7 @@ class Llama:
         stop_tokens = torch.tensor(self.tokenizer.stop_tokens, device=device)
         # Where each row's output ends (exclusive), decided here once for the stream and the result:
         # after max_gen_len new tokens, at the end of the buffer, or at its first stop token (below).
-        end = torch.clamp(prompt_lens + max_gen_len, max=total_len)
+        end = torch.tensor(ends, device=device)
         stop_token = torch.full_like(prompt_lens, -1)  # the stop token that ended each row, -1 while none has
 
         # The cache has Meta's shape (max_batch_size, max_seq_len): the slices attention reads then

@@ -20,7 +20,7 @@ from .capture import Records, cpu_threads, platform_fingerprint, run_cases
 from .checkpoint import Checkpoint, open_checkpoint
 from .compiled import CompiledDecoder
 from .files import state_dict_sha256, tensor_sha256
-from .generation import Llama
+from .generation import Llama, output_ends
 from .golden_format import (
     ChatReply,
     GoldenError,
@@ -245,7 +245,23 @@ def tolerance_admits(
     return None
 
 
-def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+def parts_within_tolerance(
+    model: Transformer,
+    prompt: Sequence[int],
+    ids: tuple[Sequence[int], Sequence[int]],
+    ends: tuple[Collection[int], Collection[int]],
+    stop_tokens: Collection[int],
+    temperature: float,
+    top_p: float,
+    atol: float,
+) -> Optional[int]:
+    """Where two generations from prompt (microllama's and the recorded one) part, when they differ and
+    tolerance_admits both, each with its end (the ids one of which ended it); None when they are the same or
+    the tolerance does not admit one of them."""
+    a, b = ids
+    if a == b or any(tolerance_admits(model, prompt, c, stop_tokens, end, temperature, top_p, atol) is not None
+                     for c, end in zip(ids, ends, strict=True)):  # fmt: skip
+        return None
     return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
@@ -257,7 +273,7 @@ def check_completions(
     and the recorded completion are ones the tolerance admits (tolerance_admits), each with the token where the
     two part."""
     completions, parted = {}, {}
-    max_seq_len = llama.model.params.max_seq_len
+    stops = llama.tokenizer.stop_tokens
     kinds = [kind for kind in golden.manifest.completions if kind not in skip]
     for kind in tqdm(kinds, "completions", disable=not progress, file=sys.stderr):
         s = golden.manifest.completions[kind]
@@ -267,20 +283,14 @@ def check_completions(
         completions[kind] = [a == b for a, b in zip(tokens, recorded, strict=True)]
         if atol is None:
             continue
-        # Generation's lengths: a row shorter than its limit ended at a stop token (which one is not kept).
-        max_gen_len = s.max_gen_len if s.max_gen_len is not None and s.max_gen_len < max_seq_len else max_seq_len - 1
-        total_len = min(max_seq_len, max_gen_len + max(map(len, ids)))
+        _, ends = output_ends([len(p) for p in ids], s.max_gen_len, llama.model.params.max_seq_len)
         parted[kind] = {}
-        for i, (prompt, got, rec) in enumerate(zip(ids, tokens, recorded, strict=True)):
-            limit = min(len(prompt) + max_gen_len, total_len) - len(prompt)
-            stops = llama.tokenizer.stop_tokens
-            admitted = (
-                tolerance_admits(llama.model, prompt, c, stops, stops if len(c) < limit else [], s.temperature,
-                                 s.top_p, atol) is None
-                for c in (got, rec)
-            )  # fmt: skip
-            if got != rec and all(admitted):
-                parted[kind][i] = _first_difference(got, rec)
+        for i, (prompt, end, got, rec) in enumerate(zip(ids, ends, tokens, recorded, strict=True)):
+            # A row that ends before its latest end ended at a stop token (which one is not kept).
+            stopped = tuple(stops if len(prompt) + len(c) < end else [] for c in (got, rec))
+            k = parts_within_tolerance(llama.model, prompt, (got, rec), stopped, stops, s.temperature, s.top_p, atol)
+            if k is not None:
+                parted[kind][i] = k
     return completions, parted
 
 
@@ -317,13 +327,11 @@ def check_chat(
             continue
         parted[kind] = {}
         for i, (prompt, a, b) in enumerate(zip(prompt_ids, got, recorded.replies[kind], strict=True)):
-            admitted = (
-                tolerance_admits(llama.model, prompt, r.tokens, llama.tokenizer.stop_tokens,
-                                 [] if r.stop_token is None else [r.stop_token], s.temperature, s.top_p, atol) is None
-                for r in (a, b)
-            )  # fmt: skip
-            if a.tokens != b.tokens and all(admitted):
-                parted[kind][i] = _first_difference(a.tokens, b.tokens)
+            stopped = tuple([] if r.stop_token is None else [r.stop_token] for r in (a, b))
+            k = parts_within_tolerance(llama.model, prompt, (a.tokens, b.tokens), stopped, llama.tokenizer.stop_tokens,
+                                       s.temperature, s.top_p, atol)  # fmt: skip
+            if k is not None:
+                parted[kind][i] = k
     return ChatCheck(
         prompt_ids_equal=[a == b for a, b in zip(prompt_ids, recorded.prompt_ids, strict=True)],
         differences=differences,
