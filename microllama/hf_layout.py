@@ -124,6 +124,8 @@ def params_from_config(config: dict[str, Any], source: Path) -> dict[str, Any]:
             value = _get(rope, hf_key, source, "int" if field == "original_context" else "number")
             if value != getattr(inferred, field):
                 params[RopeScaling.PARAMS_KEYS[field]] = value
+    if name is not None:  # in the order the registry lists them, so a round trip gives params.json's text back
+        params = {**{k: params[k] for k in family.REGISTRY[name].params if k in params}, **params}
     return params
 
 

@@ -5,6 +5,7 @@ Weights come from numpy's PCG64, whose stream does not depend on the machine, so
 same bytes everywhere; the recorded sha256 makes drift (a new numpy, a new bf16 rounding) visible.
 """
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -45,6 +46,11 @@ def tiny_state_dict(params: dict, seed: int) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def params_json(name: str) -> str:
+    """The params.json text of the tiny configuration `name`, as make_tiny writes it."""
+    return json.dumps(family.REGISTRY[name].params, indent=2) + "\n"
+
+
 def make_tiny(out_dir: Union[str, Path], name: str = "tiny", seed: int = DEFAULT_SEED) -> Path:
     """Write params.json and consolidated.00.pth of the tiny configuration `name` into out_dir
     (atomically: a half-written directory is never left at out_dir). Returns out_dir."""
@@ -59,7 +65,7 @@ def make_tiny(out_dir: Union[str, Path], name: str = "tiny", seed: int = DEFAULT
             f"(numpy {np.__version__}, torch {torch.__version__}); the goldens no longer apply to it"
         )
     with atomic_dir(out_dir) as tmp:
-        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        (tmp / "params.json").write_text(params_json(name))
         torch.save(state_dict, tmp / "consolidated.00.pth")
         (tmp / "sha256.txt").write_text(digest + "\n")
     return Path(out_dir)
@@ -71,8 +77,10 @@ def cache_dir() -> Path:
 
 def default_ckpt_dir(name: str = "tiny", root: Optional[Union[str, Path]] = None) -> Path:
     """The embedded tiny checkpoint's directory, built on first use (about a second) under
-    $MICROLLAMA_CACHE or ~/.cache/microllama."""
-    path = Path(root or cache_dir()) / f"{name}-seed{DEFAULT_SEED}"
+    $MICROLLAMA_CACHE or ~/.cache/microllama. Its name holds a digest of what makes it (the params.json text and
+    the weights' recorded sha256), so a checkpoint an earlier version built with other files is never reused."""
+    made_of = hashlib.sha256(f"{params_json(name)}{SHA256[name]}\n".encode()).hexdigest()
+    path = Path(root or cache_dir()) / f"{name}-seed{DEFAULT_SEED}-{made_of[:12]}"
     if not (path / "consolidated.00.pth").is_file():
         try:
             make_tiny(path, name)
