@@ -5,6 +5,7 @@ Meta's module names, which microllama keeps."""
 
 import contextlib
 import hashlib
+import os
 import platform
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -120,8 +121,8 @@ def summarize_logits(logits: Sequence[torch.Tensor], top_k: int, full_vocab_rows
 
 
 def platform_fingerprint(device: Union[str, torch.device]) -> Platform:
-    """What decides the bits of a float computation here: CPU ISA, torch build, torch's CPU threads, and
-    the GPU if used."""
+    """What decides the bits of a float computation here: CPU ISA (ATen's and oneDNN's cap, which can be lowered
+    apart: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), torch build, torch's CPU threads, and the GPU if used."""
     gpu = torch.device(device).type == "cuda"
     return Platform(
         machine=platform.machine(),
@@ -131,6 +132,7 @@ def platform_fingerprint(device: Union[str, torch.device]) -> Platform:
         gpu=torch.cuda.get_device_name(torch.device(device)) if gpu else None,
         cuda=str(torch.version.cuda) if gpu else None,
         threads=None if gpu else torch.get_num_threads(),
+        onednn_max_cpu_isa=None if gpu else os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA"),
     )
 
 

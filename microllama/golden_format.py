@@ -133,6 +133,8 @@ class Platform:
     gpu: Optional[str] = field(default=None, metadata=OPTIONAL)
     cuda: Optional[str] = field(default=None, metadata=OPTIONAL)
     threads: Optional[int] = field(default=None, metadata=OPTIONAL)  # on the CPU; sets before it lack it
+    # oneDNN's own ISA cap (ONEDNN_MAX_CPU_ISA), which cpu_capability does not show: None where it is not set
+    onednn_max_cpu_isa: Optional[str] = field(default=None, metadata=OPTIONAL)
 
     def differences(self, other: "Platform") -> list[str]:
         """Names of the fields where other differs."""

@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny checkpoints, Meta's reference model in-process, hypothesis profiles."""
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -51,6 +52,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_reference)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def foreign_platform(monkeypatch):
+    """This machine made a platform other than every recording's for verify (a CPU capability no machine
+    reports), so that its tolerance branch runs on the recording's own machine too."""
+    from microllama import verify
+
+    real = verify.platform_fingerprint
+    monkeypatch.setattr(verify, "platform_fingerprint",
+                        lambda device: dataclasses.replace(real(device), cpu_capability="FOREIGN"))  # fmt: skip
 
 
 @pytest.fixture(scope="session")
