@@ -110,12 +110,13 @@ def info(target: str) -> None:
 
 
 def verify(
-    golden_dir: str,
+    golden_dir: Optional[str] = None,
     ckpt_dir: Optional[str] = None,
     device: Optional[str] = None,
     *,
     other_checkpoint: bool = False,
     compile: bool = False,
+    all: bool = False,
 ) -> None:
     """Check microllama against the golden set in GOLDEN_DIR (recorded from Meta's code): a table per
     capture point, the completions and chat replies (or, for a training set, each step of microllama's
@@ -125,7 +126,13 @@ def verify(
     torchrun with several ranks, an inference set's model is tensor-parallel over them (bit-identical to a set
     Meta recorded at that world size) and rank 0 reports.
     --compile checks the compiled decode path instead of the default one (values within tolerance; completions
-    and chat replies identical, or parting from the recording only where the tolerance allows)."""
+    and chat replies identical, or parting from the recording only where the tolerance allows).
+    --all checks every set in GOLDEN_DIR (default: this checkout's goldens/), each on its own checkpoint, and
+    prints one summary table and one verdict (the reports of the sets that fail come first)."""
+    if all:
+        return _verify_all(golden_dir, device, ckpt_dir=ckpt_dir, other_checkpoint=other_checkpoint, compile=compile)
+    if golden_dir is None:
+        raise ValueError("verify needs GOLDEN_DIR (a golden or training set), or --all")
     from .golden_format import is_training_set
 
     if is_training_set(golden_dir):  # a training set: microllama's trainer against Meta's fine-tune
@@ -146,6 +153,26 @@ def verify(
     if is_rank_0():
         print(format_comparison(comparison))
     if not comparison.passed:
+        sys.exit(1)
+
+
+# The committed golden sets of this checkout (the package is installed from it with pip install -e).
+COMMITTED_GOLDENS = Path(__file__).resolve().parent.parent / "goldens"
+
+
+def _verify_all(root: Optional[str], device: Optional[str], **refused: Any) -> None:
+    given = [f"--{name}" for name, value in refused.items() if value]
+    if given:
+        raise ValueError(f"verify --all checks each set on its own checkpoint, on the default path: {given[0]} "
+                         "is for one set")  # fmt: skip
+    from .verify_all import format_summary, verify_all
+
+    results = verify_all(root if root is not None else COMMITTED_GOLDENS, device, progress=True)
+    for r in results:
+        if not r.passed:
+            print(r.report + "\n")
+    print(format_summary(results))
+    if not all(r.passed for r in results):
         sys.exit(1)
 
 
