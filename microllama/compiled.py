@@ -5,8 +5,8 @@ The readable model in model.py decodes with tensors that grow by one position pe
 sliced to `start_pos + 1` keys), so a compiler would see a new shape at every step. Here the step attends
 over the whole cache, max_seq_len keys, and a mask hides the positions not written yet; the position comes
 in as a tensor, not a Python int. Prefill (many positions at once) stays eager, through the flash (SDPA)
-path of model.py, writing the same cache. The modules and their weights are model.py's: only the cache's
-update and the top of the decode step are new here.
+path of model.py, writing the same cache. The modules, their weights and the forward (its mask decided by
+model.causal_mask) are model.py's: only the cache's update and the rotations' real form are new here.
 
 Batches are padded up to a power of two (capped at max_batch_size), so at most 1 + log2(max_batch_size)
 graphs are ever compiled, one per bucket; prompt lengths never cause one (prefill is not compiled).
@@ -93,7 +93,6 @@ class CompiledDecoder:
             for _ in model.layers
         ]  # fmt: skip
         self.buckets = batch_buckets(p.max_batch_size)
-        self.positions = torch.arange(p.max_seq_len, device=weight.device)
         with torch.inference_mode():  # the rotations as real (cos, sin) pairs: see model.rotate_pairs
             self.cos_sin = torch.view_as_real(model.freqs_cis(weight.device)).clone()
         settings: dict = {}
@@ -123,14 +122,9 @@ class CompiledDecoder:
             self.model.clear_cache()
 
     def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """tokens (bucket, 1) at position pos (a 1-element tensor) -> float32 logits (bucket, 1, vocab_size)."""
-        h = self.model.tok_embeddings(tokens)  # (bucket, 1, dim)
-        cos_sin = self.cos_sin[pos]  # (1, head_dim // 2, 2): this position's rotations
-        # Keys at or before pos are seen; later slots of the cache are not written yet: -inf.
-        mask = torch.where(self.positions <= pos, 0.0, float("-inf")).to(h.dtype)[None]  # (1, max_seq_len)
-        for layer in self.model.layers:
-            h = layer(h, pos, cos_sin, mask, False)
-        return self.model.output(self.model.norm(h)).float()
+        """tokens (bucket, 1) at position pos (a 1-element tensor) -> float32 logits (bucket, 1, vocab_size): the
+        model's forward, rotating by the real (cos, sin) table."""
+        return self.model(tokens, pos, rotations=self.cos_sin)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Float32 logits (bsz, seqlen, vocab_size), as Transformer.forward with a cache: several positions
@@ -138,11 +132,7 @@ class CompiledDecoder:
         bsz, seqlen = tokens.shape
         if seqlen > 1 or self.model.layers[0].attention.cache is None:
             return self.model.forward(tokens, start_pos)
-        p = self.model.params
-        if start_pos + 1 > p.max_seq_len:
-            raise ValueError(f"position {start_pos} is past the KV cache's limit of {p.max_seq_len} (max_seq_len)")
-        if bsz > p.max_batch_size:
-            raise ValueError(f"batch of {bsz} exceeds the KV cache's max_batch_size {p.max_batch_size}")
+        self.model.check_positions(tokens, start_pos)  # the step below sees a tensor position, which it cannot check
         bucket = next(b for b in self.buckets if b >= bsz)
         # A new tensor, not the caller's: a column of the generation buffer has the buffer's width as its
         # stride, and a new stride would be a new graph. Rows past bsz decode a dummy token into cache rows

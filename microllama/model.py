@@ -9,7 +9,7 @@ import math
 import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -253,17 +253,26 @@ def document_positions(documents: torch.Tensor) -> torch.Tensor:
 
 
 def causal_mask(
-    seqlen: int, start_pos: int, flash: bool, like: torch.Tensor, documents: Optional[torch.Tensor] = None
+    seqlen: int,
+    start_pos: Union[int, torch.Tensor],
+    flash: bool,
+    like: torch.Tensor,
+    documents: Optional[torch.Tensor] = None,
+    capacity: int = 0,
 ) -> tuple[Optional[torch.Tensor], bool]:
     """How queries at start_pos .. start_pos + seqlen - 1 are kept from later keys, as SDPA's (attn_mask,
     is_causal); is_causal only with flash. The mask is Meta's: (seqlen, start_pos + seqlen), in like's dtype.
     documents (bsz, seqlen), for packed rows from position 0: a query sees only earlier keys of its own
-    document, whatever the path: an additive (bsz, 1, seqlen, seqlen) mask."""
+    document, whatever the path: an additive (bsz, 1, seqlen, seqlen) mask. start_pos a 1-element tensor: one
+    token against all `capacity` slots of a static cache (compiled.py), later ones not written yet: (1, capacity)."""
     if documents is not None:
         runs = document_starts(documents).cumsum(1)  # 1, 1, 1, 2, 2, ...: which document each token is in
         seen = (runs[:, :, None] == runs[:, None, :]).tril()  # (bsz, query, key): same document, not later
         mask = torch.zeros(seen.shape, device=like.device).masked_fill(~seen, float("-inf"))
         return mask[:, None].type_as(like), False
+    if isinstance(start_pos, torch.Tensor):  # the same shape at every position: one compiled graph
+        written = torch.arange(capacity, device=like.device) <= start_pos
+        return torch.where(written, 0.0, float("-inf"))[None].type_as(like), False
     if seqlen == 1:
         return None, False  # one new token: every key so far is at or before it
     if flash and start_pos == 0:
@@ -424,17 +433,19 @@ class Transformer(nn.Module):
             self.clear_cache()
 
     def forward(
-        self, tokens: torch.Tensor, start_pos: int = 0, documents: Optional[torch.Tensor] = None
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor] = 0,
+        documents: Optional[torch.Tensor] = None,
+        rotations: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Float32 logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen) placed at start_pos. documents:
         (bsz, seqlen) ids of packed documents (consecutive tokens of one document share an id): attention stays
         inside each document and its positions start at 0 (training rows; no cache, start_pos 0)."""
-        return self.output(self.final_hidden(tokens, start_pos, documents)).float()
+        return self.output(self.final_hidden(tokens, start_pos, documents, rotations)).float()
 
-    def final_hidden(
-        self, tokens: torch.Tensor, start_pos: int = 0, documents: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """The final norm's output (bsz, seqlen, dim): forward without the output layer."""
+    def check_positions(self, tokens: torch.Tensor, start_pos: int, documents: Optional[torch.Tensor] = None) -> None:
+        """Raise ValueError unless tokens (bsz, seqlen) at start_pos fit the model, or the KV cache if there is one."""
         bsz, seqlen = tokens.shape
         cache = self.layers[0].attention.cache
         if start_pos and cache is None:
@@ -447,11 +458,25 @@ class Transformer(nn.Module):
         if documents is not None and (cache is not None or documents.shape != tokens.shape):
             raise ValueError(f"documents {tuple(documents.shape)} must match tokens {tuple(tokens.shape)}, no cache")
 
+    def final_hidden(
+        self,
+        tokens: torch.Tensor,
+        start_pos: Union[int, torch.Tensor] = 0,
+        documents: Optional[torch.Tensor] = None,
+        rotations: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The final norm's output (bsz, seqlen, dim): forward without the output layer. compiled.py's decode step
+        passes a 1-element tensor start_pos (checked as an int before) and rotations, its RoPE table as real pairs."""
+        if not isinstance(start_pos, torch.Tensor):
+            self.check_positions(tokens, start_pos, documents)
+        seqlen, cache = tokens.shape[1], self.layers[0].attention.cache
         h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        table = self.freqs_cis(h.device)
+        table = self.freqs_cis(h.device) if rotations is None else rotations
         # These positions' rotations: (seqlen, head_dim // 2), or per row (bsz, seqlen, ...) for packed documents.
-        freqs_cis = table[start_pos : start_pos + seqlen] if documents is None else table[document_positions(documents)]
-        mask, is_causal = causal_mask(seqlen, start_pos, self.params.flash, h, documents)
+        positions = start_pos if isinstance(start_pos, torch.Tensor) else slice(start_pos, start_pos + seqlen)
+        freqs_cis = table[positions] if documents is None else table[document_positions(documents)]
+        capacity = 0 if cache is None else cache.max_seq_len  # a static cache's keys: all of its slots
+        mask, is_causal = causal_mask(seqlen, start_pos, self.params.flash, h, documents, capacity)
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, start_pos, freqs_cis, mask, is_causal, use_reentrant=False)

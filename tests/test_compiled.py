@@ -52,8 +52,10 @@ def test_compiled_decoder_needs_flash_attention():
 def test_decode_step_past_the_static_cache_is_refused():
     model = random_transformer(SMALL, 0)
     decoder = CompiledDecoder(model, backend=None)
-    with torch.inference_mode(), decoder.kv_cache(1, model.params.max_seq_len), pytest.raises(ValueError, match="past"):
-        decoder.forward(torch.tensor([[5]]), model.params.max_seq_len)
+    limit = model.params.max_seq_len
+    refused = pytest.raises(ValueError, match=f"positions up to {limit + 1} exceed the KV cache's limit of {limit}")
+    with torch.inference_mode(), decoder.kv_cache(1, limit), refused:
+        decoder.forward(torch.tensor([[5]]), limit)
 
 
 @settings(max_examples=10)

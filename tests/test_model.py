@@ -219,6 +219,15 @@ def test_causal_mask_is_left_to_sdpa_only_for_a_flash_prefill_from_position_0(fl
     assert (mask is None, is_causal) == ((True, True) if flash else (False, False))
 
 
+@pytest.mark.parametrize("flash", [False, True], ids=["default", "flash"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_causal_mask_at_a_tensor_position_spans_the_static_cache_and_hides_its_later_slots(flash, dtype):
+    """compiled.py's step: one token at position 2 of a 5-slot static cache sees slots 0..2, in h's dtype."""
+    mask, is_causal = causal_mask(1, torch.tensor([2]), flash, torch.zeros(1, dtype=dtype), capacity=5)
+    expected = torch.tensor([[0, 0, 0, float("-inf"), float("-inf")]], dtype=dtype)
+    assert not is_causal and mask.dtype == dtype and torch.equal(mask, expected)
+
+
 def test_training_after_inference_mode_use_backpropagates():
     """The RoPE table made under inference_mode (generation) is not reused by a training forward."""
     model = small_model().train()
