@@ -225,6 +225,18 @@ def test_info_takes_a_tiny_checkpoint_by_name(capsys):
     assert "parameters" in capsys.readouterr().out
 
 
+def test_a_directory_named_like_a_built_in_never_replaces_it_and_a_path_reaches_it(tmp_path, monkeypatch, capsys):
+    tiny.make_tiny(tmp_path / "tiny", "tiny-kv4")
+    monkeypatch.chdir(tmp_path)
+    main(["info", "tiny"])
+    out, err = capsys.readouterr()
+    assert out.startswith("model       tiny\n")
+    assert err == "note: tiny names the built-in checkpoint, not the directory tiny here (for that: ./tiny)\n"
+    main(["info", "./tiny"])
+    out, err = capsys.readouterr()
+    assert out.startswith("model       ./tiny (matches tiny-kv4)\n") and err == ""
+
+
 DEFAULTS = {"text": "t", "max_len": 0, "count": 1, "ratio": 0.5, "flash": False, "names": None}
 
 
