@@ -195,6 +195,8 @@ def convert(src: Union[str, Path, Checkpoint], dst: Union[str, Path], to: str, s
     bit for bit in their stored dtype. tokenizer.model is copied along when src has one."""
     if to not in ("meta", "hf"):
         raise ValueError(f"--to must be 'meta' or 'hf', got {to!r}")
+    if shards < 1:
+        raise ValueError(f"--shards must be a positive integer, got {shards}")
     if to == "hf" and shards != 1:
         raise ValueError("--shards splits Meta's layout over tensor-parallel ranks; a Hugging Face checkpoint is one")
     checkpoint = open_checkpoint(src)

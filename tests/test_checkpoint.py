@@ -4,9 +4,11 @@ every entry point shares; the import graph it sits in; what files it leaves behi
 import ast
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 
 from microllama import family
 from microllama.checkpoint import Checkpoint, CheckpointError, convert, load_model, open_checkpoint
+from microllama.cli import main
 from microllama.files import atomic_dir, parse_dtype
 from microllama.generation import Llama
 from microllama.tiny import default_ckpt_dir
@@ -133,6 +136,21 @@ def test_atomic_dir_refuses_a_file_and_a_non_empty_directory(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"), atomic_dir(tmp_path / "dir"):
         pass
     assert (tmp_path / "file").read_text() == (tmp_path / "dir" / "mine").read_text() == "mine"
+
+
+def test_an_unwritable_target_is_named_as_given_not_by_its_temporary_directory(tmp_path, monkeypatch, capsys):
+    def unwritable(prefix, dir):  # what mkdtemp raises in a directory the user may not write
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}x1y2z3")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", unwritable)
+    with pytest.raises(SystemExit):
+        main(["make-tiny", str(tmp_path / "out")])
+    assert capsys.readouterr().err == f"microllama: error: cannot write {tmp_path / 'out'}: Permission denied\n"
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match=rf"^cannot write {re.escape(str(tmp_path / 'out' / 'a' / 'b'))}: "):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a" / "b").write_text("")
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 @pytest.mark.parametrize("to", ["meta", "hf"])
