@@ -121,7 +121,7 @@ def verify(
     capture point, the completions and chat replies (or, for a training set, each step of microllama's
     trainer), the first divergent check and a verdict on stdout, progress on stderr; exit status 1 when the
     check fails. ckpt_dir defaults to the set's own checkpoint (a directory, or tiny / tiny-hd128); one whose
-    sha256 is not the recording's fails the check unless --other_checkpoint says that is intended. Launched by
+    sha256 is not the recording's fails at once unless --other_checkpoint says that is intended. Launched by
     torchrun with several ranks, an inference set's model is tensor-parallel over them (bit-identical to a set
     Meta recorded at that world size) and rank 0 reports.
     --compile checks the compiled decode path instead of the default one (values within tolerance; completions
