@@ -10,7 +10,7 @@ import math
 import re
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -46,11 +46,26 @@ def generate(
     compile: bool = False,
 ) -> None:
     """Complete PROMPT (default: "Clearly, the meaning of life is"), streamed as it comes, or each of --prompts,
-    a JSON list of strings: --prompts '["first", "second"]'. ckpt_dir: a checkpoint directory or a tiny
-    checkpoint's name (default: tiny, whose random weights produce fluent-looking nonsense). Launched by
-    torchrun with several ranks (torchrun --nproc_per_node N -m microllama.cli generate ...), the model is
-    tensor-parallel over them and rank 0 prints. --compile: the compiled decode path (static KV cache,
-    torch.compile; flash attention; the first step compiles; one process only)."""
+    a JSON list of strings: --prompts '["first", "second"]'. The tiny default's random weights produce
+    fluent-looking nonsense. Launched by torchrun with several ranks
+    (torchrun --nproc_per_node N -m microllama.cli generate ...), the model is tensor-parallel over them and
+    rank 0 prints.
+
+    Args:
+        prompt: the text to complete, exactly as given (no space added)
+        prompts: a JSON list of texts, completed as one batch
+        ckpt_dir: a checkpoint directory (Meta's or Hugging Face's layout) or a tiny checkpoint's name; tiny if none
+        temperature: 0 for greedy decoding; higher samples more freely
+        top_p: nucleus sampling: the smallest set of tokens whose probabilities reach top_p
+        max_gen_len: the most tokens to generate per prompt
+        max_seq_len: the longest sequence (prompt and completion) the KV cache holds
+        seed: makes sampling reproducible (on the CPU, what Meta draws after torch.manual_seed(seed))
+        device: cpu, cuda or cuda:N
+        dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 elsewhere)
+        flash: attention through torch's scaled_dot_product_attention (not bit-identical to Meta's)
+        tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
+        compile: the compiled decode path (static KV cache, torch.compile, flash attention; one process only)
+    """
     if prompt is not None and prompts is not None:
         raise ValueError("give --prompt or --prompts, not both")
     texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
@@ -170,8 +185,25 @@ def chat(
     """Talk with a model in Llama 3.1's dialog format: an interactive session (--system TEXT: a system prompt;
     type /reset, /system TEXT, /tool TEXT or /exit; Ctrl-C stops a reply), or with --dialogs FILE the reply to
     each line of a JSONL file (a JSON list of {"role": ..., "content": ...} messages per line, answered in
-    batches of --max_batch_size) written to stdout as JSONL. ckpt_dir: a checkpoint directory or a tiny
-    checkpoint's name (default: tiny, whose random weights reply with nonsense)."""
+    batches of --max_batch_size) written to stdout as JSONL. The tiny default's random weights reply with nonsense.
+
+    Args:
+        ckpt_dir: a checkpoint directory (Meta's or Hugging Face's layout) or a tiny checkpoint's name; tiny if none
+        system: the system prompt of the interactive session
+        dialogs: a JSONL file of dialogs to answer instead of a session
+        temperature: 0 for greedy decoding; higher samples more freely
+        top_p: nucleus sampling: the smallest set of tokens whose probabilities reach top_p
+        max_gen_len: the most tokens of a reply
+        max_seq_len: the longest dialog (prompt and reply) the KV cache holds
+        max_batch_size: with --dialogs, how many are answered at once
+        seed: makes sampling reproducible
+        tool_prompt_format: how tool calls are asked for: json or function_tag
+        device: cpu, cuda or cuda:N
+        dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 elsewhere)
+        flash: attention through torch's scaled_dot_product_attention (not bit-identical to Meta's)
+        tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
+        compile: the compiled decode path (static KV cache, torch.compile; the first step compiles)
+    """
     from .chat import TOOL_PROMPT_FORMATS
     from .generation import check_sampling
 
@@ -291,7 +323,8 @@ def run(
     name = name or Path(sys.argv[0]).name
     try:
         if "-h" in argv or "--help" in argv or (not argv and isinstance(commands, dict)):
-            fire.Fire(commands, command=argv, name=name)  # fire's help: nothing runs
+            shown = {k: _help_view(c) for k, c in commands.items()} if isinstance(commands, dict) else None
+            fire.Fire(shown or _help_view(commands), command=argv, name=name)  # fire's help: nothing runs
             return
         if isinstance(commands, dict):
             command, label, argv = _pick_command(commands, argv[0]), f"{name} {argv[0]}", argv[1:]
@@ -305,6 +338,40 @@ def run(
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
         print(f"\n{name}: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class _TypeName:
+    """A type as fire's help names it: fire prints an annotation's __qualname__."""
+
+    def __init__(self, name: str) -> None:
+        self.__qualname__ = name
+
+
+def _help_view(command: Command) -> Command:
+    """command as fire's help should show it: each type by name (Optional[T] as T: fire adds Optional where
+    the default is None), and every flag with a default keyword-only, so that fire gives a short flag (-s)
+    to exactly those that _param_named takes it for. Only inspected, never called."""
+    types = typing.get_type_hints(inspect.unwrap(command))
+
+    def name(annotation: Any) -> str:
+        inner = [t for t in typing.get_args(annotation) if t is not type(None)]
+        annotation = inner[0] if typing.get_origin(annotation) is Union and len(inner) == 1 else annotation
+        return "JSON list of str" if annotation == list[str] else getattr(annotation, "__name__", str(annotation))
+
+    def view(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a help view is not called")
+
+    view.__signature__ = inspect.Signature(
+        [
+            p.replace(
+                kind=p.kind if p.default is p.empty else p.KEYWORD_ONLY,
+                annotation=_TypeName(name(types.get(p.name, str))),
+            )  # fmt: skip
+            for p in inspect.signature(command).parameters.values()
+        ]
+    )
+    view.__doc__ = command.__doc__
+    return view
 
 
 def _pick_command(commands: dict[str, Command], word: str) -> Command:
@@ -373,14 +440,18 @@ def _parse_args(command: Command, args: Sequence[str], label: str) -> dict[str, 
     return {p: _parse_value(p, types.get(p, str), text) for p, text in given.items()}
 
 
-def _param_named(key: str, params: Sequence[str]) -> Optional[str]:
-    """The parameter that flag `key` sets: its name, or the single letter the name alone starts with."""
+def _param_named(key: str, params: Mapping[str, inspect.Parameter]) -> Optional[str]:
+    """The parameter that flag `key` sets: its name; for a single letter, the only flag with a default that
+    starts with it (the short flag --help shows), else the only parameter."""
     if key in params or len(key) != 1:
         return key if key in params else None
-    starting = [p for p in params if p.startswith(key)]
-    if len(starting) > 1:
-        raise ValueError(f"-{key} could be any of --{', --'.join(starting)}")
-    return starting[0] if starting else None
+    for names in ([p for p, param in params.items() if param.default is not param.empty], list(params)):
+        starting = [p for p in names if p.startswith(key)]
+        if len(starting) > 1:
+            raise ValueError(f"-{key} could be any of --{', --'.join(starting)}")
+        if starting:
+            return starting[0]
+    return None
 
 
 def _parse_value(name: str, annotation: Any, text: str) -> Any:

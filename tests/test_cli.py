@@ -1,6 +1,7 @@
 """The `microllama` command line: text stays text, every argument is checked before any work (and before torch
 is imported), every error is one line, --help is quick, streamed generation, make-tiny, convert."""
 
+import inspect
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from typing import Optional
 import pytest
 
 from microllama import Llama, tiny
-from microllama.cli import main, run
+from microllama.cli import COMMANDS, _param_named, main, run
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Clearly, the meaning of life is"
@@ -58,6 +59,35 @@ def test_help_does_not_import_torch(args):
     result = microllama(*args)  # fire writes help to stderr
     assert result.returncode == 0 and "Traceback" not in result.stderr and "SYNOPSIS" in result.stderr
     assert result.stdout == "torch imported: False\n"
+
+
+def help_of(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().err  # fire writes help to stderr
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_names_each_type_and_shows_only_the_short_flags_that_the_parser_takes(command, capsys):
+    help_text = help_of(command, capsys)
+    types = set(re.findall(r"^ +Type: (.*)$", help_text, re.MULTILINE))
+    assert types and all(re.fullmatch(r"(Optional\[)?(str|int|float|bool|JSON list of str)\]?", t) for t in types), (
+        types
+    )
+    short = re.findall(r"^ +-(\w), --(\w+)", help_text, re.MULTILINE)
+    params = inspect.signature(COMMANDS[command]).parameters
+    assert all(_param_named(letter, params) == flag for letter, flag in short), short
+    assert len({letter for letter, _ in short}) == len(short), short
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_help_describes_every_flag_of_generate_and_chat(command, capsys):
+    flags = help_of(command, capsys).split("FLAGS\n")[1].split("\n\n")[0]
+    items = re.split(r"\n(?= +(?:-\w, )?--)", flags)
+    assert len(items) == len(inspect.signature(COMMANDS[command]).parameters)
+    undescribed = [i.split()[0] for i in items if not re.search(r"\n +(?!Type:|Default:)\S", i)]
+    assert undescribed == []
 
 
 def test_generate_help_lists_the_flags_and_the_json_list_of_prompts():
