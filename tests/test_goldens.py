@@ -825,7 +825,7 @@ def _parent(pid: int) -> int:
 def test_interrupting_record_goldens_leaves_no_torchrun_process_running(tmp_path):
     """SIGINT to tools/record_goldens.py alone (not its group, as a terminal's Ctrl-C would send): torchrun
     runs in a session of its own, record_goldens passes the signal on, torchrun stops its worker, and
-    nothing of the recording is left running or written."""
+    nothing of the recording is left running or written. What is said of it is one line, and status 130."""
     log = open(tmp_path / "stderr.txt", "w")
     tool = [sys.executable, str(REPO / "tools" / "record_goldens.py"), "--out", str(tmp_path / "set")]
     parent = subprocess.Popen(tool, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
@@ -843,6 +843,9 @@ def test_interrupting_record_goldens_leaves_no_torchrun_process_running(tmp_path
         time.sleep(0.2)
     assert [pid for pid in torchrun + workers if _alive(pid)] == []
     assert not (tmp_path / "set").exists()
+    said = (tmp_path / "stderr.txt").read_text()
+    assert parent.returncode == 130 and "Traceback" not in said, said
+    assert said.endswith("\n\nrecord_goldens.py: interrupted\n"), said
 
 
 @pytest.mark.reference
