@@ -133,7 +133,7 @@ def open_checkpoint(target: Union[str, Path, Checkpoint, None] = None) -> Checkp
         target = "tiny"
     if isinstance(target, str) and target in family.REGISTRY:
         named = family.REGISTRY[target]
-        if Path(target).is_dir():
+        if Path(target).is_dir() and parallel.is_rank_0():
             what = "checkpoint" if named.tiny else "configuration"
             print(
                 f"note: {target} names the built-in {what}, not the directory {target} here (for that: ./{target})",

@@ -7,8 +7,10 @@ import functools
 import inspect
 import json
 import math
+import os
 import re
 import sys
+import time
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -318,7 +320,7 @@ def run(
     checked against the command's signature before anything runs. A misspelt flag, a missing or extra
     argument or a value that is not of the parameter's type (str: any text; int; float: finite; bool;
     list[str]: a JSON list) is refused, and every error is one line `NAME: error: ...`, exit status 1
-    (Ctrl-C: `NAME: interrupted`, 130)."""
+    (Ctrl-C: `NAME: interrupted`, 130), said by rank 0 alone under torchrun."""
     argv = list(sys.argv[1:] if argv is None else argv)
     name = name or Path(sys.argv[0]).name
     try:
@@ -333,11 +335,24 @@ def run(
         # fire calls the command with the arguments checked here, and shows what it returns.
         fire.Fire(functools.partial(command, **_parse_args(command, argv, label)), command=[], name=label)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+        _say(f"{name}: error: {e}")
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
-        print(f"\n{name}: interrupted", file=sys.stderr)
+        _say(f"\n{name}: interrupted")
         sys.exit(130)
+
+
+# Under torchrun every rank meets the same error, and rank 0 alone says it. The others wait this long before
+# exiting silently: torchrun stops the whole job when the first rank exits, maybe before rank 0 has spoken.
+QUIET_RANK_WAIT_S = 2.0
+
+
+def _say(line: str) -> None:
+    """Print line on stderr on rank 0 (microllama.parallel.is_rank_0's rule, read without importing torch)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr)
+    else:
+        time.sleep(QUIET_RANK_WAIT_S)
 
 
 class _TypeName:

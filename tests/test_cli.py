@@ -10,7 +10,7 @@ from typing import Optional
 
 import pytest
 
-from microllama import Llama, tiny
+from microllama import Llama, cli, tiny
 from microllama.cli import COMMANDS, _param_named, main, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,6 +318,18 @@ def parsed(*argv: str) -> dict:
 )
 def test_run_takes_fires_spellings_and_keeps_text_as_text(argv, expected):
     assert parsed(*argv) == {**DEFAULTS, **expected}
+
+
+@pytest.mark.parametrize("rank", ["0", "1", "2"])
+def test_under_torchrun_rank_0_alone_says_the_error_and_every_rank_exits_1(rank, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(cli, "QUIET_RANK_WAIT_S", 0)
+    status, out, err = run_main(capsys, "generate", "--temperature", "-1")
+    assert status == 1 and out == ""
+    if rank == "0":
+        assert_one_line_error(err, "temperature")
+    else:
+        assert err == ""
 
 
 def test_ctrl_c_stops_quietly_with_status_130():
