@@ -40,11 +40,17 @@ def test_published_name_is_a_configuration_without_weights():
         ckpt.load_model()
 
 
-def test_an_existing_path_wins_over_a_name(tmp_path, monkeypatch, tiny_ckpt):
+def test_a_name_means_the_built_in_even_beside_a_directory_of_that_name_which_a_path_reaches(
+    tmp_path, monkeypatch, tiny_ckpt, capsys
+):
     convert(tiny_ckpt, tmp_path / "llama3.1-8b", "meta", shards=2)
     monkeypatch.chdir(tmp_path)
-    ckpt = open_checkpoint("llama3.1-8b")
-    assert ckpt.dir == Path("llama3.1-8b") and len(ckpt.weight_files) == 2
+    named = open_checkpoint("llama3.1-8b")
+    assert named.dir is None and named.args == family.REGISTRY["llama3.1-8b"].args()
+    assert capsys.readouterr().err.startswith("note: llama3.1-8b names the built-in configuration, not the directory")
+    for path in ("./llama3.1-8b", Path("llama3.1-8b"), tmp_path / "llama3.1-8b"):
+        ckpt = open_checkpoint(path)
+        assert ckpt.dir == Path(path) and len(ckpt.weight_files) == 2
 
 
 def test_missing_path_and_file_path_are_named(tmp_path):
