@@ -113,7 +113,7 @@ def convert(src: str, dst: str, to: str, shards: int = 1) -> None:
     --shards N splits a Meta-layout output over N tensor-parallel ranks as Meta's fairscale code does."""
     from .checkpoint import convert as convert_checkpoint
 
-    path = convert_checkpoint(Path(src), Path(dst), to, shards)
+    path = convert_checkpoint(src, Path(dst), to, shards)  # src: a name or a path, as open_checkpoint reads it
     split = f", {shards} shards" if to == "meta" and shards > 1 else ""
     print(f"wrote {path} ({to} layout{split})")
 
