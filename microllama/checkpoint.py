@@ -10,6 +10,7 @@ GPU on its own as it is read. Every check runs before a model is returned; error
 """
 
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -121,19 +122,27 @@ class Checkpoint:
 
 
 def open_checkpoint(target: Union[str, Path, Checkpoint, None] = None) -> Checkpoint:
-    """The Checkpoint that `target` names: a checkpoint directory in either layout; the name of a tiny
-    checkpoint (built on first use into the cache); a published model's name (a configuration without
-    weights); None for the default tiny checkpoint. A path that exists wins over a name."""
+    """The Checkpoint that `target` names: the name of a tiny checkpoint (built on first use into the cache);
+    a published model's name (a configuration without weights); any other text, or a Path, is a checkpoint
+    directory in either layout; None for the default tiny checkpoint. A registered name always means the
+    built-in: a directory of that name is reached by a path (./tiny), and a note on stderr says so when one
+    is here."""
     if isinstance(target, Checkpoint):
         return target
     if target is None:
         target = "tiny"
-    path = Path(target).expanduser()
-    if not path.exists() and str(target) in family.REGISTRY:
-        named = family.REGISTRY[str(target)]
+    if isinstance(target, str) and target in family.REGISTRY:
+        named = family.REGISTRY[target]
+        if Path(target).is_dir() and parallel.is_rank_0():
+            what = "checkpoint" if named.tiny else "configuration"
+            print(
+                f"note: {target} names the built-in {what}, not the directory {target} here (for that: ./{target})",
+                file=sys.stderr,
+            )
         if named.tiny:
-            return _open_dir(tiny.default_ckpt_dir(str(target)), str(target), tiny=str(target))
-        return Checkpoint(name=str(target), params=dict(named.params), args=named.args(), tied=named.tied)
+            return _open_dir(tiny.default_ckpt_dir(target), target, tiny=target)
+        return Checkpoint(name=target, params=dict(named.params), args=named.args(), tied=named.tied)
+    path = Path(target).expanduser()
     if not path.is_dir():
         known = ", ".join(family.REGISTRY)
         what = "is not a directory" if path.exists() else "not found"
@@ -186,6 +195,8 @@ def convert(src: Union[str, Path, Checkpoint], dst: Union[str, Path], to: str, s
     bit for bit in their stored dtype. tokenizer.model is copied along when src has one."""
     if to not in ("meta", "hf"):
         raise ValueError(f"--to must be 'meta' or 'hf', got {to!r}")
+    if shards < 1:
+        raise ValueError(f"--shards must be a positive integer, got {shards}")
     if to == "hf" and shards != 1:
         raise ValueError("--shards splits Meta's layout over tensor-parallel ranks; a Hugging Face checkpoint is one")
     checkpoint = open_checkpoint(src)

@@ -7,10 +7,12 @@ import functools
 import inspect
 import json
 import math
+import os
 import re
 import sys
+import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -46,11 +48,26 @@ def generate(
     compile: bool = False,
 ) -> None:
     """Complete PROMPT (default: "Clearly, the meaning of life is"), streamed as it comes, or each of --prompts,
-    a JSON list of strings: --prompts '["first", "second"]'. ckpt_dir: a checkpoint directory or a tiny
-    checkpoint's name (default: tiny, whose random weights produce fluent-looking nonsense). Launched by
-    torchrun with several ranks (torchrun --nproc_per_node N -m microllama.cli generate ...), the model is
-    tensor-parallel over them and rank 0 prints. --compile: the compiled decode path (static KV cache,
-    torch.compile; flash attention; the first step compiles; one process only)."""
+    a JSON list of strings: --prompts '["first", "second"]'. The tiny default's random weights produce
+    fluent-looking nonsense. Launched by torchrun with several ranks
+    (torchrun --nproc_per_node N -m microllama.cli generate ...), the model is tensor-parallel over them and
+    rank 0 prints.
+
+    Args:
+        prompt: the text to complete, exactly as given (no space added)
+        prompts: a JSON list of texts, completed as one batch
+        ckpt_dir: a checkpoint directory (Meta's or Hugging Face's layout) or a tiny checkpoint's name; tiny if none
+        temperature: 0 for greedy decoding; higher samples more freely
+        top_p: nucleus sampling: the smallest set of tokens whose probabilities reach top_p
+        max_gen_len: the most tokens to generate per prompt
+        max_seq_len: the longest sequence (prompt and completion) the KV cache holds
+        seed: makes sampling reproducible (on the CPU, what Meta draws after torch.manual_seed(seed))
+        device: cpu, cuda or cuda:N
+        dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 elsewhere)
+        flash: attention through torch's scaled_dot_product_attention (not bit-identical to Meta's)
+        tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
+        compile: the compiled decode path (static KV cache, torch.compile, flash attention; one process only)
+    """
     if prompt is not None and prompts is not None:
         raise ValueError("give --prompt or --prompts, not both")
     texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
@@ -96,7 +113,7 @@ def convert(src: str, dst: str, to: str, shards: int = 1) -> None:
     --shards N splits a Meta-layout output over N tensor-parallel ranks as Meta's fairscale code does."""
     from .checkpoint import convert as convert_checkpoint
 
-    path = convert_checkpoint(Path(src), Path(dst), to, shards)
+    path = convert_checkpoint(src, Path(dst), to, shards)  # src: a name or a path, as open_checkpoint reads it
     split = f", {shards} shards" if to == "meta" and shards > 1 else ""
     print(f"wrote {path} ({to} layout{split})")
 
@@ -122,7 +139,7 @@ def verify(
     capture point, the completions and chat replies (or, for a training set, each step of microllama's
     trainer), the first divergent check and a verdict on stdout, progress on stderr; exit status 1 when the
     check fails. ckpt_dir defaults to the set's own checkpoint (a directory, or tiny / tiny-hd128); one whose
-    sha256 is not the recording's fails the check unless --other_checkpoint says that is intended. Launched by
+    sha256 is not the recording's fails at once unless --other_checkpoint says that is intended. Launched by
     torchrun with several ranks, an inference set's model is tensor-parallel over them (bit-identical to a set
     Meta recorded at that world size) and rank 0 reports.
     --compile checks the compiled decode path instead of the default one (values within tolerance; completions
@@ -197,8 +214,25 @@ def chat(
     """Talk with a model in Llama 3.1's dialog format: an interactive session (--system TEXT: a system prompt;
     type /reset, /system TEXT, /tool TEXT or /exit; Ctrl-C stops a reply), or with --dialogs FILE the reply to
     each line of a JSONL file (a JSON list of {"role": ..., "content": ...} messages per line, answered in
-    batches of --max_batch_size) written to stdout as JSONL. ckpt_dir: a checkpoint directory or a tiny
-    checkpoint's name (default: tiny, whose random weights reply with nonsense)."""
+    batches of --max_batch_size) written to stdout as JSONL. The tiny default's random weights reply with nonsense.
+
+    Args:
+        ckpt_dir: a checkpoint directory (Meta's or Hugging Face's layout) or a tiny checkpoint's name; tiny if none
+        system: the system prompt of the interactive session
+        dialogs: a JSONL file of dialogs to answer instead of a session
+        temperature: 0 for greedy decoding; higher samples more freely
+        top_p: nucleus sampling: the smallest set of tokens whose probabilities reach top_p
+        max_gen_len: the most tokens of a reply
+        max_seq_len: the longest dialog (prompt and reply) the KV cache holds
+        max_batch_size: with --dialogs, how many are answered at once
+        seed: makes sampling reproducible
+        tool_prompt_format: how tool calls are asked for: json or function_tag
+        device: cpu, cuda or cuda:N
+        dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 elsewhere)
+        flash: attention through torch's scaled_dot_product_attention (not bit-identical to Meta's)
+        tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
+        compile: the compiled decode path (static KV cache, torch.compile; the first step compiles)
+    """
     from .chat import TOOL_PROMPT_FORMATS
     from .generation import check_sampling
 
@@ -313,12 +347,13 @@ def run(
     checked against the command's signature before anything runs. A misspelt flag, a missing or extra
     argument or a value that is not of the parameter's type (str: any text; int; float: finite; bool;
     list[str]: a JSON list) is refused, and every error is one line `NAME: error: ...`, exit status 1
-    (Ctrl-C: `NAME: interrupted`, 130)."""
+    (Ctrl-C: `NAME: interrupted`, 130), said by rank 0 alone under torchrun."""
     argv = list(sys.argv[1:] if argv is None else argv)
     name = name or Path(sys.argv[0]).name
     try:
         if "-h" in argv or "--help" in argv or (not argv and isinstance(commands, dict)):
-            fire.Fire(commands, command=argv, name=name)  # fire's help: nothing runs
+            shown = {k: _help_view(c) for k, c in commands.items()} if isinstance(commands, dict) else None
+            fire.Fire(shown or _help_view(commands), command=argv, name=name)  # fire's help: nothing runs
             return
         if isinstance(commands, dict):
             command, label, argv = _pick_command(commands, argv[0]), f"{name} {argv[0]}", argv[1:]
@@ -327,11 +362,58 @@ def run(
         # fire calls the command with the arguments checked here, and shows what it returns.
         fire.Fire(functools.partial(command, **_parse_args(command, argv, label)), command=[], name=label)
     except (ValueError, OSError, RuntimeError) as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+        _say(f"{name}: error: {e}")
         sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
-        print(f"\n{name}: interrupted", file=sys.stderr)
+        _say(f"\n{name}: interrupted")
         sys.exit(130)
+
+
+# Under torchrun every rank meets the same error, and rank 0 alone says it. The others wait this long before
+# exiting silently: torchrun stops the whole job when the first rank exits, maybe before rank 0 has spoken.
+QUIET_RANK_WAIT_S = 2.0
+
+
+def _say(line: str) -> None:
+    """Print line on stderr on rank 0 (microllama.parallel.is_rank_0's rule, read without importing torch)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr)
+    else:
+        time.sleep(QUIET_RANK_WAIT_S)
+
+
+class _TypeName:
+    """A type as fire's help names it: fire prints an annotation's __qualname__."""
+
+    def __init__(self, name: str) -> None:
+        self.__qualname__ = name
+
+
+def _help_view(command: Command) -> Command:
+    """command as fire's help should show it: each type by name (Optional[T] as T: fire adds Optional where
+    the default is None), and every flag with a default keyword-only, so that fire gives a short flag (-s)
+    to exactly those that _param_named takes it for. Only inspected, never called."""
+    types = typing.get_type_hints(inspect.unwrap(command))
+
+    def name(annotation: Any) -> str:
+        inner = [t for t in typing.get_args(annotation) if t is not type(None)]
+        annotation = inner[0] if typing.get_origin(annotation) is Union and len(inner) == 1 else annotation
+        return "JSON list of str" if annotation == list[str] else getattr(annotation, "__name__", str(annotation))
+
+    def view(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a help view is not called")
+
+    view.__signature__ = inspect.Signature(
+        [
+            p.replace(
+                kind=p.kind if p.default is p.empty else p.KEYWORD_ONLY,
+                annotation=_TypeName(name(types.get(p.name, str))),
+            )  # fmt: skip
+            for p in inspect.signature(command).parameters.values()
+        ]
+    )
+    view.__doc__ = command.__doc__
+    return view
 
 
 def _pick_command(commands: dict[str, Command], word: str) -> Command:
@@ -400,14 +482,18 @@ def _parse_args(command: Command, args: Sequence[str], label: str) -> dict[str, 
     return {p: _parse_value(p, types.get(p, str), text) for p, text in given.items()}
 
 
-def _param_named(key: str, params: Sequence[str]) -> Optional[str]:
-    """The parameter that flag `key` sets: its name, or the single letter the name alone starts with."""
+def _param_named(key: str, params: Mapping[str, inspect.Parameter]) -> Optional[str]:
+    """The parameter that flag `key` sets: its name; for a single letter, the only flag with a default that
+    starts with it (the short flag --help shows), else the only parameter."""
     if key in params or len(key) != 1:
         return key if key in params else None
-    starting = [p for p in params if p.startswith(key)]
-    if len(starting) > 1:
-        raise ValueError(f"-{key} could be any of --{', --'.join(starting)}")
-    return starting[0] if starting else None
+    for names in ([p for p, param in params.items() if param.default is not param.empty], list(params)):
+        starting = [p for p in names if p.startswith(key)]
+        if len(starting) > 1:
+            raise ValueError(f"-{key} could be any of --{', --'.join(starting)}")
+        if starting:
+            return starting[0]
+    return None
 
 
 def _parse_value(name: str, annotation: Any, text: str) -> Any:

@@ -141,7 +141,11 @@ def atomic_dir(out_dir: Union[str, Path], replace: bool = False) -> Iterator[Pat
         raise FileExistsError(f"{out_dir} exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_PARTIAL}{os.getpid()}-", dir=out_dir.parent))
+    prefix = f".{out_dir.name}{_PARTIAL}{os.getpid()}-"
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
+    except OSError as e:
+        raise _naming_target(e, out_dir.parent / prefix, out_dir) from e
     try:
         yield tmp
         _publish_permissions(tmp)
@@ -152,9 +156,23 @@ def atomic_dir(out_dir: Union[str, Path], replace: bool = False) -> Iterator[Pat
             shutil.rmtree(old)
         else:
             tmp.rename(out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _naming_target(e, tmp, out_dir) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _naming_target(e: OSError, tmp: Path, out_dir: Path) -> OSError:
+    """e as the user should read it: a file of the temporary directory named as the file of out_dir it
+    becomes (the temporary name means nothing to them); e itself if it concerns another file."""
+    name = str(e.filename or "")
+    if not name.startswith(str(tmp)):
+        return e
+    rest = name[len(str(tmp)) :]  # a file within it, or mkdtemp's random suffix
+    target = out_dir / rest.lstrip(os.sep) if rest.startswith(os.sep) else out_dir
+    return type(e)(f"cannot write {target}: {e.strerror or e}")
 
 
 _MADV_DONTNEED = 4  # <sys/mman.h>, Linux

@@ -73,6 +73,10 @@ def load_pth(path: Path) -> StateDict:
                 "weights and reads only that format: load it and torch.save it again"
             )
         raise CheckpointError(f"{path}: not a torch.save file (it begins with the bytes {head!r})")
+    if head != b"PK\x03\x04":  # a zip directory at the end, but the first entry's header overwritten
+        raise CheckpointError(
+            f"{path}: a damaged torch.save archive: its zip header is overwritten (it begins {head!r})"
+        )
     try:
         state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -72,7 +72,15 @@ def make_tiny(out_dir: Union[str, Path], name: str = "tiny", seed: int = DEFAULT
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "microllama")
+    """$MICROLLAMA_CACHE, else ~/.cache/microllama; ValueError, naming the variable, where a file is in the way."""
+    set_to = os.environ.get(CACHE_ENV)
+    path = Path(set_to or Path.home() / ".cache" / "microllama")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = f"${CACHE_ENV} names {path}" if set_to else f"the cache is {path} (${CACHE_ENV} is unset)"
+        under = f", under {existing}," if existing != path else ""
+        raise ValueError(f"{where}{under} which is not a directory")
+    return path
 
 
 def default_ckpt_dir(name: str = "tiny", root: Optional[Union[str, Path]] = None) -> Path:

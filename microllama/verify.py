@@ -106,11 +106,6 @@ class Comparison:
     @property
     def failure(self) -> Optional[str]:
         """Why the check fails, or None when it passes."""
-        if not self.checkpoint_matches and not self.other_checkpoint:
-            return (
-                "the checkpoint is not the one recorded (sha256 differs); pass --other_checkpoint to compare "
-                "another checkpoint against this set on purpose"
-            )
         if self.first_divergent is not None:
             return f"microllama diverges from the recording, first at {self.first_divergent}"
         return None
@@ -369,6 +364,19 @@ def recorded_checkpoint(golden: Union[GoldenSet, TrainingSet]) -> str:
     raise GoldenError(f"{golden.path}: its checkpoint {c.dir} is not here; pass --ckpt_dir")
 
 
+def check_prompts_are_recorded_text(golden: GoldenSet, tokenizer: Tokenizer) -> None:
+    """GoldenError, before any forward, for a manifest prompt that is not the text its recorded ids decode to
+    (the manifest edited after recording). A prompt that is, but that microllama encodes to other ids, is a
+    tokenizer divergence, which the check reports."""
+    for i, (prompt, ids) in enumerate(zip(golden.manifest.prompts, golden.outputs.prompt_ids, strict=True)):
+        recorded = tokenizer.decode(ids[1:])  # after BOS
+        if recorded != prompt:
+            raise GoldenError(
+                f"{golden.path / 'manifest.json'}: prompts[{i}] is {prompt!r}, but the set recorded the ids of "
+                f"{recorded!r}: the manifest was edited after recording"
+            )
+
+
 def verify(
     golden_dir: Union[str, Path],
     ckpt_dir: Optional[Union[str, Path, Checkpoint]] = None,
@@ -407,17 +415,26 @@ def _verify(
 ) -> Comparison:
     m = golden.manifest
     ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else recorded_checkpoint(golden))
+    tokenizer = Tokenizer(ckpt_dir=ckpt.dir)
+    check_prompts_are_recorded_text(golden, tokenizer)
     if progress:
         print(f"loading {ckpt.dir} ({m.dtype}, {device})", file=sys.stderr, flush=True)
+    # The sha256 is checked before the model runs: another checkpoint fails at once unless asked for.
+    stored = None if tensor_parallel else ckpt.read_state_dict()  # read once: its sha256, then the model
+    sha256 = ckpt.sha256() if stored is None else state_dict_sha256(stored)
+    if sha256 != m.checkpoint.sha256 and not other_checkpoint:
+        raise GoldenError(
+            f"{ckpt.name} is not the checkpoint {golden.path} was recorded from (sha256 {sha256[:12]}..., "
+            f"recorded {m.checkpoint.sha256[:12]}...): pass --other_checkpoint to compare it on purpose"
+        )
     size = (m.model.max_seq_len, m.model.max_batch_size)
-    if tensor_parallel:  # each rank reads its own slices; the sha256 reads the whole checkpoint once more
+    if tensor_parallel:  # each rank reads its own slices (the sha256 above read the whole checkpoint)
         mesh, device = parallel.device_mesh(device)
         model = ckpt.load_model(*size, device, m.torch_dtype, flash=compile, mesh=mesh)
-        sha256, world_size = ckpt.sha256(), mesh.size()
+        world_size = mesh.size()
     else:
-        stored = ckpt.read_state_dict()  # read once: its sha256, then the model
         model = ckpt.load_model(*size, device, m.torch_dtype, flash=compile, state_dict=stored)
-        sha256, world_size = state_dict_sha256(stored), 1
+        world_size = 1
     check = comparison_mode(golden, device, world_size)
     exact, mode = check.exact, check.line
     if compile:
@@ -431,7 +448,7 @@ def _verify(
     not_compared = {kind: why for kind, s in m.completions.items() if s.temperature > 0 and not sampling_comparable}
     chat_kinds = m.chat.completions if m.chat is not None else {}
     chat_not_compared = {kind: why for kind, s in chat_kinds.items() if s.temperature > 0 and not sampling_comparable}
-    llama = Llama(model, Tokenizer(ckpt_dir=ckpt.dir), compile=compile)
+    llama = Llama(model, tokenizer, compile=compile)
     decoder = llama.decoder if isinstance(llama.decoder, CompiledDecoder) else None
     points, sha_equal = check_forwards(golden, model, exact, progress, decoder)
     atol = None if exact else LOGITS_ATOL[m.torch_dtype]

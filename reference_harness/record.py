@@ -270,17 +270,32 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def run_process_group(cmd: list[str], **popen: object) -> int:
-    """Run torchrun (cmd) in a session of its own and wait for it. On Ctrl-C (KeyboardInterrupt) or SIGTERM
-    the signal goes to its process group, and torchrun stops its workers (each in a session of its own, out
-    of reach of a terminal's Ctrl-C) before it exits; the group is killed if it is still there after GRACE_S
-    seconds or at a second Ctrl-C. Then the interruption is raised again."""
-    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    """Run torchrun (cmd) in a session of its own and wait for it, its output (stdout and stderr) passed on to
+    stderr. On Ctrl-C (KeyboardInterrupt) or SIGTERM the signal goes to its process group, and torchrun stops
+    its workers (each in a session of its own, out of reach of a terminal's Ctrl-C) before it exits; the group
+    is killed if it is still there after GRACE_S seconds or at a second Ctrl-C. What they print while stopping
+    (torchrun's and the workers' tracebacks) is dropped, and the interruption is raised again: the caller says
+    it in one line."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", **popen)  # fmt: skip
+    stopping = threading.Event()
+
+    def pass_on() -> None:
+        for line in proc.stdout:
+            if not stopping.is_set():
+                print(line, end="", file=sys.stderr, flush=True)
+
+    output = threading.Thread(target=pass_on, daemon=True)
+    output.start()
     try:
         with _sigterm_raises():
-            return proc.wait()
+            status = proc.wait()
     except BaseException as e:
+        stopping.set()
         _stop_group(proc, signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
         raise
+    output.join()
+    return status
 
 
 def _stop_group(proc: subprocess.Popen, sig: int) -> None:

@@ -91,6 +91,19 @@ def test_truncated_weights_file_is_refused(tmp_path, good, layout):
         load_model(ckpt)
 
 
+def test_pth_whose_header_is_overwritten_is_one_line_naming_it_damaged(tmp_path, good, capsys):
+    ckpt = shutil.copytree(good["meta"], tmp_path / "c")
+    with open(ckpt / "consolidated.00.pth", "r+b") as f:
+        f.write(b"\x00" * 64)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--ckpt_dir", str(ckpt)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        f"microllama: error: {ckpt / 'consolidated.00.pth'}: a damaged torch.save archive: its zip header is "
+        f"overwritten (it begins {bytes(4)!r})\n"
+    )
+
+
 class RunsCode:
     """Unpickling this calls os.system: what a hostile .pth could do."""
 
@@ -268,3 +281,18 @@ def test_garbage_tokenizer_model_names_the_file(tmp_path):
     (tmp_path / "tokenizer.model").write_text("")
     with pytest.raises(ValueError, match=r"tokenizer\.model: holds no BPE ranks"):
         Tokenizer(tmp_path / "tokenizer.model")
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_cache_env_naming_a_file_is_one_error_naming_the_variable(tmp_path, monkeypatch, capsys, below):
+    (tmp_path / "file").write_text("")
+    cache = tmp_path / "file" / below if below else tmp_path / "file"
+    monkeypatch.setenv("MICROLLAMA_CACHE", str(cache))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "tiny-hd128"])
+    under = f", under {tmp_path / 'file'}," if below else ""
+    assert exit_info.value.code == 1
+    assert (
+        capsys.readouterr().err
+        == f"microllama: error: $MICROLLAMA_CACHE names {cache}{under} which is not a directory\n"
+    )

@@ -4,9 +4,11 @@ every entry point shares; the import graph it sits in; what files it leaves behi
 import ast
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 
 from microllama import family
 from microllama.checkpoint import Checkpoint, CheckpointError, convert, load_model, open_checkpoint
+from microllama.cli import main
 from microllama.files import atomic_dir, parse_dtype
 from microllama.generation import Llama
 from microllama.tiny import default_ckpt_dir
@@ -37,11 +40,17 @@ def test_published_name_is_a_configuration_without_weights():
         ckpt.load_model()
 
 
-def test_an_existing_path_wins_over_a_name(tmp_path, monkeypatch, tiny_ckpt):
+def test_a_name_means_the_built_in_even_beside_a_directory_of_that_name_which_a_path_reaches(
+    tmp_path, monkeypatch, tiny_ckpt, capsys
+):
     convert(tiny_ckpt, tmp_path / "llama3.1-8b", "meta", shards=2)
     monkeypatch.chdir(tmp_path)
-    ckpt = open_checkpoint("llama3.1-8b")
-    assert ckpt.dir == Path("llama3.1-8b") and len(ckpt.weight_files) == 2
+    named = open_checkpoint("llama3.1-8b")
+    assert named.dir is None and named.args == family.REGISTRY["llama3.1-8b"].args()
+    assert capsys.readouterr().err.startswith("note: llama3.1-8b names the built-in configuration, not the directory")
+    for path in ("./llama3.1-8b", Path("llama3.1-8b"), tmp_path / "llama3.1-8b"):
+        ckpt = open_checkpoint(path)
+        assert ckpt.dir == Path(path) and len(ckpt.weight_files) == 2
 
 
 def test_missing_path_and_file_path_are_named(tmp_path):
@@ -133,6 +142,21 @@ def test_atomic_dir_refuses_a_file_and_a_non_empty_directory(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"), atomic_dir(tmp_path / "dir"):
         pass
     assert (tmp_path / "file").read_text() == (tmp_path / "dir" / "mine").read_text() == "mine"
+
+
+def test_an_unwritable_target_is_named_as_given_not_by_its_temporary_directory(tmp_path, monkeypatch, capsys):
+    def unwritable(prefix, dir):  # what mkdtemp raises in a directory the user may not write
+        raise PermissionError(13, "Permission denied", f"{dir}/{prefix}x1y2z3")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", unwritable)
+    with pytest.raises(SystemExit):
+        main(["make-tiny", str(tmp_path / "out")])
+    assert capsys.readouterr().err == f"microllama: error: cannot write {tmp_path / 'out'}: Permission denied\n"
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match=rf"^cannot write {re.escape(str(tmp_path / 'out' / 'a' / 'b'))}: "):
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "a" / "b").write_text("")
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 @pytest.mark.parametrize("to", ["meta", "hf"])

@@ -1,6 +1,7 @@
 """The `microllama` command line: text stays text, every argument is checked before any work (and before torch
 is imported), every error is one line, --help is quick, streamed generation, make-tiny, convert."""
 
+import inspect
 import re
 import subprocess
 import sys
@@ -9,8 +10,8 @@ from typing import Optional
 
 import pytest
 
-from microllama import Llama, tiny
-from microllama.cli import main, run
+from microllama import Llama, cli, tiny
+from microllama.cli import COMMANDS, _param_named, main, run
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Clearly, the meaning of life is"
@@ -58,6 +59,35 @@ def test_help_does_not_import_torch(args):
     result = microllama(*args)  # fire writes help to stderr
     assert result.returncode == 0 and "Traceback" not in result.stderr and "SYNOPSIS" in result.stderr
     assert result.stdout == "torch imported: False\n"
+
+
+def help_of(command: str, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().err  # fire writes help to stderr
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_names_each_type_and_shows_only_the_short_flags_that_the_parser_takes(command, capsys):
+    help_text = help_of(command, capsys)
+    types = set(re.findall(r"^ +Type: (.*)$", help_text, re.MULTILINE))
+    assert types and all(re.fullmatch(r"(Optional\[)?(str|int|float|bool|JSON list of str)\]?", t) for t in types), (
+        types
+    )
+    short = re.findall(r"^ +-(\w), --(\w+)", help_text, re.MULTILINE)
+    params = inspect.signature(COMMANDS[command]).parameters
+    assert all(_param_named(letter, params) == flag for letter, flag in short), short
+    assert len({letter for letter, _ in short}) == len(short), short
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_help_describes_every_flag_of_generate_and_chat(command, capsys):
+    flags = help_of(command, capsys).split("FLAGS\n")[1].split("\n\n")[0]
+    items = re.split(r"\n(?= +(?:-\w, )?--)", flags)
+    assert len(items) == len(inspect.signature(COMMANDS[command]).parameters)
+    undescribed = [i.split()[0] for i in items if not re.search(r"\n +(?!Type:|Default:)\S", i)]
+    assert undescribed == []
 
 
 def test_generate_help_lists_the_flags_and_the_json_list_of_prompts():
@@ -138,6 +168,7 @@ def test_generate_refuses_bad_values_before_loading_a_checkpoint(args, message, 
         (["generate", "--dtype", "float8"], r"unknown dtype 'float8'"),
         (["convert", "tiny", "out", "--to", "hf", "--shards", "2"], r"--shards splits Meta's layout over tensor-par"),
         (["convert", "tiny", "out", "--to", "safetensors"], r"--to must be 'meta' or 'hf', got 'safetensors'"),
+        (["convert", "tiny", "out", "--to", "meta", "--shards", "0"], r"--shards must be a positive integer, got 0$"),
         (["make-tiny", "out", "--name", "huge"], r"unknown tiny config 'huge'"),
         (["info", "/nonexistent/ckpt"], r"checkpoint directory not found: /nonexistent/ckpt \(nor is it a named"),
         (["verify", "/nonexistent/set"], r"/nonexistent/set/manifest\.json not found"),
@@ -225,6 +256,18 @@ def test_info_takes_a_tiny_checkpoint_by_name(capsys):
     assert "parameters" in capsys.readouterr().out
 
 
+def test_a_directory_named_like_a_built_in_never_replaces_it_and_a_path_reaches_it(tmp_path, monkeypatch, capsys):
+    tiny.make_tiny(tmp_path / "tiny", "tiny-kv4")
+    monkeypatch.chdir(tmp_path)
+    main(["info", "tiny"])
+    out, err = capsys.readouterr()
+    assert out.startswith("model       tiny\n")
+    assert err == "note: tiny names the built-in checkpoint, not the directory tiny here (for that: ./tiny)\n"
+    main(["info", "./tiny"])
+    out, err = capsys.readouterr()
+    assert out.startswith("model       ./tiny (matches tiny-kv4)\n") and err == ""
+
+
 DEFAULTS = {"text": "t", "max_len": 0, "count": 1, "ratio": 0.5, "flash": False, "names": None}
 
 
@@ -275,6 +318,18 @@ def parsed(*argv: str) -> dict:
 )
 def test_run_takes_fires_spellings_and_keeps_text_as_text(argv, expected):
     assert parsed(*argv) == {**DEFAULTS, **expected}
+
+
+@pytest.mark.parametrize("rank", ["0", "1", "2"])
+def test_under_torchrun_rank_0_alone_says_the_error_and_every_rank_exits_1(rank, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setattr(cli, "QUIET_RANK_WAIT_S", 0)
+    status, out, err = run_main(capsys, "generate", "--temperature", "-1")
+    assert status == 1 and out == ""
+    if rank == "0":
+        assert_one_line_error(err, "temperature")
+    else:
+        assert err == ""
 
 
 def test_ctrl_c_stops_quietly_with_status_130():

@@ -21,7 +21,7 @@ import torch
 
 from microllama import capture, golden_format
 from microllama import verify as verify_module
-from microllama.checkpoint import load_model, open_checkpoint
+from microllama.checkpoint import Checkpoint, load_model, open_checkpoint
 from microllama.cli import main as cli_main
 from microllama.generation import Llama
 from microllama.golden_format import ChatToolCall, GoldenError, data_files, from_json, read_set, to_json, write_set
@@ -504,13 +504,53 @@ def planted_ckpt(tmp_path_factory, tiny_ckpt):
     return save_meta(state_dict, ckpt.params, tmp_path_factory.mktemp("planted") / "ckpt")
 
 
-def test_verify_on_another_checkpoint_fails_with_the_table_and_a_verdict_saying_why(planted_ckpt, capsys, tokenizer):
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if verify gets as far as building a model."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(Checkpoint, "load_model", load_model)
+
+
+def test_verify_on_another_checkpoint_fails_at_once_in_one_line_naming_the_flag(planted_ckpt, capsys, no_model):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["verify", str(GOLDENS / "tiny-fp32-cpu-ws1"), "--ckpt_dir", str(planted_ckpt)])
     assert exit_info.value.code == 1
-    out = capsys.readouterr().out
-    assert "sha256 DIFFERS from the recording" in out and "layers.0.ffn_norm" in out
-    assert out.rstrip().splitlines()[-1].startswith("verdict: FAIL: the checkpoint is not the one recorded")
+    captured = capsys.readouterr()  # stderr: the progress line "loading ...", then the error
+    assert captured.out == "" and captured.err.count("\n") == 2, captured.err
+    assert re.fullmatch(
+        rf"loading .*\nmicrollama: error: {re.escape(str(planted_ckpt))} is not the checkpoint "
+        rf"{re.escape(str(GOLDENS))}/tiny-fp32-cpu-ws1 was recorded from "
+        r"\(sha256 \w{12}\.\.\., recorded \w{12}\.\.\.\): pass --other_checkpoint to compare it on purpose\n",
+        captured.err,
+    )
+
+
+def test_a_prompt_edited_in_the_manifest_fails_before_loading_in_one_line_naming_it(golden_copy, capsys, no_model):
+    _edit_manifest(golden_copy, lambda m: {**m, "prompts": [m["prompts"][0] + "!", *m["prompts"][1:]]})
+    prompt = read_set(golden_copy).manifest.prompts[0]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["verify", str(golden_copy)])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        f"microllama: error: {golden_copy / 'manifest.json'}: prompts[0] is {prompt!r}, but the set recorded the "
+        f"ids of {prompt[:-1]!r}: the manifest was edited after recording\n"
+    )
+
+
+@pytest.mark.slow  # a whole verify run
+def test_a_tokenizer_encoding_other_ids_for_the_recorded_text_is_reported_at_prompt_ids(monkeypatch, tokenizer):
+    class TokenizerSplittingCharacters(Tokenizer):  # the same text, in other ids: a tokenizer divergence
+        def encode(self, s, *, bos, eos, **kwargs):
+            ids = [t for c in s for t in Tokenizer.encode(self, c, bos=False, eos=False)]
+            return Tokenizer.encode(self, "", bos=bos, eos=eos) + ids
+
+    monkeypatch.setattr(verify_module, "Tokenizer", TokenizerSplittingCharacters)
+    c = verify(GOLDENS / "tiny-fp32-cpu-ws1")
+    assert not c.prompt_ids_equal and c.first_divergent == "prompt ids (tokenizer)"
+    assert c.failure == "microllama diverges from the recording, first at prompt ids (tokenizer)"
 
 
 def test_planted_bug_diverges_first_at_its_capture_point(planted_ckpt, tokenizer):
@@ -813,7 +853,7 @@ def _parent(pid: int) -> int:
 def test_interrupting_record_goldens_leaves_no_torchrun_process_running(tmp_path):
     """SIGINT to tools/record_goldens.py alone (not its group, as a terminal's Ctrl-C would send): torchrun
     runs in a session of its own, record_goldens passes the signal on, torchrun stops its worker, and
-    nothing of the recording is left running or written."""
+    nothing of the recording is left running or written. What is said of it is one line, and status 130."""
     log = open(tmp_path / "stderr.txt", "w")
     tool = [sys.executable, str(REPO / "tools" / "record_goldens.py"), "--out", str(tmp_path / "set")]
     parent = subprocess.Popen(tool, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
@@ -831,6 +871,9 @@ def test_interrupting_record_goldens_leaves_no_torchrun_process_running(tmp_path
         time.sleep(0.2)
     assert [pid for pid in torchrun + workers if _alive(pid)] == []
     assert not (tmp_path / "set").exists()
+    said = (tmp_path / "stderr.txt").read_text()
+    assert parent.returncode == 130 and "Traceback" not in said, said
+    assert said.endswith("\n\nrecord_goldens.py: interrupted\n"), said
 
 
 @pytest.mark.reference
