@@ -272,7 +272,8 @@ class Trainer:
             ckpts.check_new_run_dir(self.run_dir)
         self.load_data()
         self.record = run_record(cfg, self.checkpoint, self.corpus, self.dtype)
-        self.state: Optional[ckpts.TrainState] = None
+        self.resumed = resumed is not None
+        self.state: Optional[ckpts.TrainState] = None  # what build restores, then drops (a copy of the weights)
         self.step = self.saved_step = self.targets_seen = 0
         self.losses: list[float] = []  # the run's, from its first step
         self.eval_losses: list[tuple[int, float]] = []  # (step, held-out loss)
@@ -325,6 +326,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.params, cfg, self.device)
         if self.state is not None:
             self.restore(self.state)
+            self.state = None
 
     def restore(self, state: ckpts.TrainState) -> None:
         if state.dcp is not None:  # saved by a data-parallel run, at any world size
@@ -367,7 +369,7 @@ class Trainer:
 
     def start(self) -> None:
         if self.ranks.is_rank_0:
-            if self.state is None:
+            if not self.resumed:
                 ckpts.start_run_dir(self.run_dir, self.record)
             else:
                 ckpts.truncate_metrics(self.run_dir, self.step)
