@@ -10,7 +10,7 @@ each rank's loss is multiplied by the world size first (exact for a power of two
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -44,19 +44,28 @@ class LossOf(nn.Module):
 
 @dataclass
 class Ranks:
-    """This process's place in a data-parallel job, and (once `wrap` has run) the wrapped loss to call."""
+    """This process's place in the training job: a rank of a data-parallel torchrun job (ddp or fsdp), or the
+    one rank of a process that trains alone (kind none: its collectives are no-ops). Once `wrap` has run, `loss`
+    is the model's loss as the job computes it."""
 
-    kind: str  # ddp or fsdp
-    rank: int
-    world_size: int
-    loss_fn: Optional[nn.Module] = None  # DDP(LossOf(model)), or LossOf(model) under fully_shard
+    kind: str = "none"  # none, ddp or fsdp
+    rank: int = 0
+    world_size: int = 1
+    loss_fn: Optional[Callable[..., torch.Tensor]] = None  # model.loss, DDP(LossOf(model)), or fully_shard's
+
+    @classmethod
+    def alone(cls, model: Transformer) -> "Ranks":
+        """The one rank of a process training model by itself."""
+        return cls(loss_fn=model.loss)
 
     @property
     def is_rank_0(self) -> bool:
         return self.rank == 0
 
     def rows(self, batch: Batch) -> Batch:
-        """This rank's block of a global micro-batch's rows."""
+        """This rank's block of a global micro-batch's rows (all of them for one rank)."""
+        if self.world_size == 1:
+            return batch
         n = batch.tokens.shape[0] // self.world_size
         part = slice(self.rank * n, (self.rank + 1) * n)
         return Batch(batch.tokens[part], batch.targets[part], batch.documents[part])
@@ -67,28 +76,36 @@ class Ranks:
 
     def rank_0_first(self) -> "contextlib.AbstractContextManager[None]":
         """A block rank 0 runs before the others: it fills a cache (the tokenized corpus) that they then read."""
-        return _rank_0_first(self.is_rank_0)
+        return _rank_0_first(self.is_rank_0) if self.world_size > 1 else contextlib.nullcontext()
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """value added over the ranks (a step's loss, for the log)."""
-        dist.all_reduce(value)
+        if self.world_size > 1:
+            dist.all_reduce(value)
         return value
 
-    def wrap(self, model: Transformer, compute_dtype: torch.dtype) -> None:
-        """DDP, or FSDP2's fully_shard on each block and then the root, around model's loss. FSDP keeps the
-        weights (and AdamW's state) sharded in the model's dtype and computes in compute_dtype
-        (MixedPrecisionPolicy), reducing gradients in float32."""
+    def wrap(self, model: Transformer, compute_dtype: torch.dtype, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """Nothing for one process; DDP, or FSDP2's fully_shard on each block and then the root, around model's
+        loss. FSDP keeps the weights (and AdamW's state) sharded in the model's dtype and computes in
+        compute_dtype (MixedPrecisionPolicy), reducing gradients in float32. Returns the trainable params as the
+        job holds them: FSDP's sharded parameters replace the model's."""
+        if self.kind == "none":
+            self.loss_fn = model.loss
+            return params
         if self.kind == "ddp":
             self.loss_fn = DistributedDataParallel(LossOf(model))
-            return
+            return params
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in model.layers:
             fully_shard(layer, mp_policy=policy)
         self.loss_fn = fully_shard(LossOf(model), mp_policy=policy)
+        return [p for p in model.parameters() if p.requires_grad]
 
     def full_state_dict(self, model: Transformer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The whole weights in dtype on rank 0's CPU (gathered from FSDP's shards), empty on the other ranks;
-        every rank must call it."""
+        """The whole weights in dtype: the model's own in one process; on rank 0's CPU (gathered from FSDP's
+        shards) in a data-parallel job, empty on the other ranks, and every rank must call it."""
+        if self.kind == "none":
+            return {k: v.to(dtype) for k, v in model.state_dict().items()}
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {k: v.to(dtype) for k, v in get_model_state_dict(model, options=options).items()}
 
@@ -102,16 +119,16 @@ def _rank_0_first(is_rank_0: bool) -> Iterator[None]:
         dist.barrier()
 
 
-def join(kind: str, batch_size: int, device: torch.device) -> Optional[Ranks]:
-    """This rank of torchrun's job (its process group joined: gloo on CPU, nccl on CUDA), or None when one
-    process trains (kind none, or not launched by torchrun). ValueError for a split that cannot work."""
+def join(kind: str, batch_size: int, device: torch.device) -> Ranks:
+    """This rank of torchrun's job (its process group joined: gloo on CPU, nccl on CUDA), or the one rank of a
+    process that trains alone (kind none, or not launched by torchrun). ValueError for a split that cannot work."""
     world_size = torchrun_world_size()
     if kind not in KINDS:
         raise ValueError(f"--distributed must be one of {', '.join(KINDS)}, got {kind!r}")
     if world_size > 1 and kind == "none":
         raise ValueError(f"launched by torchrun with {world_size} ranks: pass --distributed ddp or fsdp")
     if kind == "none" or "RANK" not in os.environ:
-        return None
+        return Ranks()
     if batch_size % world_size:
         raise ValueError(f"--batch_size {batch_size} rows must split evenly over {world_size} ranks")
     if not dist.is_initialized():

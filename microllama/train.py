@@ -18,9 +18,11 @@ step, log, save), with features as switches on it.
 import contextlib
 import json
 import math
+import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -35,7 +37,7 @@ from .data import Batch, Batches, Corpus, load_corpus, make_batch, pack, split_d
 from .files import atomic_dir, parse_dtype
 from .lora import adapter_state_dict, apply_lora, check_lora, merge_lora
 from .meta_layout import save_meta
-from .model import Transformer
+from .model import ModelArgs, Transformer
 from .tiny import cache_dir
 from .tokenizer import Tokenizer
 from .train_config import TrainConfig
@@ -47,23 +49,35 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class Summary:
-    steps: int
+    steps: int  # the run's steps so far, those of the runs it resumed included
+    max_steps: int
+    trained: int  # steps this call took: 0 when it resumed a run that had already finished
     seconds: float
     tokens_per_s: float
     peak_memory_gib: float
-    first_loss: Optional[float]
+    first_loss: Optional[float]  # the run's first and latest training loss (kept in its metrics.jsonl)
     last_loss: Optional[float]
-    first_eval_loss: Optional[float]
+    first_eval_loss: Optional[float]  # the run's first and latest held-out loss, and their steps
     last_eval_loss: Optional[float]
+    first_eval_step: Optional[int]
+    last_eval_step: Optional[int]
     final_dir: Optional[Path]
 
     def line(self) -> str:
-        losses = f"train loss {self.first_loss:.3f} -> {self.last_loss:.3f}" if self.first_loss is not None else ""
+        where = f"final weights in {self.final_dir} (Meta layout)"
+        if self.trained == 0:
+            return f"already finished: step {self.steps} of {self.max_steps}; {where}"
+        losses = [f"train loss {self.first_loss:.3f} -> {self.last_loss:.3f}"]
         if self.first_eval_loss is not None:
-            losses += f", held-out loss {self.first_eval_loss:.3f} -> {self.last_eval_loss:.3f}"
-        where = f"; final weights in {self.final_dir} (Meta layout)" if self.final_dir else ""
-        return (f"done: step {self.steps} in {self.seconds:.0f} s ({self.tokens_per_s:,.0f} tok/s, peak memory "
-                f"{self.peak_memory_gib:.2f} GiB): {losses}{where}")  # fmt: skip
+            since = (f" -> {self.last_eval_loss:.3f} at step {self.last_eval_step}"
+                     if self.last_eval_step != self.first_eval_step else ", none since")  # fmt: skip
+            losses.append(f"held-out loss {self.first_eval_loss:.3f} at step {self.first_eval_step}{since}")
+        if self.steps < self.max_steps:
+            status, end = f"stopped at step {self.steps} of {self.max_steps} (--stop_at; --resume goes on)", ""
+        else:
+            status, end = f"done: step {self.steps} of {self.max_steps}", f"; {where}"
+        return (f"{status} in {self.seconds:.0f} s ({self.tokens_per_s:,.0f} tok/s, peak memory "
+                f"{self.peak_memory_gib:.2f} GiB): {', '.join(losses)}{end}")  # fmt: skip
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -108,7 +122,7 @@ def step_loss(
 ) -> torch.Tensor:
     """This micro-batch's summed token losses over the whole step's target count: the step's loss is the sum
     of these, whatever the split into micro-batches (not the mean of per-micro-batch means). model: the
-    Transformer, or the Ranks whose loss runs it through DDP or FSDP."""
+    Transformer, or the Ranks whose loss runs it (through DDP or FSDP in a data-parallel job)."""
     total = model.loss(batch.tokens, batch.targets, documents=batch.documents, reduction="sum",
                        chunk_size=loss_chunk or None)  # fmt: skip
     return total / max(1, n_targets)
@@ -127,21 +141,19 @@ def train_step(
     """One optimizer step: step_loss's gradients accumulated over the micro-batches, the global norm clipped to
     cfg.grad_clip, AdamW at learning rate lr. Returns the step's loss and the gradient norm before clipping.
     A non-finite loss raises FloatingPointError before any weight changes. inspect_gradients is called once
-    the gradients are complete (the training goldens record them). ranks: data-parallel, each rank computing
-    its rows of every (global) micro-batch."""
+    the gradients are complete (the training goldens record them). ranks: the job's (wrapped), each rank
+    computing its rows of every (global) micro-batch; by default model trains alone."""
+    ranks = distributed.Ranks.alone(model) if ranks is None else ranks
     for group in optimizer.param_groups:
         group["lr"] = lr
     n_targets = sum(b.n_targets() for b in micro_batches)  # the whole step's: accumulation changes nothing
     loss = torch.zeros((), device=micro_batches[0].tokens.device)
     for batch in micro_batches:
-        if ranks is None:
-            micro_loss = step_loss(model, batch, n_targets, cfg.loss_chunk)
-            micro_loss.backward()
-        else:  # DDP and FSDP average the ranks' gradients: times world_size makes it their sum
-            micro_loss = step_loss(ranks, ranks.rows(batch), n_targets, cfg.loss_chunk)
-            (micro_loss * ranks.world_size).backward()
+        micro_loss = step_loss(ranks, ranks.rows(batch), n_targets, cfg.loss_chunk)
+        # DDP and FSDP average the ranks' gradients: times world_size makes it their sum (times 1 is exact).
+        (micro_loss * ranks.world_size).backward()
         loss += micro_loss.detach()
-    loss = (loss if ranks is None else ranks.sum(loss)).item()
+    loss = ranks.sum(loss).item()
     if not math.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite loss ({loss})")
@@ -156,16 +168,35 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(
-    model: Transformer, batches: list[Batch], cfg: TrainConfig, ranks: Optional[distributed.Ranks] = None
-) -> float:
+def evaluate(model: Transformer, ranks: distributed.Ranks, batches: list[Batch], cfg: TrainConfig) -> float:
     """Mean token loss over the held-out rows (dropout off); data-parallel, every rank computes all of them."""
     model.eval()
-    loss_fn = model.loss if ranks is None else ranks.loss
-    total = sum(loss_fn(b.tokens, b.targets, documents=b.documents, reduction="sum",
-                        chunk_size=cfg.loss_chunk or None).item() for b in batches)  # fmt: skip
+    total = sum(ranks.loss(b.tokens, b.targets, documents=b.documents, reduction="sum",
+                           chunk_size=cfg.loss_chunk or None).item() for b in batches)  # fmt: skip
     model.train()
     return total / max(1, sum(b.n_targets() for b in batches))
+
+
+def check_attention_memory(cfg: TrainConfig, args: ModelArgs, rows: int, dtype: torch.dtype) -> None:
+    """ValueError naming --max_seq_len when one micro-batch's attention cannot fit this machine's memory (CPU:
+    its RAM; CUDA: the device's), before anything is written: every step makes the packed documents' mask,
+    rows x max_seq_len^2 float32 values, and without --flash one layer's scores, n_heads times as many in dtype."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    per_value = 4 + (0 if cfg.flash else args.n_heads * dtype.itemsize)
+    need = rows * cfg.max_seq_len**2 * per_value
+    if need > total:
+        scores = "" if cfg.flash else f" and one layer's {args.n_heads} heads of scores"
+        raise ValueError(
+            f"--max_seq_len {cfg.max_seq_len}: the attention of {rows} rows of it (the documents' mask{scores}) "
+            f"needs at least {need / 2**30:,.0f} GiB, more than the {total / 2**30:,.0f} GiB of this {device.type}'s "
+            "memory; choose a smaller --max_seq_len or --batch_size"
+        )
 
 
 def run_record(cfg: TrainConfig, checkpoint: Checkpoint, corpus: Corpus, dtype: torch.dtype) -> dict[str, Any]:
@@ -185,16 +216,14 @@ def run_record(cfg: TrainConfig, checkpoint: Checkpoint, corpus: Corpus, dtype: 
 
 
 def export_final(
-    model: Transformer, checkpoint: Checkpoint, run_dir: Path, record: dict[str, Any],
-    state_dict: Optional[dict[str, torch.Tensor]] = None,
+    state_dict: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], checkpoint: Checkpoint, run_dir: Path,
+    record: dict[str, Any],
 ) -> Path:  # fmt: skip
-    """run_dir/final: the trained model in Meta's layout (adapters merged into their weights) with the run's
-    record; and for LoRA the adapters alone, run_dir/adapters.pth (microllama.lora.load_adapters reads them).
-    state_dict: the whole weights, gathered from a data-parallel run's ranks."""
-    adapters = adapter_state_dict(model)
+    """run_dir/final: the trained model's whole weights (adapters merged into them) in Meta's layout with the
+    run's record; and for LoRA the adapters alone, run_dir/adapters.pth (microllama.lora.load_adapters reads
+    them)."""
     if adapters:
         ckpts.save_adapters(run_dir, adapters)
-    state_dict = merge_lora(model).state_dict() if state_dict is None else state_dict
     with atomic_dir(run_dir / ckpts.FINAL, replace=True) as tmp:
         save_meta(state_dict, checkpoint.params, tmp)
         ckpts.write_record(tmp, record)
@@ -203,126 +232,225 @@ def export_final(
 
 def train(cfg: TrainConfig) -> Summary:
     """Run cfg: every check first (nothing is written before the data and model are known good), then the loop."""
-    cfg.check()
-    if cfg.mode == "lora":
-        check_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
-    dtype = parse_dtype(cfg.dtype) if cfg.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
-    ranks = distributed.join(cfg.distributed, cfg.batch_size, device)  # None: this process trains alone
-    is_main = ranks is None or ranks.is_rank_0  # the one that writes the run's files and prints
-    run_dir = Path(cfg.out_dir)
-    resumed = ckpts.load_checkpoint(run_dir) if cfg.resume else ckpts.check_new_run_dir(run_dir) if is_main else None
+    trainer = Trainer(cfg)
+    if trainer.finished:  # resumed at its last step, its final weights written
+        return trainer.summary()
+    trainer.build()  # the model, its trainable weights and AdamW; restored from the checkpoint on --resume
+    with trainer.progress(), trainer.failing_cleanly():
+        trainer.start()  # the run directory written (or truncated to the checkpoint); the held-out loss at step 0
+        while trainer.step < cfg.max_steps:
+            micro_batches = trainer.next_micro_batches()  # data
+            loss, grad_norm = trainer.train_step(micro_batches)  # forward, loss, backward, AdamW's step
+            trainer.log(micro_batches, loss, grad_norm)
+            trainer.evaluate_if_due()
+            trainer.save_if_due()
+            if trainer.step == cfg.stop_at:
+                break
+    return trainer.finish()  # the final weights at max_steps
 
-    # Data: tokenized once into the cache, a held-out split, rows packed per epoch in a seeded order.
-    checkpoint = open_checkpoint(cfg.ckpt_dir)
-    tokenizer = Tokenizer(cfg.tokenizer_path, checkpoint.dir)
-    with contextlib.nullcontext() if ranks is None else ranks.rank_0_first():  # one rank tokenizes
-        corpus = load_corpus(cfg.data, tokenizer, cache_dir() / "data")
-    train_docs, eval_docs = split_documents(len(corpus), cfg.eval_fraction, cfg.seed)
-    batches = Batches(corpus, train_docs, cfg.max_seq_len, cfg.batch_size, cfg.seed, tokenizer.pad_id)
-    packing = batches.packing(0)
-    eval_rows = pack(corpus.lengths(), eval_docs, cfg.max_seq_len).rows[: cfg.eval_rows]
-    eval_batches = [make_batch(corpus, eval_rows[i : i + cfg.batch_size], cfg.max_seq_len, tokenizer.pad_id)
-                    for i in range(0, len(eval_rows), cfg.batch_size)]  # fmt: skip
-    if is_main:
-        print(f"data: {len(train_docs):,} documents ({packing.tokens:,} tokens) in {len(packing.rows):,} rows of "
-              f"{cfg.max_seq_len} ({packing.tokens / (len(packing.rows) * cfg.max_seq_len):.0%} filled), "
-              f"{packing.n_split} split for being longer than a row; {len(eval_docs)} held out",
-              flush=True)  # fmt: skip
 
-    # Model: the checkpoint's weights in dtype (fsdp: float32, computing in dtype); what trains depends on the mode.
-    weights_dtype = torch.float32 if ranks is not None and ranks.kind == "fsdp" else dtype
-    model = checkpoint.load_model(cfg.max_seq_len, 1, device, weights_dtype, cfg.flash).train()
-    if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():
-        model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # a tied model trains untied
-    model.activation_checkpointing = cfg.activation_checkpointing
-    torch.manual_seed(cfg.seed)  # LoRA's initialisation, then dropout
-    params = select_trainable(model, cfg)
-    if ranks is not None:
-        ranks.wrap(model, dtype)
-        params = [p for p in model.parameters() if p.requires_grad]  # FSDP's sharded parameters replace them
-    optimizer = make_optimizer(params, cfg, device)
-    record = run_record(cfg, checkpoint, corpus, dtype)
+class Trainer:
+    """One run of a TrainConfig on this process's rank of the job (the one rank of a process that trains alone):
+    its data, model, AdamW and run directory, and the run's history of losses. Rank 0 writes the run's files and
+    prints; every rank computes and saves its part."""
 
-    step = saved_step = targets_seen = 0
-    if resumed:
-        state, saved_record = resumed
-        ckpts.check_resumable(saved_record, record, run_dir / ckpts.CHECKPOINT)
+    def __init__(self, cfg: TrainConfig):
+        """Every check, the data and what a resume starts from; nothing written yet."""
+        cfg.check()
+        if cfg.mode == "lora":
+            check_lora(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        self.cfg, self.device, self.run_dir = cfg, torch.device(cfg.device), Path(cfg.out_dir)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        default_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype
+        self.ranks = distributed.join(cfg.distributed, cfg.batch_size, self.device)
+        self.checkpoint = open_checkpoint(cfg.ckpt_dir)
+        check_attention_memory(cfg, self.checkpoint.args, cfg.batch_size // self.ranks.world_size, self.dtype)
+        resumed = ckpts.load_checkpoint(self.run_dir) if cfg.resume else None
+        if resumed is None and self.ranks.is_rank_0:
+            ckpts.check_new_run_dir(self.run_dir)
+        self.load_data()
+        self.record = run_record(cfg, self.checkpoint, self.corpus, self.dtype)
+        self.resumed = resumed is not None
+        self.state: Optional[ckpts.TrainState] = None  # what build restores, then drops (a copy of the weights)
+        self.step = self.saved_step = self.targets_seen = 0
+        self.losses: list[float] = []  # the run's, from its first step
+        self.eval_losses: list[tuple[int, float]] = []  # (step, held-out loss)
+        if resumed is not None:
+            self.state, saved_record = resumed
+            ckpts.check_resumable(saved_record, self.record, self.run_dir / ckpts.CHECKPOINT)
+            self.step = self.saved_step = self.state.step
+            self.targets_seen = self.state.targets_seen
+            self.batches.position = self.state.data
+            self.read_history()
+        self.finished = self.step == self.cfg.max_steps and (self.run_dir / ckpts.FINAL).is_dir()
+        self.start_time, self.tokens, self.trained = time.perf_counter(), 0, 0  # start_time: reset by start
+
+    def load_data(self) -> None:
+        """Tokenized once into the cache (by rank 0, then read by the others), a held-out split, rows packed per
+        epoch in a seeded order."""
+        cfg = self.cfg
+        self.tokenizer = Tokenizer(cfg.tokenizer_path, self.checkpoint.dir)
+        with self.ranks.rank_0_first():
+            self.corpus = load_corpus(cfg.data, self.tokenizer, cache_dir() / "data")
+        self.train_docs, self.eval_docs = split_documents(len(self.corpus), cfg.eval_fraction, cfg.seed)
+        pad_id = self.tokenizer.pad_id
+        self.batches = Batches(self.corpus, self.train_docs, cfg.max_seq_len, cfg.batch_size, cfg.seed, pad_id)
+        eval_rows = pack(self.corpus.lengths(), self.eval_docs, cfg.max_seq_len).rows[: cfg.eval_rows]
+        self.eval_batches = [make_batch(self.corpus, eval_rows[i : i + cfg.batch_size], cfg.max_seq_len, pad_id)
+                             for i in range(0, len(eval_rows), cfg.batch_size)]  # fmt: skip
+
+    def read_history(self) -> None:
+        """The losses of the steps the checkpoint holds, from the run's metrics.jsonl."""
+        kept = [m for m in ckpts.read_metrics(self.run_dir) if m["step"] <= self.step]
+        self.losses = [m["loss"] for m in kept if "loss" in m]
+        self.eval_losses = [(m["step"], m["eval_loss"]) for m in kept if "eval_loss" in m]
+
+    def build(self) -> None:
+        """The checkpoint's weights in dtype (fsdp: float32, computing in dtype); what trains depends on the mode;
+        AdamW; on --resume, the checkpoint's weights, AdamW state and random states."""
+        cfg, packing = self.cfg, self.batches.packing(0)
+        if self.ranks.is_rank_0:
+            print(f"data: {len(self.train_docs):,} documents ({packing.tokens:,} tokens) in {len(packing.rows):,} "
+                  f"rows of {cfg.max_seq_len} ({packing.tokens / (len(packing.rows) * cfg.max_seq_len):.0%} "
+                  f"filled), {packing.n_split} split for being longer than a row; {len(self.eval_docs)} held out",
+                  flush=True)  # fmt: skip
+        weights_dtype = torch.float32 if self.ranks.kind == "fsdp" else self.dtype
+        model = self.checkpoint.load_model(cfg.max_seq_len, 1, self.device, weights_dtype, cfg.flash).train()
+        if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():
+            model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # a tied model trains untied
+        model.activation_checkpointing = cfg.activation_checkpointing
+        torch.manual_seed(cfg.seed)  # LoRA's initialisation, then dropout
+        self.model, self.params = model, self.ranks.wrap(model, self.dtype, select_trainable(model, cfg))
+        self.optimizer = make_optimizer(self.params, cfg, self.device)
+        if self.state is not None:
+            self.restore(self.state)
+            self.state = None
+
+    def restore(self, state: ckpts.TrainState) -> None:
         if state.dcp is not None:  # saved by a data-parallel run, at any world size
-            ckpts.load_sharded_weights(state.dcp, model, optimizer)
-        elif ranks is not None and ranks.kind == "fsdp":
-            raise ckpts.TrainCheckpointError(f"{run_dir / ckpts.CHECKPOINT} was saved by one process: resume it so")
+            ckpts.load_sharded_weights(state.dcp, self.model, self.optimizer)
+        elif self.ranks.kind == "fsdp":
+            where = self.run_dir / ckpts.CHECKPOINT
+            raise ckpts.TrainCheckpointError(f"{where} was saved by one process: resume it so, or under ddp")
         else:
-            model.load_state_dict(state.weights, strict=False)
-            optimizer.load_state_dict(state.optimizer)
+            self.model.load_state_dict(state.weights, strict=False)
+            self.optimizer.load_state_dict(state.optimizer)
         ckpts.restore_rng(state.rng)
-        batches.position, step, saved_step, targets_seen = state.data, state.step, state.step, state.targets_seen
-        if is_main:
-            ckpts.truncate_metrics(run_dir, step)
-    elif is_main:
-        ckpts.start_run_dir(run_dir, record)
-    metrics = open(run_dir / ckpts.METRICS, "a") if is_main else None
 
-    def log(**values: Any) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(values) + "\n")
-            metrics.flush()
+    @contextlib.contextmanager
+    def progress(self) -> Iterator[None]:
+        """A progress bar on rank 0, ended (its line finished) however the loop ends, errors included."""
+        with tqdm(total=self.cfg.max_steps, initial=self.step, desc=f"train ({self.cfg.mode})", unit="step",
+                  dynamic_ncols=True, disable=not self.ranks.is_rank_0) as self.bar:  # fmt: skip
+            yield
 
-    losses, eval_losses = [], []
-    if eval_batches and step == 0:
-        eval_losses.append(evaluate(model, eval_batches, cfg, ranks))
-        log(step=0, eval_loss=eval_losses[-1])
-    start, tokens = time.perf_counter(), 0
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train ({cfg.mode})", unit="step", dynamic_ncols=True,
-               disable=not is_main)  # fmt: skip
-    while step < cfg.max_steps:
-        lr = lr_at(step, cfg)
-        micro_batches = [batches.next_batch().to(device) for _ in range(cfg.grad_accum)]
+    @contextlib.contextmanager
+    def failing_cleanly(self) -> Iterator[None]:
+        """A non-finite loss or running out of memory becomes a TrainingError that says what the run directory
+        holds and how to go on from it."""
         try:
-            loss, grad_norm = train_step(model, params, optimizer, micro_batches, lr, cfg, ranks=ranks)
-        except FloatingPointError as e:
-            kept = f"the last good checkpoint, of step {saved_step}, is in {run_dir / ckpts.CHECKPOINT}" if saved_step \
-                else "no checkpoint had been saved"  # fmt: skip
-            raise TrainingError(f"{e} at step {step + 1}: training stopped before updating the weights; "
-                                f"{kept}") from None  # fmt: skip
-        n_targets = sum(b.n_targets() for b in micro_batches)
-        step, targets_seen = step + 1, targets_seen + n_targets
+            yield
+        except FloatingPointError as e:  # train_step's, raised before the weights change
+            raise TrainingError(f"{e} at step {self.step + 1}: training stopped before updating the weights; "
+                                f"{self.kept()}") from None  # fmt: skip
+        except RuntimeError as e:  # torch.OutOfMemoryError; torch's CPU allocator raises a plain RuntimeError
+            if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)):
+                raise
+            raise TrainingError(f"out of memory after step {self.step} ({str(e).splitlines()[0]}); "
+                                f"{self.kept()}") from None  # fmt: skip
 
-        tokens += sum(b.tokens.numel() for b in micro_batches)
-        tokens_per_s, memory = tokens / (time.perf_counter() - start), peak_memory_gib(device)
-        losses.append(loss)
-        log(step=step, loss=loss, lr=lr, grad_norm=grad_norm, targets=n_targets, tokens_per_s=round(tokens_per_s, 1),
-            peak_memory_gib=round(memory, 3))  # fmt: skip
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mem=f"{memory:.2f}G")
-        bar.update()
-        if eval_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
-            eval_losses.append(evaluate(model, eval_batches, cfg, ranks))
-            log(step=step, eval_loss=eval_losses[-1])
-            bar.write(f"step {step}: held-out loss {eval_losses[-1]:.4f}")
-        if (cfg.save_every and step % cfg.save_every == 0) or step in (cfg.max_steps, cfg.stop_at):
-            if ranks is None:
-                state = ckpts.TrainState(step, trainable_state(model), optimizer.state_dict(), batches.position,
-                                         targets_seen, ckpts.capture_rng())  # fmt: skip
-                ckpts.save_checkpoint(run_dir, state, record)
+    def kept(self) -> str:
+        if self.saved_step:
+            return (f"the last good checkpoint, of step {self.saved_step}, is in {self.run_dir / ckpts.CHECKPOINT}: "
+                    "--resume continues from it")  # fmt: skip
+        return f"no checkpoint had been saved: run the same command without --resume to start again in {self.run_dir}"
+
+    def start(self) -> None:
+        if self.ranks.is_rank_0:
+            if not self.resumed:
+                ckpts.start_run_dir(self.run_dir, self.record)
             else:
-                state = ckpts.TrainState(step, {}, {}, batches.position, targets_seen, ckpts.capture_rng())
-                ckpts.save_sharded_checkpoint(run_dir, state, record, model, optimizer, ranks.is_rank_0)
-            saved_step = step
-        if step == cfg.stop_at:
-            break
-    bar.close()
-    if metrics is not None:
-        metrics.close()
+                ckpts.truncate_metrics(self.run_dir, self.step)
+        self.metrics = open(self.run_dir / ckpts.METRICS if self.ranks.is_rank_0 else os.devnull, "a")
+        if self.eval_batches and self.step == 0:
+            self.evaluate()
+        self.start_time = time.perf_counter()
 
-    final = None
-    if step == cfg.max_steps:
-        whole = None if ranks is None else ranks.full_state_dict(model, dtype)  # every rank takes part
-        final = export_final(model, checkpoint, run_dir, record, whole) if is_main else None
-    seconds = time.perf_counter() - start
-    first_last = [x for values in (losses, eval_losses) for x in ((values[0], values[-1]) if values else (None, None))]
-    return Summary(step, seconds, tokens / max(seconds, 1e-9), peak_memory_gib(device), *first_last, final)
+    def next_micro_batches(self) -> list[Batch]:
+        return [self.batches.next_batch().to(self.device) for _ in range(self.cfg.grad_accum)]
+
+    def train_step(self, micro_batches: list[Batch]) -> tuple[float, float]:
+        self.lr = lr_at(self.step, self.cfg)
+        loss, grad_norm = train_step(self.model, self.params, self.optimizer, micro_batches, self.lr, self.cfg,
+                                     ranks=self.ranks)  # fmt: skip
+        self.step, self.trained = self.step + 1, self.trained + 1
+        self.targets_seen += sum(b.n_targets() for b in micro_batches)
+        self.losses.append(loss)
+        return loss, grad_norm
+
+    def write_metrics(self, **values: Any) -> None:
+        self.metrics.write(json.dumps(values) + "\n")
+        self.metrics.flush()
+
+    def log(self, micro_batches: list[Batch], loss: float, grad_norm: float) -> None:
+        """The step's line of metrics.jsonl, and the progress bar's."""
+        self.tokens += sum(b.tokens.numel() for b in micro_batches)
+        tokens_per_s, memory = self.tokens / (time.perf_counter() - self.start_time), peak_memory_gib(self.device)
+        self.write_metrics(step=self.step, loss=loss, lr=self.lr, grad_norm=grad_norm,
+                           targets=sum(b.n_targets() for b in micro_batches), tokens_per_s=round(tokens_per_s, 1),
+                           peak_memory_gib=round(memory, 3))  # fmt: skip
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                             mem=f"{memory:.2f}G")  # fmt: skip
+        self.bar.update()
+
+    def evaluate(self) -> None:
+        self.eval_losses.append((self.step, evaluate(self.model, self.ranks, self.eval_batches, self.cfg)))
+        self.write_metrics(step=self.step, eval_loss=self.eval_losses[-1][1])
+
+    def evaluate_if_due(self) -> None:
+        """Every eval_every steps, and at max_steps."""
+        every = self.cfg.eval_every
+        if self.eval_batches and ((every and self.step % every == 0) or self.step == self.cfg.max_steps):
+            self.evaluate()
+            self.bar.write(f"step {self.step}: held-out loss {self.eval_losses[-1][1]:.4f}")
+
+    def save_if_due(self) -> None:
+        """Every save_every steps, at max_steps and at stop_at: one process's state.pth, or a data-parallel
+        job's torch.distributed.checkpoint written by every rank."""
+        cfg = self.cfg
+        if not ((cfg.save_every and self.step % cfg.save_every == 0) or self.step in (cfg.max_steps, cfg.stop_at)):
+            return
+        if self.ranks.kind == "none":
+            state = ckpts.TrainState(self.step, trainable_state(self.model), self.optimizer.state_dict(),
+                                     self.batches.position, self.targets_seen, ckpts.capture_rng())  # fmt: skip
+            ckpts.save_checkpoint(self.run_dir, state, self.record)
+        else:
+            state = ckpts.TrainState(self.step, {}, {}, self.batches.position, self.targets_seen, ckpts.capture_rng())
+            ckpts.save_sharded_checkpoint(self.run_dir, state, self.record, self.model, self.optimizer,
+                                          self.ranks.is_rank_0)  # fmt: skip
+        self.saved_step = self.step
+
+    def finish(self) -> Summary:
+        """At max_steps, the final weights (gathered from every rank, written by rank 0); the summary."""
+        self.metrics.close()
+        if self.step == self.cfg.max_steps:
+            adapters = adapter_state_dict(self.model)
+            whole = self.ranks.full_state_dict(merge_lora(self.model), self.dtype)  # every rank takes part
+            if self.ranks.is_rank_0:
+                export_final(whole, adapters, self.checkpoint, self.run_dir, self.record)
+        return self.summary()
+
+    def summary(self) -> Summary:
+        seconds = time.perf_counter() - self.start_time
+        (first_step, first_eval), (last_step, last_eval) = (self.eval_losses[0], self.eval_losses[-1]) \
+            if self.eval_losses else ((None, None), (None, None))  # fmt: skip
+        first_loss, last_loss = (self.losses[0], self.losses[-1]) if self.losses else (None, None)
+        final = self.run_dir / ckpts.FINAL if self.step == self.cfg.max_steps else None
+        return Summary(self.step, self.cfg.max_steps, self.trained, seconds, self.tokens / max(seconds, 1e-9),
+                       peak_memory_gib(self.device), first_loss, last_loss, first_eval, last_eval, first_step,
+                       last_step, final)  # fmt: skip
 
 
 def plot(run_dir: str) -> Path:

@@ -124,6 +124,9 @@ def load_sharded_weights(path: Path, model: nn.Module, optimizer: torch.optim.Op
 def load_checkpoint(run_dir: Path) -> tuple[TrainState, dict[str, Any]]:
     """The state and the record of run_dir's last checkpoint."""
     path = run_dir / CHECKPOINT / "state.pth"
+    if not path.is_file() and saved_nothing(run_dir):
+        raise TrainCheckpointError(f"nothing to resume: the run in {run_dir} saved no checkpoint; run the same "
+                                   "command without --resume to start it again there")  # fmt: skip
     if not path.is_file():
         raise TrainCheckpointError(f"nothing to resume: {path} not found (the run saved no checkpoint)")
     try:
@@ -206,20 +209,27 @@ def files_fingerprint(files: list[Path]) -> str:
 
 
 def check_new_run_dir(run_dir: Path) -> None:
-    """TrainCheckpointError unless run_dir is absent or empty: another run's files are never touched."""
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        what = "holds another run" if (run_dir / RECORD).is_file() else "is not an empty directory"
-        raise TrainCheckpointError(
-            f"--out_dir {run_dir} {what}: pass --resume to continue it, or choose another --out_dir"
-        )
+    """TrainCheckpointError unless run_dir is absent, empty, or a run that saved no checkpoint (a failed or
+    killed start, which a new run replaces): another run's checkpoints are never touched."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainCheckpointError(f"--out_dir {run_dir} is a file: name a directory (absent or empty)")
+    if not run_dir.exists() or not any(run_dir.iterdir()) or saved_nothing(run_dir):
+        return
+    what = "holds another run" if (run_dir / RECORD).is_file() else "is not an empty directory"
+    raise TrainCheckpointError(f"--out_dir {run_dir} {what}: pass --resume to continue it, or choose another --out_dir")
+
+
+def saved_nothing(run_dir: Path) -> bool:
+    """Whether run_dir holds a run that stopped before its first checkpoint: nothing to resume or to keep."""
+    return (run_dir / RECORD).is_file() and not any((run_dir / name).exists() for name in (CHECKPOINT, FINAL, ADAPTERS))
 
 
 def start_run_dir(run_dir: Path, record: dict[str, Any]) -> None:
-    """Create run_dir for a new run, with its record and an empty metrics.jsonl."""
+    """Create run_dir for a new run (or start one again there), with its record and an empty metrics.jsonl."""
     check_new_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_record(run_dir, record)
-    (run_dir / METRICS).touch()
+    (run_dir / METRICS).write_text("")
 
 
 def read_metrics(run_dir: Union[str, Path]) -> list[dict[str, Any]]:
@@ -231,6 +241,9 @@ def read_metrics(run_dir: Union[str, Path]) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Forget metrics of steps after `step`: a resume from there writes them again."""
+    """Forget metrics of steps after `step` (a resume from there writes them again), replacing the file
+    atomically: an interrupted truncation loses nothing, and other ranks reading it see the old or the new."""
     kept = [m for m in read_metrics(run_dir) if m["step"] <= step]
-    (run_dir / METRICS).write_text("".join(json.dumps(m) + "\n" for m in kept))
+    tmp = run_dir / f".{METRICS}.partial-{os.getpid()}"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    os.replace(tmp, run_dir / METRICS)

@@ -14,7 +14,7 @@ class TrainConfig:
     """A training run. The resolved configuration is written beside every checkpoint the run saves."""
 
     data: str  # a .txt or .jsonl file, or a directory of them (see microllama.data)
-    out_dir: str = "runs/train"  # checkpoints, metrics.jsonl and the final weights; must not hold another run
+    out_dir: str = "runs/train"  # checkpoints, metrics and final weights; must not hold another run that saved one
     ckpt_dir: Optional[str] = None  # the model to start from: a directory or a tiny checkpoint's name (default tiny)
     mode: str = "full"  # full: every weight trains; lora: adapters only; norms: RMSNorm weights only
     lora_rank: int = 8

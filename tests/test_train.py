@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from microllama import train as trainer_module
 from microllama.checkpoint import open_checkpoint
 from microllama.cli import main as cli_main
 from microllama.generation import Llama
@@ -27,6 +28,11 @@ SMALL = dict(data=CORPUS, max_seq_len=32, batch_size=1, max_steps=4, warmup_step
 TIMING = ("tokens_per_s", "peak_memory_gib")
 
 pytestmark = pytest.mark.usefixtures("tokenizer")
+
+
+def flags(settings: dict) -> list[str]:
+    """settings as `microllama train` flags (data first)."""
+    return [settings["data"], *(f"--{k}={v}" for k, v in settings.items() if k != "data")]
 
 
 def metrics_without_timing(run_dir: Path) -> list[dict]:
@@ -111,7 +117,9 @@ def test_an_out_dir_holding_another_run_is_refused_unless_resuming(tmp_path):
      (dict(mode="half"), "--mode must be one of full, lora, norms"),
      (dict(stop_at=9), r"--stop_at must be a step from 1 to --max_steps \(4\)"),
      (dict(device="cuda"), "cuda"),
-     (dict(eval_fraction=0.5, data=None), "too few to hold out")],
+     (dict(eval_fraction=0.5, data=None), "too few to hold out"),
+     (dict(max_seq_len=10_000_000), r"--max_seq_len 10000000: the attention of 1 rows of it .* needs at least "
+                                    r"[\d,]+ GiB, more than the [\d,]+ GiB of this cpu's memory")],
 )  # fmt: skip
 def test_bad_settings_are_one_clear_error_before_anything_is_written(tmp_path, changes, message):
     if changes.get("device") == "cuda" and torch.cuda.is_available():
@@ -132,6 +140,89 @@ def test_a_non_finite_loss_stops_naming_the_step_and_keeps_the_last_good_checkpo
         train(TrainConfig(out_dir=str(run), **{**SMALL, "lr": 1e30, "min_lr": 1e30, "save_every": 1}))
     state, _ = load_checkpoint(run)
     assert state.step == 1 and not (run / "final").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_refused_as_a_file(tmp_path):
+    (tmp_path / "run").write_text("notes\n")
+    with pytest.raises(TrainCheckpointError, match=rf"--out_dir {tmp_path / 'run'} is a file: name a directory"):
+        train(TrainConfig(out_dir=str(tmp_path / "run"), **SMALL))
+    assert (tmp_path / "run").read_text() == "notes\n"
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_is_run_again_into_the_same_out_dir(tmp_path):
+    """Nothing to resume, nothing to keep: the error says so, --resume says to run it again without it, and the
+    same out_dir takes a new run, whose metrics.jsonl holds its own steps only."""
+    run, failing = tmp_path / "run", {**SMALL, "lr": 1e30, "min_lr": 1e30}
+    rerun = r"no checkpoint had been saved: run the same command without --resume to start again in "
+    with pytest.raises(TrainingError, match=rf"non-finite loss \(nan\) at step 2: .*; {rerun}{run}$"):
+        train(TrainConfig(out_dir=str(run), **failing))
+    rerun = "saved no checkpoint; run the same command without --resume to start it again there"
+    with pytest.raises(TrainCheckpointError, match=rf"nothing to resume: the run in {run} {rerun}"):
+        train(TrainConfig(out_dir=str(run), resume=True, **failing))
+    summary = train(TrainConfig(out_dir=str(run), **SMALL))
+    assert summary.final_dir == run / "final" and [m["step"] for m in read_metrics(run)] == [0, 1, 2, 2, 3, 4, 4]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 4000000000000000 bytes. Error code 12 (Cannot allocate memory)")],
+    ids=["cuda", "cpu"],
+)  # fmt: skip
+def test_running_out_of_memory_names_the_last_good_checkpoint_and_resume_goes_on_from_it(tmp_path, monkeypatch, error):
+    run, real_train_step, steps = tmp_path / "run", trainer_module.train_step, []
+
+    def out_of_memory_in_step_3(*args, **kwargs):
+        if len(steps) == 2:
+            raise error
+        steps.append(real_train_step(*args, **kwargs))
+        return steps[-1]
+
+    monkeypatch.setattr(trainer_module, "train_step", out_of_memory_in_step_3)
+    with pytest.raises(TrainingError, match=rf"^out of memory after step 2 \({re.escape(str(error))}\); the last good "
+                                            rf"checkpoint, of step 2, is in {run / 'checkpoint'}: --resume continues "
+                                            "from it$"):  # fmt: skip
+        train(TrainConfig(out_dir=str(run), **{**SMALL, "save_every": 2}))
+    monkeypatch.undo()
+    summary = train(TrainConfig(out_dir=str(run), resume=True, **{**SMALL, "save_every": 2}))
+    assert summary.steps == 4 and summary.final_dir == run / "final"
+
+
+def test_summaries_say_a_stopped_run_is_unfinished_give_a_resumed_run_whole_history_and_a_finished_one_one_line(
+    tmp_path, capsys
+):
+    """Stopped: "stopped at step k of n", the held-out loss of step 0 and none since (evaluations come every
+    --eval_every steps and at the end, not at a stop). Resumed: the run's first losses, kept in metrics.jsonl,
+    not the resumed process's. Resumed when already finished: one line, exit status 0."""
+    run = tmp_path / "run"
+    stopped = train(TrainConfig(out_dir=str(run), stop_at=1, **SMALL))
+    first_eval = read_metrics(run)[0]["eval_loss"]
+    assert re.fullmatch(r"stopped at step 1 of 4 \(--stop_at; --resume goes on\) in \d+ s \(.*\): train loss "
+                        rf"{stopped.first_loss:.3f} -> {stopped.first_loss:.3f}, held-out loss {first_eval:.3f} at "
+                        "step 0, none since", stopped.line())  # fmt: skip
+    resumed = train(TrainConfig(out_dir=str(run), resume=True, **SMALL))
+    metrics = read_metrics(run)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    evals = [(m["step"], m["eval_loss"]) for m in metrics if "eval_loss" in m]
+    assert (resumed.first_loss, resumed.last_loss) == (losses[0], losses[-1]) == (stopped.first_loss, losses[3])
+    assert (resumed.first_eval_step, resumed.first_eval_loss) == evals[0] == (0, first_eval)
+    assert (resumed.last_eval_step, resumed.last_eval_loss) == evals[-1] and evals[-1][0] == 4
+    assert re.fullmatch(rf"done: step 4 of 4 in \d+ s \(.*\): train loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+                        rf"held-out loss {first_eval:.3f} at step 0 -> {evals[-1][1]:.3f} at step 4; final weights in "
+                        rf"{re.escape(str(run / 'final'))} \(Meta layout\)", resumed.line())  # fmt: skip
+    capsys.readouterr()
+    cli_main(["train", *flags(SMALL), f"--out_dir={run}", "--resume"])  # returns: exit status 0
+    out, err = capsys.readouterr()
+    assert (out, err) == (f"already finished: step 4 of 4; final weights in {run / 'final'} (Meta layout)\n", "")
+
+
+def test_an_error_during_training_starts_its_own_line_after_the_progress_bar(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["train", *flags({**SMALL, "lr": 1e30, "min_lr": 1e30}), f"--out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "train (full):" in err  # the bar was drawn, then the error
+    assert err.endswith("\n") and "\nmicrollama: error: non-finite loss (nan) at step 2: " in err, err
 
 
 def test_command_line_errors_are_one_line(tmp_path, capsys):
