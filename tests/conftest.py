@@ -44,10 +44,39 @@ def run_torchrun(world_size: int, script: str, *args: str, timeout: int = 600) -
 REFERENCE_REASON = "needs Meta's reference code: pip install -e '.[reference]' (llama-models==0.3.0, fairscale)"
 
 
+# The quick tier (`pytest -m quick`, about a minute on 2 cores): what a refactor most often breaks, checked where it
+# shows first. The model against Meta's live in-process and the layer laws (shapes, masks, cache, RoPE, GQA,
+# sizing, norms), generation and tokenizer and chat format against their corpora, two golden sets bit for bit
+# (float32 and bfloat16: every capture point, completions, chat replies), one training golden (4 AdamW steps),
+# and the import graph. The property tests run at QUICK_EXAMPLES examples each. The full suite adds the other
+# golden sets and tensor-parallel ranks, checkpoints and their layouts, the CLI and tools, training runs, resume and
+# ranks, the compiled path, and the golden format's own laws.
+QUICK_FILES = ["test_model.py", "test_parity.py", "test_generation.py", "test_tokenizer.py", "test_chat_format.py",
+               "test_prop_batching.py", "test_prop_gqa.py", "test_prop_kv_cache.py", "test_prop_rope_scaling.py",
+               "test_prop_rotary.py", "test_prop_sizing_norms.py", "test_prop_tokenizer.py"]  # fmt: skip
+QUICK_TESTS = [
+    "test_goldens.py::test_microllama_reproduces_golden_set[tiny-fp32-cpu-ws1-native]",
+    "test_goldens.py::test_microllama_reproduces_golden_set[tiny-bf16-cpu-ws1-native]",
+    "test_training_goldens.py::test_microllamas_trainer_reproduces_metas_fine_tune[train-tiny-fp32-cpu-ws1-native]",
+    "test_checkpoint.py::test_package_import_graph_has_no_cycle",
+]
+QUICK_EXAMPLES = 5
+
+
+def pytest_configure(config):
+    if "quick" in (config.option.markexpr or ""):
+        settings.register_profile("quick", parent=settings.get_profile("fast"), max_examples=QUICK_EXAMPLES)
+        settings.load_profile("quick")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by the marks added here
 def pytest_collection_modifyitems(config, items):
     skip_reference = pytest.mark.skip(reason=REFERENCE_REASON)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; torch.cuda.is_available() is False")
     for item in items:
+        where = item.nodeid.removeprefix("tests/")
+        if "slow" not in item.keywords and (where.split("::")[0] in QUICK_FILES or where in QUICK_TESTS):
+            item.add_marker(pytest.mark.quick)
         if "reference" in item.keywords and not HAVE_REFERENCE:
             item.add_marker(skip_reference)
         if "gpu" in item.keywords and not torch.cuda.is_available():
