@@ -180,3 +180,42 @@ def test_optimizer_settings_of_the_recording_are_the_trainers():
     optimizer = trainers_optimizer([torch.nn.Parameter(torch.ones(2, 2))], cfg, torch.device("cpu"))
     assert optimizer.defaults["eps"] == m.optimization.eps and optimizer.defaults["fused"] is True
     assert m.optimization.optimizer == "torch.optim.AdamW(fused=True)"
+
+
+def test_verify_all_checks_every_set_in_a_directory_and_fails_naming_the_sets_that_fail(tmp_path, capsys):
+    """One row per set, one verdict: a damaged set is a failed row (its one-line reason first), the others are
+    still checked, and the exit status is 1."""
+    for name in ("train-tiny-fp32-cpu-ws1", "train-tiny-bf16-cpu-ws2"):
+        shutil.copytree(GOLDENS / name, tmp_path / name)
+    cli_main(["verify", str(tmp_path), "--all"])
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in out[1:3]}
+    assert out[0].split()[:3] == ["set", "kind", "check"] and sorted(rows) == sorted(p.name for p in tmp_path.iterdir())
+    assert all(row[1] == "training" and row[-1] == "pass" for row in rows.values())
+    assert out[-1] == "verdict: pass (2 sets)"
+    damaged = tmp_path / "train-tiny-bf16-cpu-ws2" / "batch.npz"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["verify", str(tmp_path), "--all"])
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"golden set {tmp_path / 'train-tiny-bf16-cpu-ws2'}: " + out[-2].split(": ", 1)[1]  # its report
+    header = next(i for i, line in enumerate(out) if line.startswith("set "))
+    verdicts = {line.split()[0]: line.split()[-1] for line in out[header + 1 : header + 3]}
+    assert verdicts == {"train-tiny-bf16-cpu-ws2": "FAIL", "train-tiny-fp32-cpu-ws1": "pass"}
+    assert out[-1] == "verdict: FAIL: 1 of 2 sets (train-tiny-bf16-cpu-ws2)"
+    assert any(line.startswith("train-tiny-bf16-cpu-ws2: ") and "batch.npz: sha256 mismatch" in line for line in out)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["verify"], "verify needs GOLDEN_DIR (a golden or training set), or --all"),
+     (["verify", "--all", "--compile"], "--compile is for one set"),
+     (["verify", "/nonexistent/sets", "--all"], "/nonexistent/sets: not a directory of golden sets")],
+)  # fmt: skip
+def test_verify_refuses_what_it_cannot_do_in_one_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
