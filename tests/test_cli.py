@@ -10,7 +10,8 @@ from typing import Optional
 import pytest
 
 from microllama import Llama, tiny
-from microllama.cli import main, run
+from microllama.cli import main
+from microllama.flags import run
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Clearly, the meaning of life is"
