@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from . import cli, distributed
+from . import distributed
 from . import train_checkpoint as ckpts
 from .checkpoint import Checkpoint, open_checkpoint
 from .data import Batch, Batches, Corpus, load_corpus, make_batch, pack, split_documents
@@ -480,10 +480,7 @@ def plot(run_dir: str) -> Path:
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m microllama.train ...`: the same flags and checks as `microllama train`."""
-    cli.run(cli.train, argv, "python -m microllama.train")
+if __name__ == "__main__":  # python -m microllama.train
+    from .train_command import main
 
-
-if __name__ == "__main__":
     main()

@@ -111,8 +111,8 @@ def test_package_import_graph_has_no_cycle():
 
 
 def test_only_the_command_line_imports_inside_functions():
-    """Function-level imports would hide a cycle; cli.py defers its imports so that --help is fast."""
-    assert {m for m, (_, inner) in _package_imports().items() if inner} <= {"cli"}
+    """Function-level imports would hide a cycle; the command lines defer theirs so that --help is fast."""
+    assert {m for m, (_, inner) in _package_imports().items() if inner} <= {"cli", "train", "train_command"}
 
 
 def test_no_module_shares_a_name_with_a_repository_folder():

@@ -10,8 +10,9 @@ from typing import Optional
 
 import pytest
 
-from microllama import Llama, cli, tiny
-from microllama.cli import COMMANDS, _param_named, main, run
+from microllama import Llama, flags, tiny
+from microllama.cli import COMMANDS, main
+from microllama.flags import _param_named, run
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Clearly, the meaning of life is"
@@ -323,7 +324,7 @@ def test_run_takes_fires_spellings_and_keeps_text_as_text(argv, expected):
 @pytest.mark.parametrize("rank", ["0", "1", "2"])
 def test_under_torchrun_rank_0_alone_says_the_error_and_every_rank_exits_1(rank, monkeypatch, capsys):
     monkeypatch.setenv("RANK", rank)
-    monkeypatch.setattr(cli, "QUIET_RANK_WAIT_S", 0)
+    monkeypatch.setattr(flags, "QUIET_RANK_WAIT_S", 0)
     status, out, err = run_main(capsys, "generate", "--temperature", "-1")
     assert status == 1 and out == ""
     if rank == "0":

@@ -1,4 +1,4 @@
-"""The scripts in tools/ have microllama's command line (microllama.cli.run): --help works, arguments are
+"""The scripts in tools/ have microllama's command line (microllama.flags.run): --help works, arguments are
 checked against the signature before any work, and every error is one line `SCRIPT: error: ...`, status 1."""
 
 import re
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from microllama import cli
+from microllama import cli, flags
 from tools import bench_decode, bench_load, record_goldens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_script_runs_from_anywhere_with_one_line_errors(script, args, status, me
 def test_script_argument_errors_are_one_line_before_any_work(commands, args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        cli.run(commands, args, "script.py")
+        flags.run(commands, args, "script.py")
     assert exit_info.value.code == 1
     captured = capsys.readouterr()
     assert captured.out == "" and list(tmp_path.iterdir()) == []

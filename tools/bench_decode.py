@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from this checkout
 
-from microllama import cli, family  # noqa: E402
+from microllama import family, flags  # noqa: E402
 from microllama.files import parse_dtype  # noqa: E402
 from microllama.generation import Llama  # noqa: E402
 from microllama.model import ModelArgs, Transformer  # noqa: E402
@@ -387,4 +387,4 @@ def main(**kwargs: Any) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    flags.run(main)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from 
 
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from microllama import cli, family, parallel  # noqa: E402
+from microllama import family, flags, parallel  # noqa: E402
 from microllama.checkpoint import convert, load_model, open_checkpoint  # noqa: E402
 from microllama.hf_layout import save_hf  # noqa: E402
 from microllama.meta_layout import save_meta  # noqa: E402
@@ -162,4 +162,4 @@ def run(
 COMMANDS = {"run": run, "build": build, "measure": measure, "tp": tp, "measure_tp": measure_tp}
 
 if __name__ == "__main__":
-    cli.run(COMMANDS)
+    flags.run(COMMANDS)

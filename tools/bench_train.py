@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from this checkout
 
-from microllama import cli  # noqa: E402
+from microllama import flags  # noqa: E402
 
 VARIANTS = {"plain": (False, 0), "ckpt+chunk": (True, 1024)}  # activation checkpointing, loss_chunk
 
@@ -152,4 +152,4 @@ def main(**kwargs: Any) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    flags.run(main)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from this checkout
 
-from microllama import cli  # noqa: E402
+from microllama import cli, flags  # noqa: E402
 
 if __name__ == "__main__":
-    cli.run(cli.verify)
+    flags.run(cli.verify)

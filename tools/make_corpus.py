@@ -14,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # microllama from this checkout
 
-from microllama import cli  # noqa: E402
+from microllama import flags  # noqa: E402
 
 CORPUS = REPO / "corpus" / "tinytales.txt"
 
@@ -77,4 +77,4 @@ def make_corpus(out: str = str(CORPUS), stories: int = 800, seed: int = 0) -> No
 
 
 if __name__ == "__main__":
-    cli.run(make_corpus)
+    flags.run(make_corpus)

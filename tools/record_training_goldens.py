@@ -16,7 +16,7 @@ from typing import Optional
 # reference_harness sits beside microllama in the repository and is not installed with it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from microllama import cli  # noqa: E402
+from microllama import flags  # noqa: E402
 from reference_harness.record_training import record_training_goldens  # noqa: E402
 
 
@@ -34,4 +34,4 @@ def main(
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    flags.run(main)

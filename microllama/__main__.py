@@ -1,0 +1,5 @@
+"""`python -m microllama ...`: the `microllama` command (torchrun --nproc_per_node N -m microllama generate ...)."""
+
+from .cli import main
+
+main()
