@@ -6,14 +6,14 @@ from typing import Any
 # Imported on first use, so that `microllama --help` does not wait for torch to import.
 _EXPORTS = {
     "ChatCompletion": "generation",
-    "Checkpoint": "checkpoint",
+    "Checkpoint": "checkpoint.load",
     "Completion": "generation",
     "Llama": "generation",
     "Message": "chat",
     "ModelArgs": "model",
     "Tokenizer": "tokenizer",
     "Transformer": "model",
-    "open_checkpoint": "checkpoint",
+    "open_checkpoint": "checkpoint.load",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .flags import run
-from .train_command import train
+from .train.command import train
 
 # torch takes seconds to import, longer on a loaded machine, and `microllama --help` or a misspelt flag should
 # not wait for it: this module imports only the standard library, fire and the flags of `train` (TrainConfig's),
@@ -61,8 +61,8 @@ def generate(
     if prompt is not None and prompts is not None:
         raise ValueError("give --prompt or --prompts, not both")
     texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
+    from .distributed.tensor_parallel import is_rank_0, torchrun_world_size
     from .generation import Llama, check_sampling
-    from .parallel import is_rank_0, torchrun_world_size
     from .terminal import StreamPrinter
 
     check_sampling(temperature, top_p, max_gen_len, seed)  # before a checkpoint that may take minutes to load
@@ -92,7 +92,7 @@ def generate(
 def make_tiny(out_dir: str, name: str = "tiny", seed: int = 0) -> None:
     """Write the tiny Meta-layout checkpoint NAME (tiny, tiny-hd128, tiny-kv4; params.json,
     consolidated.00.pth) into OUT_DIR; seed 0 gives the embedded one's weights."""
-    from . import tiny
+    from .checkpoint import tiny
 
     path = tiny.make_tiny(Path(out_dir), name, seed)
     print(f"wrote {path} (sha256 {(path / 'sha256.txt').read_text().strip()})")
@@ -101,7 +101,7 @@ def make_tiny(out_dir: str, name: str = "tiny", seed: int = 0) -> None:
 def convert(src: str, dst: str, to: str, shards: int = 1) -> None:
     """Rewrite checkpoint SRC (Meta or Hugging Face layout) into DST in layout --to meta|hf, bit for bit;
     --shards N splits a Meta-layout output over N tensor-parallel ranks as Meta's fairscale code does."""
-    from .checkpoint import convert as convert_checkpoint
+    from .checkpoint.load import convert as convert_checkpoint
 
     path = convert_checkpoint(src, Path(dst), to, shards)  # src: a name or a path, as open_checkpoint reads it
     split = f", {shards} shards" if to == "meta" and shards > 1 else ""
@@ -111,7 +111,7 @@ def convert(src: str, dst: str, to: str, shards: int = 1) -> None:
 def info(target: str) -> None:
     """Configuration, parameter count, weight bytes and KV-cache bytes of TARGET: a checkpoint directory
     (either layout) or a model name (llama3.1-8b, llama3.1-70b, llama3.1-405b, llama3.2-1b, llama3.2-3b, tiny)."""
-    from .checkpoint import open_checkpoint
+    from .checkpoint.load import open_checkpoint
 
     print("\n".join(open_checkpoint(target).describe()))
 
@@ -140,19 +140,19 @@ def verify(
         return _verify_all(golden_dir, device, ckpt_dir=ckpt_dir, other_checkpoint=other_checkpoint, compile=compile)
     if golden_dir is None:
         raise ValueError("verify needs GOLDEN_DIR (a golden or training set), or --all")
-    from .golden_format import is_training_set
+    from .golden.schema import is_training_set
 
     if is_training_set(golden_dir):  # a training set: microllama's trainer against Meta's fine-tune
-        from .verify_training import format_training_comparison, verify_training
+        from .golden.verify_training import format_training_comparison, verify_training
 
         training = verify_training(golden_dir, ckpt_dir, device)
         print(format_training_comparison(training))
         if not training.passed:
             sys.exit(1)
         return
-    from .parallel import is_rank_0, torchrun_world_size
-    from .verify import format_comparison
-    from .verify import verify as verify_golden_set
+    from .distributed.tensor_parallel import is_rank_0, torchrun_world_size
+    from .golden.verify import format_comparison
+    from .golden.verify import verify as verify_golden_set
 
     comparison = verify_golden_set(golden_dir, ckpt_dir, device, other_checkpoint=other_checkpoint,
                                    progress=is_rank_0(), tensor_parallel=torchrun_world_size() > 1,
@@ -172,7 +172,7 @@ def _verify_all(root: Optional[str], device: Optional[str], **refused: Any) -> N
     if given:
         raise ValueError(f"verify --all checks each set on its own checkpoint, on the default path: {given[0]} "
                          "is for one set")  # fmt: skip
-    from .verify_all import format_summary, verify_all
+    from .golden.verify_all import format_summary, verify_all
 
     results = verify_all(root if root is not None else COMMITTED_GOLDENS, device, progress=True)
     for r in results:
@@ -236,7 +236,7 @@ def chat(
         )
     if dialogs is not None and system is not None:
         raise ValueError("--system is for the interactive session; with --dialogs, put system messages in the file")
-    from .checkpoint import open_checkpoint
+    from .checkpoint.load import open_checkpoint
     from .generation import Llama
     from .terminal import COMMANDS_HELP, ChatSession, answer_dialogs, read_dialogs
 
@@ -265,7 +265,7 @@ def chat(
 def plot(run_dir: str) -> None:
     """Write RUN_DIR/loss.png, the training and held-out loss of a run (needs matplotlib: pip install
     'microllama[plot]')."""
-    from .train import plot as plot_run
+    from .train.loop import plot as plot_run
 
     print(f"wrote {plot_run(run_dir)}")
 

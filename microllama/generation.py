@@ -11,10 +11,10 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from . import parallel
 from .chat import ChatFormat, DialogError, Message, as_dialog, check_prompt
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .checkpoint.load import Checkpoint, CheckpointError, open_checkpoint
 from .compiled import CompiledDecoder
+from .distributed import tensor_parallel as parallel
 from .files import parse_dtype
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -106,8 +106,8 @@ class Llama:
         """Load a checkpoint: a directory in Meta's or Hugging Face's layout, a tiny checkpoint's name or an
         open Checkpoint (default: the embedded tiny one). dtype defaults to bfloat16 on CUDA and float32
         elsewhere. tensor_parallel: under torchrun, shard the model over the job's ranks as Meta's tensor
-        parallelism does (microllama.parallel; on CUDA, rank r uses cuda:LOCAL_RANK), each rank reading only
-        its slices of the checkpoint; every rank must make the same calls and gets the same tokens.
+        parallelism does (microllama.distributed.tensor_parallel; on CUDA, rank r uses cuda:LOCAL_RANK), each rank
+        reading only its slices of the checkpoint; every rank must make the same calls and gets the same tokens.
         compile: decode through microllama.compiled (static cache, torch.compile; implies flash), within the
         flash tolerances of the default path instead of bit-identical; not with tensor_parallel."""
         if tensor_parallel and compile:

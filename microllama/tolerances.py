@@ -59,14 +59,14 @@ GRAD_RTOL = {
     torch.bfloat16: 4 * 2**-8,  # 0.0156
 }
 
-# dtype -> the same bound where the platform differs from the recording's (microllama.verify.Check.across_platforms):
-# another CPU's kernels block the matrix products otherwise and compute exp, log and rsqrt with other vector code, so
-# more than the order of the sums changes. Measured on the training goldens, checked on an AVX-512 EPYC under
-# ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (the same figures an AVX2-only EPYC printed) against their AVX-512
-# recordings: float32 first-step gradient norms 5.53e-6 of the largest (world size 1 and 2; GRAD_RTOL's 3.8e-6 does
-# not hold across platforms), step gradient norms 1.8e-6 relative, losses 1.34e-5 (within LOGITS_ATOL), final weight
-# norms 8.6e-8 relative (within TRAINED_WEIGHTS_RTOL); bfloat16 6.7e-4, 1.9e-3, 7.2e-3 and 3.3e-5. Bounds: 2**-16
-# (float32, 2.8x the worst seen) and GRAD_RTOL's 4 * 2**-8 (bfloat16, 8.2x).
+# dtype -> the same bound where the platform differs from the recording's (Check.across_platforms, in
+# microllama.golden.verify): another CPU's kernels block the matrix products otherwise and compute exp, log and rsqrt
+# with other vector code, so more than the order of the sums changes. Measured on the training goldens, checked on an
+# AVX-512 EPYC under ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 (the same figures an AVX2-only EPYC printed)
+# against their AVX-512 recordings: float32 first-step gradient norms 5.53e-6 of the largest (world size 1 and 2;
+# GRAD_RTOL's 3.8e-6 does not hold across platforms), step gradient norms 1.8e-6 relative, losses 1.34e-5 (within
+# LOGITS_ATOL), final weight norms 8.6e-8 relative (within TRAINED_WEIGHTS_RTOL); bfloat16 6.7e-4, 1.9e-3, 7.2e-3 and
+# 3.3e-5. Bounds: 2**-16 (float32, 2.8x the worst seen) and GRAD_RTOL's 4 * 2**-8 (bfloat16, 8.2x).
 PLATFORM_GRAD_RTOL = {
     torch.float32: 2**-16,  # 1.5e-5
     torch.bfloat16: 4 * 2**-8,  # 0.0156
@@ -84,8 +84,8 @@ TRAINED_WEIGHTS_RTOL = {
     torch.bfloat16: 2**-12,  # 2.4e-4
 }
 
-# Data-parallel training (microllama.distributed, DDP or FSDP2 at world size 2, gloo) against one process on the
-# same global batch, float32, tiny checkpoint, 3 AdamW steps of 2 rows of 32 tokens: every step's loss measured
+# Data-parallel training (microllama.distributed.data_parallel, DDP or FSDP2 at world size 2, gloo) against one process
+# on the same global batch, float32, tiny checkpoint, 3 AdamW steps of 2 rows of 32 tokens: every step's loss measured
 # equal; gradient norms equal under DDP and within 1.1e-6 relative under FSDP (the norm of sharded gradients is
 # summed in another order); final weights within 7.2e-7 (DDP) and 1.4e-6 (FSDP) of one process's, the ranks'
 # gradients being added after each rank's own sums instead of in one sum. Bounds: losses and gradient norms 2**-19

@@ -4,7 +4,7 @@
              [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Every rank runs Meta's tensor-parallel model (gloo on CPU, nccl on CUDA; Meta's build reshards a
-one-shard checkpoint for N ranks); rank 0 writes the set through microllama.golden_format. `launch()`
+one-shard checkpoint for N ranks); rank 0 writes the set through microllama.golden.schema. `launch()`
 checks a request and starts torchrun from Python, and `record_goldens()` (tools/record_goldens.py)
 records into the cache and checks microllama against that recording and against the committed set.
 """
@@ -26,10 +26,12 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from microllama.capture import long_context_ids, platform_fingerprint, run_cases, summarize_logits
-from microllama.checkpoint import Checkpoint, open_checkpoint
+from microllama.checkpoint.load import Checkpoint, open_checkpoint
+from microllama.checkpoint.tiny import cache_dir
+from microllama.distributed.tensor_parallel import is_rank_0, torchrun_world_size
 from microllama.files import tensor_sha256
-from microllama.golden_format import (
+from microllama.golden.capture import long_context_ids, platform_fingerprint, run_cases, summarize_logits
+from microllama.golden.schema import (
     DEVICE_TYPES,
     DTYPES,
     LONG_RANGE,
@@ -57,9 +59,7 @@ from microllama.golden_format import (
     to_json,
     write_set,
 )
-from microllama.parallel import is_rank_0, torchrun_world_size
-from microllama.tiny import cache_dir
-from microllama.verify import Comparison, format_comparison, verify
+from microllama.golden.verify import Comparison, format_comparison, verify
 
 from .dialogs import CHAT_DIALOGS
 from .meta import meta_chat_completions, meta_chat_prompt_ids, meta_completions, meta_llama

@@ -8,7 +8,7 @@ of token losses over the batch's target count, backward, the global gradient nor
 with decay on matrices only. Norms and the final weights are of the dense tensors: a sharded gradient's
 squares are summed over the ranks, sharded weights gathered. Meta's model has no document mask, so each
 row of the batch is one document (packing is checked by microllama's packed-vs-alone law). Rank 0 writes
-the set through microllama.golden_format. `record_training_goldens()` (tools/record_training_goldens.py)
+the set through microllama.golden.schema. `record_training_goldens()` (tools/record_training_goldens.py)
 records into the cache and checks microllama's trainer against it and against the committed set.
 """
 
@@ -22,8 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from microllama.capture import platform_fingerprint
-from microllama.golden_format import (
+from microllama.checkpoint.meta_layout import shard_dim
+from microllama.checkpoint.tiny import cache_dir
+from microllama.distributed.tensor_parallel import is_rank_0, torchrun_world_size
+from microllama.golden.capture import platform_fingerprint
+from microllama.golden.schema import (
     DTYPES,
     SCHEMA_VERSION,
     TRAINING_DATA_FILES,
@@ -37,12 +40,9 @@ from microllama.golden_format import (
     training_set_name,
     write_training_set,
 )
-from microllama.meta_layout import shard_dim
-from microllama.parallel import is_rank_0, torchrun_world_size
-from microllama.tiny import cache_dir
-from microllama.train import lr_at
-from microllama.train_config import TrainConfig
-from microllama.verify_training import TrainingComparison, format_training_comparison, verify_training
+from microllama.golden.verify_training import TrainingComparison, format_training_comparison, verify_training
+from microllama.train.config import TrainConfig
+from microllama.train.loop import lr_at
 
 from .meta import meta_forward_for_training, meta_llama
 from .record import REPO, check_request, progress, reference_versions, run_process_group
@@ -50,7 +50,7 @@ from .record import REPO, check_request, progress, reference_versions, run_proce
 ROWS, SEQLEN, STEPS = 2, 48, 4
 SETTINGS = TrainConfig(data="-", lr=1e-3, min_lr=1e-4, warmup_steps=1, max_steps=STEPS, weight_decay=0.1,
                        grad_clip=1.0)  # fmt: skip
-EPS = 1e-8  # microllama.train.make_optimizer's
+EPS = 1e-8  # microllama.train.loop.make_optimizer's
 
 
 def golden_batch(vocab_size: int = 128000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from microllama.tiny import default_ckpt_dir
+from microllama.checkpoint.tiny import default_ckpt_dir
 
 # fast (the default, what a plain `pytest` and CI run): derandomized and bounded, so every run checks
 # the same 25 examples per law in seconds. thorough (HYPOTHESIS_PROFILE=thorough): 200 examples, or
@@ -87,7 +87,7 @@ def pytest_collection_modifyitems(config, items):
 def foreign_platform(monkeypatch):
     """This machine made a platform other than every recording's for verify (a CPU capability no machine
     reports), so that its tolerance branch runs on the recording's own machine too."""
-    from microllama import verify
+    from microllama.golden import verify
 
     real = verify.platform_fingerprint
     monkeypatch.setattr(verify, "platform_fingerprint",

@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from microllama.checkpoint import CheckpointError, convert, load_model
+from microllama.checkpoint.family import REGISTRY
+from microllama.checkpoint.load import CheckpointError, convert, load_model
+from microllama.checkpoint.tiny import tiny_state_dict
 from microllama.cli import main
-from microllama.family import REGISTRY
 from microllama.generation import Llama
-from microllama.tiny import tiny_state_dict
 
 PARAMS = {**REGISTRY["tiny"].params, "n_layers": 1}
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from microllama import family
-from microllama.checkpoint import Checkpoint, CheckpointError, convert, load_model, open_checkpoint
+from microllama.checkpoint import family
+from microllama.checkpoint.load import Checkpoint, CheckpointError, convert, load_model, open_checkpoint
+from microllama.checkpoint.tiny import default_ckpt_dir
 from microllama.cli import main
 from microllama.files import atomic_dir, parse_dtype
 from microllama.generation import Llama
-from microllama.tiny import default_ckpt_dir
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "microllama"
@@ -172,7 +172,7 @@ def test_written_files_get_the_permissions_of_a_plain_open(tmp_path, tiny_ckpt, 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads Linux's /proc/self/status")
 def test_release_pages_gives_back_a_mapped_tensors_resident_pages(tmp_path):
-    from microllama.meta_layout import load_pth, release_pages
+    from microllama.checkpoint.meta_layout import load_pth, release_pages
 
     def rss_file() -> int:
         line = next(s for s in Path("/proc/self/status").read_text().splitlines() if s.startswith("RssFile:"))

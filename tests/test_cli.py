@@ -10,7 +10,8 @@ from typing import Optional
 
 import pytest
 
-from microllama import Llama, flags, tiny
+from microllama import Llama, flags
+from microllama.checkpoint import tiny
 from microllama.cli import COMMANDS, main
 from microllama.flags import _param_named, run
 

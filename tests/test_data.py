@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from microllama.chat import as_dialog
-from microllama.data import (
+from microllama.model import document_positions
+from microllama.train.data import (
     IGNORE_INDEX,
     Batches,
     Corpus,
@@ -22,7 +23,6 @@ from microllama.data import (
     read_documents,
     split_documents,
 )
-from microllama.model import document_positions
 
 ROOT = Path(__file__).resolve().parents[1]
 DIALOG = [

@@ -19,17 +19,18 @@ import numpy as np
 import pytest
 import torch
 
-from microllama import capture, golden_format
-from microllama import verify as verify_module
-from microllama.checkpoint import Checkpoint, load_model, open_checkpoint
+from microllama.checkpoint.load import Checkpoint, load_model, open_checkpoint
+from microllama.checkpoint.meta_layout import save_meta
 from microllama.cli import main as cli_main
 from microllama.generation import Llama
-from microllama.golden_format import ChatToolCall, GoldenError, data_files, from_json, read_set, to_json, write_set
-from microllama.meta_layout import save_meta
+from microllama.golden import capture
+from microllama.golden import schema as golden_format
+from microllama.golden import verify as verify_module
+from microllama.golden.schema import ChatToolCall, GoldenError, data_files, from_json, read_set, to_json, write_set
+from microllama.golden.verify import format_comparison, tolerance_admits, verify
 from microllama.model import ModelArgs
 from microllama.tokenizer import Tokenizer
 from microllama.tolerances import LOGITS_ATOL
-from microllama.verify import format_comparison, tolerance_admits, verify
 from reference_harness import record
 from tests.strategies import SMALL_VOCAB, SmallVocabTokenizer, random_transformer
 

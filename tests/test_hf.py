@@ -10,14 +10,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from microllama import family
-from microllama.checkpoint import convert, load_model, read_checkpoint
-from microllama.config import args_from_params
+from microllama.checkpoint import family
+from microllama.checkpoint.hf_layout import (
+    INDEX,
+    config_from_params,
+    params_from_config,
+    permute_rotary,
+    read_config,
+    save_hf,
+)
+from microllama.checkpoint.load import convert, load_model, read_checkpoint
+from microllama.checkpoint.meta_layout import load_pth, save_meta
+from microllama.checkpoint.params import args_from_params
+from microllama.checkpoint.tiny import tiny_state_dict
 from microllama.generation import Llama
-from microllama.hf_layout import INDEX, config_from_params, params_from_config, permute_rotary, read_config, save_hf
-from microllama.meta_layout import load_pth, save_meta
 from microllama.model import apply_rotary_emb, precompute_freqs_cis
-from microllama.tiny import tiny_state_dict
 from microllama.tolerances import LOGITS_ATOL
 
 

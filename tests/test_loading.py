@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from microllama.checkpoint import convert, load_model
+from microllama.checkpoint.load import convert, load_model
 
 
 def _inside_mapping_of(path, tensor) -> bool:

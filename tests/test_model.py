@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from microllama.checkpoint import CheckpointError, load_model
-from microllama.family import REGISTRY, TINY
+from microllama.checkpoint.family import REGISTRY, TINY
+from microllama.checkpoint.load import CheckpointError, load_model
+from microllama.checkpoint.tiny import SHA256, make_tiny
 from microllama.model import (
     KVCache,
     ModelArgs,
@@ -17,7 +18,6 @@ from microllama.model import (
     ffn_hidden_dim,
     precompute_freqs_cis,
 )
-from microllama.tiny import SHA256, make_tiny
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)
 

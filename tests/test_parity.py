@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from microllama import Llama
-from microllama.checkpoint import load_model
+from microllama.checkpoint.load import load_model
 from microllama.tolerances import LOGITS_ATOL
 from reference_harness.meta import meta_completions, meta_llama, meta_transformer
 from reference_harness.record import CLASSIC_PROMPTS as PROMPTS

@@ -6,7 +6,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from microllama.checkpoint import load_model
+from microllama.checkpoint.load import load_model
 from microllama.generation import Llama
 from microllama.tolerances import LOGITS_ATOL
 from tests.strategies import SmallVocabTokenizer, greedy_is_decisive, random_transformer, small_model_args, token_ids

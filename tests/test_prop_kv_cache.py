@@ -6,7 +6,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from microllama.checkpoint import load_model
+from microllama.checkpoint.load import load_model
 from microllama.generation import Llama
 from microllama.model import Transformer
 from microllama.tolerances import LOGITS_ATOL

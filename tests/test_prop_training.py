@@ -8,13 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from microllama.checkpoint import load_model
-from microllama.data import Batch
-from microllama.lora import TARGETS, adapter_state_dict, apply_lora, load_adapters, merge_lora
+from microllama.checkpoint.load import load_model
 from microllama.model import ModelArgs, causal_mask, document_positions
 from microllama.tolerances import GRAD_RTOL, LOGITS_ATOL
-from microllama.train import make_optimizer, select_trainable, step_loss
-from microllama.train_config import TrainConfig
+from microllama.train.config import TrainConfig
+from microllama.train.data import Batch
+from microllama.train.loop import make_optimizer, select_trainable, step_loss
+from microllama.train.lora import TARGETS, adapter_state_dict, apply_lora, load_adapters, merge_lora
 from tests.strategies import SMALL_VOCAB, random_transformer, small_model_args, token_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -102,7 +102,7 @@ def test_rope_positions_restart_at_zero_in_each_document(row):
 
 
 def grads_of_step(model, micro_batches, chunk_size=0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The trainer's step: its loss (microllama.train.step_loss summed) and gradients, accumulated."""
+    """The trainer's step: its loss (microllama.train.loop.step_loss summed) and gradients, accumulated."""
     model.zero_grad(set_to_none=True)
     batches = [Batch(*micro) for micro in micro_batches]
     n_targets = sum(b.n_targets() for b in batches)

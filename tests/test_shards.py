@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from microllama.checkpoint import CheckpointError, convert, load_model, read_checkpoint
-from microllama.meta_layout import load_pth, shard_dim
-from microllama.tiny import default_ckpt_dir
+from microllama.checkpoint.load import CheckpointError, convert, load_model, read_checkpoint
+from microllama.checkpoint.meta_layout import load_pth, shard_dim
+from microllama.checkpoint.tiny import default_ckpt_dir
 
 # (config, shard count): "tiny" has 2 key/value heads, so 2 ranks at most; "tiny-kv4" has 4.
 SPLITS = [("tiny", 2), ("tiny-kv4", 2), ("tiny-kv4", 4)]

@@ -13,12 +13,12 @@ import pytest
 import torch
 from conftest import HAVE_REFERENCE, run_torchrun
 
-from microllama.checkpoint import CheckpointError, convert, open_checkpoint
+from microllama.checkpoint.load import CheckpointError, convert, open_checkpoint
+from microllama.checkpoint.meta_layout import shard_dim, shard_shape
+from microllama.checkpoint.tiny import default_ckpt_dir
 from microllama.cli import main as cli_main
+from microllama.distributed.tensor_parallel import TensorParallelError, check_world_size
 from microllama.generation import Llama
-from microllama.meta_layout import shard_dim, shard_shape
-from microllama.parallel import TensorParallelError, check_world_size
-from microllama.tiny import default_ckpt_dir
 from microllama.tolerances import LOGITS_ATOL
 
 REPO = Path(__file__).resolve().parents[1]

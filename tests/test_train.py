@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from microllama import train as trainer_module
-from microllama.checkpoint import open_checkpoint
+from microllama.checkpoint.load import open_checkpoint
+from microllama.checkpoint.meta_layout import load_pth
 from microllama.cli import main as cli_main
 from microllama.generation import Llama
-from microllama.meta_layout import load_pth
-from microllama.train import TrainingError, lr_at, plot, train
-from microllama.train_checkpoint import TrainCheckpointError, load_adapters, load_checkpoint, read_metrics
-from microllama.train_config import TrainConfig
+from microllama.train import loop as trainer_module
+from microllama.train.config import TrainConfig
+from microllama.train.loop import TrainingError, lr_at, plot, train
+from microllama.train.run_dir import TrainCheckpointError, load_adapters, load_checkpoint, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = str(ROOT / "corpus" / "tinytales.txt")
@@ -80,7 +80,7 @@ def test_final_weights_are_a_checkpoint_that_generate_and_convert_take(tmp_path,
     assert changed == {k for k in base if k.endswith("norm.weight")}  # norms mode: only they moved
     llama = Llama.build(run / "final", max_seq_len=64, max_batch_size=1)
     assert len(llama.text_completion(["Once upon a time"], temperature=0, max_gen_len=4)[0].tokens) == 4
-    from microllama.checkpoint import convert
+    from microllama.checkpoint.load import convert
 
     assert open_checkpoint(convert(run / "final", tmp_path / "hf", "hf")).layout == "hf"
     assert plot(str(run)).stat().st_size > 1000

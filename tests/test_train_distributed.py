@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import run_torchrun
 
-from microllama.meta_layout import load_pth
+from microllama.checkpoint.meta_layout import load_pth
 from microllama.tolerances import DATA_PARALLEL_RTOL, DATA_PARALLEL_WEIGHTS_ATOL
-from microllama.train import train
-from microllama.train_checkpoint import load_checkpoint, read_metrics
-from microllama.train_config import TrainConfig
+from microllama.train.config import TrainConfig
+from microllama.train.loop import train
+from microllama.train.run_dir import load_checkpoint, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 # 3 steps of a global micro-batch of 2 rows of 32 tokens, one row per rank; held-out loss at the start and end.

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from microllama.checkpoint import convert, load_model
-from microllama.hf_layout import hf_name, permute_rotary
+from microllama.checkpoint.hf_layout import hf_name, permute_rotary
+from microllama.checkpoint.load import convert, load_model
 from microllama.tolerances import GRAD_RTOL, LOGITS_ATOL
 from reference_harness.meta import meta_loss, meta_transformer
 

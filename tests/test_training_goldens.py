@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from microllama import golden_format, verify_training
-from microllama.capture import platform_fingerprint
 from microllama.cli import main as cli_main
-from microllama.golden_format import GoldenError, read_training_set, write_training_set
-from microllama.train import make_optimizer as trainers_optimizer
-from microllama.train import select_trainable
+from microllama.golden import schema as golden_format
+from microllama.golden import verify_training
+from microllama.golden.capture import platform_fingerprint
+from microllama.golden.schema import GoldenError, read_training_set, write_training_set
+from microllama.train.loop import make_optimizer as trainers_optimizer
+from microllama.train.loop import select_trainable
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDENS = REPO / "goldens"

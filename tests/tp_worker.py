@@ -17,13 +17,13 @@ from pathlib import Path
 
 import torch
 
-from microllama import parallel
-from microllama.checkpoint import open_checkpoint
+from microllama.checkpoint.load import open_checkpoint
 from microllama.cli import main as cli_main
+from microllama.distributed import tensor_parallel as parallel
 from microllama.files import tensor_sha256
 from microllama.generation import Llama
-from microllama.golden_format import read_set
-from microllama.verify import comparison_mode, format_comparison, verify
+from microllama.golden.schema import read_set
+from microllama.golden.verify import comparison_mode, format_comparison, verify
 
 START = time.time()
 PROMPT = "Clearly, the meaning of life is"

@@ -31,7 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from this checkout
 
-from microllama import family, flags  # noqa: E402
+from microllama import flags  # noqa: E402
+from microllama.checkpoint import family
 from microllama.files import parse_dtype  # noqa: E402
 from microllama.generation import Llama  # noqa: E402
 from microllama.model import ModelArgs, Transformer  # noqa: E402
@@ -195,7 +196,7 @@ def build_systems(names: Sequence[str], params: dict[str, Any], weights: dict[st
             from transformers import LlamaConfig, LlamaForCausalLM
             from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-            from microllama.hf_layout import config_from_params, hf_state_dict
+            from microllama.checkpoint.hf_layout import config_from_params, hf_state_dict
 
             config = LlamaConfig(**config_from_params(params, tied=False, dtype=dtype))
             with torch.device("meta"):

@@ -31,10 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from 
 
 from torch.distributed.tensor import DTensor  # noqa: E402
 
-from microllama import family, flags, parallel  # noqa: E402
-from microllama.checkpoint import convert, load_model, open_checkpoint  # noqa: E402
-from microllama.hf_layout import save_hf  # noqa: E402
-from microllama.meta_layout import save_meta  # noqa: E402
+from microllama import flags  # noqa: E402
+from microllama.checkpoint import family  # noqa: E402
+from microllama.checkpoint.hf_layout import save_hf  # noqa: E402
+from microllama.checkpoint.load import convert, load_model, open_checkpoint  # noqa: E402
+from microllama.checkpoint.meta_layout import save_meta  # noqa: E402
+from microllama.distributed import tensor_parallel as parallel  # noqa: E402
 
 
 def _status(field: str) -> int:

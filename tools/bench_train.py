@@ -1,5 +1,5 @@
 """Training speed and peak memory per mode, with and without activation checkpointing and the chunked
-cross-entropy: microllama.train's own train_step on random weights and random tokens.
+cross-entropy: microllama.train.loop's own train_step on random weights and random tokens.
 
     python tools/bench_train.py                                            # tiny shapes, CPU
     python tools/bench_train.py --model llama3.2-1b --n_layers 2 --seq_len 128 --batch_size 1
@@ -40,12 +40,12 @@ def run_row(row: dict[str, Any]) -> dict[str, Any]:
     """One configuration, in this process: build, warm up, time; returns the row with its figures."""
     import torch
 
-    from microllama import family
-    from microllama.data import Batch
+    from microllama.checkpoint import family
     from microllama.files import parse_dtype
     from microllama.model import ModelArgs, Transformer
-    from microllama.train import make_optimizer, peak_memory_gib, select_trainable, train_step
-    from microllama.train_config import TrainConfig
+    from microllama.train.config import TrainConfig
+    from microllama.train.data import Batch
+    from microllama.train.loop import make_optimizer, peak_memory_gib, select_trainable, train_step
 
     if row["threads"]:
         torch.set_num_threads(row["threads"])

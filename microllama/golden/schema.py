@@ -43,13 +43,13 @@ from typing import Any, Optional, Union, get_args, get_origin
 import numpy as np
 import torch
 
-from .chat import STOP_REASONS, TOOL_PROMPT_FORMATS, DialogError, Message, as_message, check_prompt
-from .checkpoint import Checkpoint
-from .config import expected_shapes
-from .files import atomic_dir, file_sha256, read_json, state_dict_sha256, tensor_sha256
-from .generation import check_sampling
-from .model import ModelArgs
-from .tiny import SHA256 as TINY_SHA256
+from ..chat import STOP_REASONS, TOOL_PROMPT_FORMATS, DialogError, Message, as_message, check_prompt
+from ..checkpoint.load import Checkpoint
+from ..checkpoint.params import expected_shapes
+from ..checkpoint.tiny import SHA256 as TINY_SHA256
+from ..files import atomic_dir, file_sha256, read_json, state_dict_sha256, tensor_sha256
+from ..generation import check_sampling
+from ..model import ModelArgs
 
 SCHEMA_VERSION = 1
 DATA_FILES = ("outputs.json", "logits.npz", "activations.npz", "long_context.npz")  # in every set

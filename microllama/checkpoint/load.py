@@ -17,12 +17,13 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import family, parallel, tiny
-from .config import CheckpointError, args_from_params
-from .files import StateDict, parse_dtype, read_json, state_dict_sha256
+from ..distributed import tensor_parallel as parallel
+from ..files import StateDict, parse_dtype, read_json, state_dict_sha256
+from ..model import ModelArgs, Transformer
+from . import family, tiny
 from .hf_layout import hf_stored_bytes, read_config, read_hf, safetensors_files, save_hf
 from .meta_layout import meta_stored_bytes, read_meta, save_meta, shard_files
-from .model import ModelArgs, Transformer
+from .params import CheckpointError, args_from_params
 
 __all__ = ["Checkpoint", "CheckpointError", "convert", "load_model", "open_checkpoint", "read_checkpoint"]
 
@@ -86,7 +87,8 @@ class Checkpoint:
         """A Transformer holding the weights in `dtype` on `device`, built on the meta device (no memory is
         spent on an initialisation the checkpoint overwrites). state_dict: tensors already read (by
         read_state_dict), converted here instead of reading the files again. mesh: shard the model over its
-        ranks as Meta's tensor parallelism does (microllama.parallel), each rank reading only its slices."""
+        ranks as Meta's tensor parallelism does (microllama.distributed.tensor_parallel), each rank reading only
+        its slices."""
         args = self.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size, flash=flash)
         dtype = parse_dtype(dtype)
         if mesh is not None and state_dict is not None:

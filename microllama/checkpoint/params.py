@@ -7,8 +7,8 @@ from typing import Any, Union
 
 import torch
 
+from ..model import ModelArgs, RopeScaling, Transformer
 from . import family
-from .model import ModelArgs, RopeScaling, Transformer
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -1,5 +1,5 @@
 """The embedded default: tiny Llama 3.1-shaped checkpoints in Meta's layout (their configurations
-are in microllama.family), built from a seed.
+are in microllama.checkpoint.family), built from a seed.
 
 Weights come from numpy's PCG64, whose stream does not depend on the machine, so a seed gives the
 same bytes everywhere; the recorded sha256 makes drift (a new numpy, a new bf16 rounding) visible.
@@ -14,10 +14,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ..files import atomic_dir, state_dict_sha256
+from ..model import ModelArgs
 from . import family
-from .config import expected_shapes
-from .files import atomic_dir, state_dict_sha256
-from .model import ModelArgs
+from .params import expected_shapes
 
 DEFAULT_SEED = 0
 # state_dict_sha256 of make_tiny(name, seed=DEFAULT_SEED); a mismatch means the bytes drifted.

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .golden_format import LONG_RANGE, LogitsSummary, Platform, Row, capture_points
+from .schema import LONG_RANGE, LogitsSummary, Platform, Row, capture_points
 
 
 @contextlib.contextmanager

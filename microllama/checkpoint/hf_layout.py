@@ -16,11 +16,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..files import StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
+from ..model import ModelArgs, RopeScaling, ffn_hidden_dim
 from . import family
-from .config import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
-from .files import StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
 from .meta_layout import rank_range, shard_dim, shard_shape
-from .model import ModelArgs, RopeScaling, ffn_hidden_dim
+from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "output.weight": "lm_head.weight"}  # fmt: skip

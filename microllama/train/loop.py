@@ -4,14 +4,14 @@ step, log, save), with features as switches on it.
     microllama train corpus/tinytales.txt --out_dir runs/tales
     python -m microllama.train chats.jsonl --mode lora --ckpt_dir ~/llama/Meta-Llama-3.1-8B --device cuda
 
-- Data (microllama.data): documents packed into rows of max_seq_len tokens; attention stays inside each
+- Data (microllama.train.data): documents packed into rows of max_seq_len tokens; attention stays inside each
   document and its positions restart at 0 (Transformer's `documents`); chats train on assistant turns only.
 - Loss: the sum of a step's token losses over the number of targets in the whole step, every micro-batch
   counted, so that gradient accumulation computes the gradient of one large batch.
-- Modes: full; lora (microllama.lora; frozen weights stay in the model's dtype, adapters and their AdamW
+- Modes: full; lora (microllama.train.lora; frozen weights stay in the model's dtype, adapters and their AdamW
   state in adapter_dtype); norms (RMSNorm weights only). Otherwise AdamW's state is in the weights' dtype.
 - Memory: activation checkpointing per block, a chunked cross-entropy, fused AdamW.
-- Saves (microllama.train_checkpoint) are atomic; a resumed run is bit-identical to one that never stopped.
+- Saves (microllama.train.run_dir) are atomic; a resumed run is bit-identical to one that never stopped.
   The final weights go out in Meta's layout, LoRA merged, for `microllama generate`, `verify` and `convert`.
 """
 
@@ -30,17 +30,17 @@ from typing import Any, Callable, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
-from . import train_checkpoint as ckpts
-from .checkpoint import Checkpoint, open_checkpoint
+from ..checkpoint.load import Checkpoint, open_checkpoint
+from ..checkpoint.meta_layout import save_meta
+from ..checkpoint.tiny import cache_dir
+from ..distributed import data_parallel as distributed
+from ..files import atomic_dir, parse_dtype
+from ..model import ModelArgs, Transformer
+from ..tokenizer import Tokenizer
+from . import run_dir as ckpts
+from .config import TrainConfig
 from .data import Batch, Batches, Corpus, load_corpus, make_batch, pack, split_documents
-from .files import atomic_dir, parse_dtype
 from .lora import adapter_state_dict, apply_lora, check_lora, merge_lora
-from .meta_layout import save_meta
-from .model import ModelArgs, Transformer
-from .tiny import cache_dir
-from .tokenizer import Tokenizer
-from .train_config import TrainConfig
 
 
 class TrainingError(RuntimeError):
@@ -220,7 +220,7 @@ def export_final(
     record: dict[str, Any],
 ) -> Path:  # fmt: skip
     """run_dir/final: the trained model's whole weights (adapters merged into them) in Meta's layout with the
-    run's record; and for LoRA the adapters alone, run_dir/adapters.pth (microllama.lora.load_adapters reads
+    run's record; and for LoRA the adapters alone, run_dir/adapters.pth (microllama.train.lora.load_adapters reads
     them)."""
     if adapters:
         ckpts.save_adapters(run_dir, adapters)
@@ -478,9 +478,3 @@ def plot(run_dir: str) -> Path:
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
-
-
-if __name__ == "__main__":  # python -m microllama.train
-    from .train_command import main
-
-    main()

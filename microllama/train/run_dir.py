@@ -6,7 +6,7 @@
                                  data-parallel run's weights and AdamW state in dcp/ (torch.distributed.checkpoint,
                                  written by every rank, readable at any world size, one process included)
     OUT_DIR/final/               params.json + consolidated.00.pth in Meta's layout (LoRA merged), train_config.json
-    OUT_DIR/adapters.pth         LoRA runs: the adapters alone (microllama.lora.load_adapters)
+    OUT_DIR/adapters.pth         LoRA runs: the adapters alone (microllama.train.lora.load_adapters)
 
 state.pth holds what a resume needs to go on bit for bit: the step, the weights that train (all of them,
 the norm weights, or the LoRA adapters alone), the optimizer's state, torch's random states and the data
@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..files import StateDict, atomic_dir, read_json
+from .config import RESUMABLE
 from .data import DataPosition
-from .files import StateDict, atomic_dir, read_json
-from .train_config import RESUMABLE
 
 if dist.is_available():
     import torch.distributed.checkpoint as dcp

@@ -19,9 +19,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .data import Batch
-from .model import Transformer
-from .parallel import torchrun_world_size
+from ..model import Transformer
+from ..train.data import Batch
+from .tensor_parallel import torchrun_world_size
 
 if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still trains in one process
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .files import StateDict
-from .model import Transformer
+from ..files import StateDict
+from ..model import Transformer
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention's and the feed-forward's linear layers
 

@@ -3,13 +3,13 @@ flags, checked (and --help shown) without importing torch; the training loop is 
 
 from typing import Any, Optional
 
-from .flags import Command, config_command, field_comments, run
-from .train_config import TrainConfig  # the standard library only: --help stays fast
+from ..flags import Command, config_command, field_comments, run
+from .config import TrainConfig  # the standard library only: --help stays fast
 
 
 def _train(config: Any) -> None:
-    from .parallel import is_rank_0
-    from .train import train as run_training
+    from ..distributed.tensor_parallel import is_rank_0
+    from .loop import train as run_training
 
     summary = run_training(config)
     if is_rank_0():  # under torchrun, rank 0 speaks for the job

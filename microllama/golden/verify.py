@@ -15,13 +15,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import parallel
+from ..checkpoint.load import Checkpoint, open_checkpoint
+from ..compiled import CompiledDecoder
+from ..distributed import tensor_parallel as parallel
+from ..files import state_dict_sha256, tensor_sha256
+from ..generation import Llama, output_ends
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from ..tolerances import LOGITS_ATOL
 from .capture import Records, cpu_threads, platform_fingerprint, run_cases
-from .checkpoint import Checkpoint, open_checkpoint
-from .compiled import CompiledDecoder
-from .files import state_dict_sha256, tensor_sha256
-from .generation import Llama, output_ends
-from .golden_format import (
+from .schema import (
     ChatReply,
     GoldenError,
     GoldenSet,
@@ -33,9 +36,6 @@ from .golden_format import (
     read_set,
     to_json,
 )
-from .model import Transformer
-from .tokenizer import Tokenizer
-from .tolerances import LOGITS_ATOL
 
 
 @dataclass(frozen=True, kw_only=True)

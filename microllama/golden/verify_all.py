@@ -1,7 +1,7 @@
 """`microllama verify --all`: every golden and training set in a directory checked in one run, one summary
 table and one verdict; the check a contributor runs after a refactor. Each set is checked as `microllama verify`
-checks it alone (microllama.verify, microllama.verify_training), by the same rule: bit for bit on the recording's
-platform, else within microllama.tolerances."""
+checks it alone (microllama.golden.verify, microllama.golden.verify_training), by the same rule: bit for bit on the
+recording's platform, else within microllama.tolerances."""
 
 import sys
 import time
@@ -13,8 +13,8 @@ from typing import Optional, Union
 import torch
 from tqdm import tqdm
 
-from .golden_format import GoldenError, is_training_set
-from .tolerances import LOGITS_ATOL
+from ..tolerances import LOGITS_ATOL
+from .schema import GoldenError, is_training_set
 from .verify import Comparison, format_comparison, verify
 from .verify_training import TrainingComparison, format_training_comparison, verify_training
 

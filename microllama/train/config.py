@@ -13,7 +13,7 @@ MODES = ("full", "lora", "norms")
 class TrainConfig:
     """A training run. The resolved configuration is written beside every checkpoint the run saves."""
 
-    data: str  # a .txt or .jsonl file, or a directory of them (see microllama.data)
+    data: str  # a .txt or .jsonl file, or a directory of them (see microllama.train.data)
     out_dir: str = "runs/train"  # checkpoints, metrics and final weights; must not hold another run that saved one
     ckpt_dir: Optional[str] = None  # the model to start from: a directory or a tiny checkpoint's name (default tiny)
     mode: str = "full"  # full: every weight trains; lora: adapters only; norms: RMSNorm weights only
@@ -45,7 +45,7 @@ class TrainConfig:
     seed: int = 0  # the held-out split, the data order, LoRA's initialisation and dropout
     # Each rank takes its block of every micro-batch's rows (--batch_size stays the global micro-batch); fsdp keeps
     # float32 weights and computes in --dtype. A run saved at one world size resumes at any other.
-    distributed: str = "none"  # under torchrun: ddp or fsdp over its ranks (microllama.distributed)
+    distributed: str = "none"  # under torchrun: ddp or fsdp over its ranks (microllama.distributed.data_parallel)
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     stop_at: Optional[int] = None  # stop after this step, as if interrupted (a checkpoint is saved): --resume goes on
     tokenizer_path: Optional[str] = None  # tokenizer.model (default: beside the checkpoint, or llama-models')

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from .model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim
+from ..model import ModelArgs, RopeScaling, Transformer, ffn_hidden_dim
 
 CONTEXT = 131072  # every model of both families is published with a 128K context
 
@@ -18,7 +18,7 @@ class NamedConfig:
     tied: bool = False  # output.weight is tok_embeddings.weight (published so; params.json cannot say it)
     # The RoPE scaling factor the model is published with, where it is not the 8 Meta's code hard-codes.
     rope_factor: Optional[float] = None
-    tiny: bool = False  # an embedded test checkpoint, built from a seed by microllama.tiny
+    tiny: bool = False  # an embedded test checkpoint, built from a seed by microllama.checkpoint.tiny
 
     def args(self, **runtime: Any) -> ModelArgs:
         args = ModelArgs.from_params(self.params, **runtime)
@@ -32,7 +32,7 @@ class NamedConfig:
 # a RoPE scaling factor of 32 and tie the output to the embedding.
 _LLAMA3 = {"vocab_size": 128256, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
 # The tiny checkpoints keep the real 128,256-token vocabulary, grouped-query attention,
-# ffn_dim_multiplier and scaled RoPE; their weights are random (microllama.tiny).
+# ffn_dim_multiplier and scaled RoPE; their weights are random (microllama.checkpoint.tiny).
 _TINY = {"vocab_size": 128256, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
          "use_scaled_rope": True}  # fmt: skip
 REGISTRY: dict[str, NamedConfig] = {

@@ -1,5 +1,5 @@
-"""Checking microllama's trainer against a training golden set (microllama.golden_format): the same steps on
-the same batch through microllama.train's own train_step, then every step's loss and gradient norm, each
+"""Checking microllama's trainer against a training golden set (microllama.golden.schema): the same steps on
+the same batch through microllama.train.loop's own train_step, then every step's loss and gradient norm, each
 parameter's first-step gradient norm and the final weights compared; bit for bit on the recording's
 platform at world size 1, else within microllama.tolerances."""
 
@@ -9,13 +9,13 @@ from typing import Optional, Union
 
 import torch
 
+from ..checkpoint.load import Checkpoint, open_checkpoint
+from ..tolerances import GRAD_RTOL, LOGITS_ATOL, PLATFORM_GRAD_RTOL, TRAINED_WEIGHTS_RTOL
+from ..train.config import TrainConfig
+from ..train.data import Batch
+from ..train.loop import make_optimizer, select_trainable, train_step
 from .capture import cpu_threads
-from .checkpoint import Checkpoint, open_checkpoint
-from .data import Batch
-from .golden_format import GoldenError, TrainingOutputs, TrainingSet, read_training_set
-from .tolerances import GRAD_RTOL, LOGITS_ATOL, PLATFORM_GRAD_RTOL, TRAINED_WEIGHTS_RTOL
-from .train import make_optimizer, select_trainable, train_step
-from .train_config import TrainConfig
+from .schema import GoldenError, TrainingOutputs, TrainingSet, read_training_set
 from .verify import checking_device, comparison_mode, recorded_checkpoint
 
 
@@ -116,7 +116,7 @@ class TrainingComparison:
 
 def train_on_golden_batch(golden: TrainingSet, checkpoint: Checkpoint, device: torch.device) -> TrainingOutputs:
     """Full fine-tune of the checkpoint's weights with the set's optimizer settings and learning rates, through
-    microllama.train's select_trainable, make_optimizer and train_step."""
+    microllama.train.loop's select_trainable, make_optimizer and train_step."""
     m = golden.manifest
     opt = m.optimization
     cfg = TrainConfig(data="-", mode="full", beta1=opt.betas[0], beta2=opt.betas[1], weight_decay=opt.weight_decay,

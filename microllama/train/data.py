@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .chat import ChatFormat, DialogError, Message, as_dialog
-from .files import atomic_dir, file_sha256
-from .tokenizer import Tokenizer
+from ..chat import ChatFormat, DialogError, Message, as_dialog
+from ..files import atomic_dir, file_sha256
+from ..tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # a position with this target asks nothing (cross_entropy's default ignore_index)
 SEPARATOR = re.compile(r"^<\|endoftext\|>[ \t]*\r?$", re.MULTILINE)
