@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -88,21 +89,45 @@ def test_parse_dtype_names_what_it_takes():
 
 
 def _package_imports() -> dict[str, tuple[set[str], set[str]]]:
-    """module -> (microllama modules it imports at module level, those it imports inside functions)."""
+    """module (dotted under microllama: "model", "golden.verify") -> (the microllama modules it imports at module
+    level, those it imports inside functions), every room (subpackage) walked."""
     out = {}
-    for path in PACKAGE.glob("*.py"):
-        tree = ast.parse(path.read_text())
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        package = name.split(".")[:-1]  # what a relative import starts from
         top, inner = set(), set()
+        tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names = [node.module] if node.module else [a.name for a in node.names]
-                (top if node in tree.body else inner).update(names)
-        out[path.stem] = (top, inner)
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            if node.level == 0:
+                if not (node.module or "").startswith("microllama"):
+                    continue
+                base, names = (node.module or "").split(".")[1:], [a.name for a in node.names]
+            else:
+                base = package[: len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+                names = [a.name for a in node.names]
+            # `from .x import y`: module x; `from . import x` / `from .room import x`: module room.x where one exists
+            targets = {".".join([*base, n]) for n in names if (PACKAGE.joinpath(*base, n + ".py")).is_file()}
+            targets = targets or {".".join(base)}
+            (top if node in tree.body else inner).update(t for t in targets if t)
+        out[name] = (top, inner)
     return out
 
 
-def test_package_import_graph_has_no_cycle():
-    imports = {m: top for m, (top, _) in _package_imports().items()}
+# Rooms in the order they may import one another (each only those after it): golden sets check the trainer, which
+# loads checkpoints, which build the model. The modules of the learner's core (args, model) import no room.
+ROOMS = ["golden", "train", "checkpoint", "core"]
+CORE = {"args", "model"}
+
+
+def _room(module: str) -> Optional[str]:
+    first = module.split(".")[0]
+    return first if first in ROOMS else "core" if module in CORE else None
+
+
+def test_package_import_graph_has_no_cycle_counting_imports_inside_functions():
+    imports = {m: top | inner for m, (top, inner) in _package_imports().items()}
     done: set[str] = set()
     while len(done) < len(imports):  # peel off modules whose imports are all done: a cycle never peels
         ready = {m for m, deps in imports.items() if m not in done and deps <= done}
@@ -110,16 +135,32 @@ def test_package_import_graph_has_no_cycle():
         done |= ready
 
 
+def test_rooms_import_downward_only_and_nothing_imports_the_command_line():
+    """golden -> train -> checkpoint -> model, at module level or inside a function; cli (the command) is imported
+    by nothing, and flags (the command line) imports nothing of microllama."""
+    upward, into_cli = [], []
+    for module, (top, inner) in _package_imports().items():
+        for target in top | inner:
+            if target == "cli" and module != "__main__":
+                into_cli.append(module)
+            here, there = _room(module), _room(target)
+            if here and there and ROOMS.index(there) < ROOMS.index(here):
+                upward.append(f"{module} ({here}) imports {target} ({there})")
+    assert upward == [] and into_cli == [], (upward, into_cli)
+    assert _package_imports()["flags"] == (set(), set())
+
+
 def test_only_the_command_line_imports_inside_functions():
-    """Function-level imports would hide a cycle; the command lines defer theirs so that --help is fast."""
-    assert {m for m, (_, inner) in _package_imports().items() if inner} <= {"cli", "train", "train_command"}
+    """Function-level imports defer what --help does not need; elsewhere they would only hide structure."""
+    assert {m for m, (_, inner) in _package_imports().items() if inner} <= {"cli", "train.command"}
 
 
 def test_no_module_shares_a_name_with_a_repository_folder():
     """From the directory above a clone, the repository root imports as a namespace package, and a
     module named like a top-level folder (goldens/) would resolve to that folder."""
     folders = {p.name for p in REPO.iterdir() if p.is_dir()}
-    assert {p.stem for p in PACKAGE.glob("*.py")} & folders == set()
+    rooms = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert ({p.stem for p in PACKAGE.glob("*.py")} | rooms) & folders == set()
 
 
 def test_atomic_dir_removes_what_a_killed_writer_left_and_keeps_a_live_ones(tmp_path, tiny_ckpt):
