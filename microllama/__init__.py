@@ -10,7 +10,7 @@ _EXPORTS = {
     "Completion": "generation",
     "Llama": "generation",
     "Message": "chat",
-    "ModelArgs": "model",
+    "ModelArgs": "args",
     "Tokenizer": "tokenizer",
     "Transformer": "model",
     "open_checkpoint": "checkpoint.load",

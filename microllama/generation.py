@@ -1,8 +1,6 @@
 """Batched text generation with a KV cache: Meta's decoding loop, greedy or top-p."""
 
 import functools
-import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +9,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from .args import is_finite, is_int
 from .chat import ChatFormat, DialogError, Message, as_dialog, check_prompt
 from .checkpoint.load import Checkpoint, CheckpointError, open_checkpoint
 from .compiled import CompiledDecoder
@@ -58,23 +57,15 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int], seed: Optional[int] = None) -> None:
     """Raise ValueError for sampling settings no model can serve (checked before anything is loaded)."""
-    if not _is_finite(temperature) or temperature < 0:
+    if not is_finite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not _is_finite(top_p) or not 0 < top_p <= 1:
+    if not is_finite(top_p) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if max_gen_len is not None and (not _is_int(max_gen_len) or max_gen_len < 1):
+    if max_gen_len is not None and (not is_int(max_gen_len) or max_gen_len < 1):
         raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+    if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
 
 

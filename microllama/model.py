@@ -1,125 +1,18 @@
-"""The dense Llama 3.1 transformer: Meta's reference model with nn.Linear and nn.Embedding in place
-of fairscale's parallel layers, computing the same thing op for op on one device. Read top to bottom:
-the configuration, then the pieces in the order a token meets them (norm, RoPE, attention with its KV
-cache, feed-forward, block, model)."""
+"""The dense Llama 3.1 transformer: Meta's reference model with nn.Linear and nn.Embedding for fairscale's parallel
+layers, the same computation op for op on one device. Top to bottom (its configuration, ModelArgs, is in args.py), the
+pieces in the order a token meets them: norm, RoPE, attention with its KV cache, feed-forward, block, model."""
 
 import contextlib
-import dataclasses
 import math
-import numbers
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-def _check_number(owner: str, name: str, value: Any, kind: str, positive: bool = True) -> None:
-    """Raise TypeError unless value is an integer (kind 'int') or a finite real number (kind 'real'),
-    booleans excluded; ValueError unless it is positive when asked."""
-    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    real = integral or (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value))
-    if not (integral if kind == "int" else real):
-        expected = "an integer" if kind == "int" else "a finite number"
-        raise TypeError(f"{owner}.{name} must be {expected}, got {value!r}")
-    if positive and not value > 0:
-        raise ValueError(f"{owner}.{name} must be positive, got {value!r}")
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """Llama 3.1's RoPE frequency scaling (see apply_scaling); the defaults are the constants Meta hard-codes.
-    Llama 3.2's 1B and 3B publish a factor of 32. Their params.json keys are in PARAMS_KEYS."""
-
-    factor: float = 8.0  # frequencies whose wavelength exceeds original_context / low_freq_factor are divided by it
-    low_freq_factor: float = 1.0  # sets the long-wavelength bound, original_context / low_freq_factor
-    high_freq_factor: float = 4.0  # wavelengths below original_context / high_freq_factor are kept as they are
-    original_context: int = 8192  # the context length of pre-training, before the 128K extension
-
-    PARAMS_KEYS = {
-        "factor": "rope_scale_factor",
-        "low_freq_factor": "rope_low_freq_factor",
-        "high_freq_factor": "rope_high_freq_factor",
-        "original_context": "rope_original_context",
-    }
-
-    def __post_init__(self) -> None:
-        for name in ("factor", "low_freq_factor", "high_freq_factor"):
-            _check_number("RopeScaling", name, getattr(self, name), "real")
-        _check_number("RopeScaling", "original_context", self.original_context, "int")
-        if not self.high_freq_factor > self.low_freq_factor:
-            raise ValueError(
-                "RopeScaling.high_freq_factor must exceed low_freq_factor, got "
-                f"{self.high_freq_factor!r} and {self.low_freq_factor!r}"
-            )
-
-
-@dataclass
-class ModelArgs:
-    """Meta's `params.json` fields, plus the run-time sizes and switches microllama adds."""
-
-    # From a checkpoint's params.json; defaults as in Meta's ModelArgs, with Llama 3's vocab_size.
-    dim: int = 4096  # width of the residual stream: the vector each token is between blocks
-    n_layers: int = 32  # transformer blocks
-    n_heads: int = 32  # query heads, each of head_dim = dim // n_heads
-    n_kv_heads: Optional[int] = None  # key/value heads, each shared by n_heads // n_kv_heads query heads; None: n_heads
-    vocab_size: int = 128256  # Llama 3's tokenizer: 128,000 BPE tokens and 256 special tokens
-    multiple_of: int = 256  # SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None  # scales the SwiGLU hidden size (1.3 in 3.1 8B and 70B, 1.2 in 405B)
-    norm_eps: float = 1e-5  # RMSNorm's epsilon, added to the mean square before the square root
-    rope_theta: float = 500000.0  # RoPE base: pair i of a head turns by position * rope_theta ** (-2i / head_dim)
-    use_scaled_rope: bool = False  # Llama 3.1's long-context frequency scaling, with the constants below
-    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
-
-    # Chosen when the model is built, not stored in the checkpoint.
-    max_seq_len: int = 2048  # longest sequence; the RoPE table covers twice this, as Meta's does
-    max_batch_size: int = 32  # sequences generated at once: the KV cache's batch size
-    flash: bool = False  # attention through F.scaled_dot_product_attention instead of Meta's explicit softmax
-
-    def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len",
-                     "max_batch_size"):  # fmt: skip
-            _check_number("ModelArgs", name, getattr(self, name), "int")
-        for name in ("norm_eps", "rope_theta"):
-            _check_number("ModelArgs", name, getattr(self, name), "real")
-        if self.ffn_dim_multiplier is not None:
-            _check_number("ModelArgs", "ffn_dim_multiplier", self.ffn_dim_multiplier, "real")
-        for name in ("use_scaled_rope", "flash"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"ModelArgs.{name} must be true or false, got {getattr(self, name)!r}")
-        if not isinstance(self.rope_scaling, RopeScaling):
-            raise TypeError(f"ModelArgs.rope_scaling must be a RopeScaling, got {self.rope_scaling!r}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"ModelArgs.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"ModelArgs.dim / n_heads must be even for RoPE, got head_dim {self.head_dim}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"ModelArgs.n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head; queries, keys and values are split into heads of this size."""
-        return self.dim // self.n_heads
-
-    @classmethod
-    def from_params(cls, params: dict[str, Any], **overrides: Any) -> "ModelArgs":
-        """Build from a Meta `params.json` dict; keys ModelArgs does not know are ignored, as Meta does.
-        The RopeScaling constants are read from their params.json keys (RopeScaling.PARAMS_KEYS)."""
-        merged = {**params, **overrides}
-        known = {f.name for f in fields(cls)}
-        args = {k: v for k, v in merged.items() if k in known}
-        rope = {name: merged[key] for name, key in RopeScaling.PARAMS_KEYS.items() if key in merged}
-        if rope:
-            args["rope_scaling"] = dataclasses.replace(args.get("rope_scaling", RopeScaling()), **rope)
-        return cls(**args)
-
-    def replace(self, **changes: Any) -> "ModelArgs":
-        return dataclasses.replace(self, **changes)
+from .args import ModelArgs, RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -398,18 +291,15 @@ class Transformer(nn.Module):
         stale = self._freqs_cis is not None and self._freqs_cis.is_inference() and not torch.is_inference_mode_enabled()
         if self._freqs_cis is None or self._freqs_cis.device != device or stale:
             p = self.params
-            self._freqs_cis = precompute_freqs_cis(
-                p.head_dim, p.max_seq_len * 2, p.rope_theta, p.use_scaled_rope, device, p.rope_scaling
-            )
+            self._freqs_cis = precompute_freqs_cis(p.head_dim, p.max_seq_len * 2, p.rope_theta, p.use_scaled_rope,
+                                                   device, p.rope_scaling)  # fmt: skip
         return self._freqs_cis
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate a KV cache in every layer, in the model's dtype and on its device, for generation."""
         if not 0 < max_seq_len <= self.params.max_seq_len or max_batch_size < 1:
-            raise ValueError(
-                f"a KV cache of {max_batch_size} x {max_seq_len} positions; the model takes 1 to max_seq_len "
-                f"{self.params.max_seq_len} positions and at least 1 sequence"
-            )
+            raise ValueError(f"a KV cache of {max_batch_size} x {max_seq_len} positions; the model takes 1 to "
+                             f"max_seq_len {self.params.max_seq_len} positions and at least 1 sequence")  # fmt: skip
         weight = self.output.weight
         for layer in self.layers:
             # Each attention's own kv heads: under tensor parallelism a rank caches only its share.

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from hypothesis import strategies as st
 
-from microllama.model import ModelArgs, RopeScaling, Transformer
+from microllama.args import ModelArgs, RopeScaling
+from microllama.model import Transformer
 from microllama.tokenizer import SPECIAL_TOKENS
 
 # Meta's apply_scaling hard-codes these (Llama 3.1); Llama 3.2's small models publish a factor of 32.

@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from microllama.args import ModelArgs
 from microllama.checkpoint.load import load_model
 from microllama.compiled import CompiledDecoder, batch_buckets
 from microllama.generation import Llama
 from microllama.golden.capture import long_context_ids
 from microllama.golden.verify import verify
-from microllama.model import ModelArgs
 from microllama.tolerances import LOGITS_ATOL
 from tests.strategies import SMALL_VOCAB, SmallVocabTokenizer, random_transformer, small_model_args
 

@@ -5,13 +5,16 @@ import json
 import pytest
 import torch
 
+from microllama.args import RopeScaling
 from microllama.checkpoint import family
 from microllama.checkpoint.load import read_checkpoint
 from microllama.checkpoint.meta_layout import save_meta
 from microllama.checkpoint.params import args_from_params
 from microllama.checkpoint.tiny import tiny_state_dict
 from microllama.cli import main
-from microllama.model import RopeScaling, Transformer, precompute_freqs_cis
+
+# Parameter counts as published with the weights (the safetensors metadata of each Hugging Face repo).
+from microllama.model import Transformer, precompute_freqs_cis
 
 # Parameter counts as published with the weights (the safetensors metadata of each Hugging Face repo).
 PUBLISHED_PARAMETERS = {

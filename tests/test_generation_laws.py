@@ -18,8 +18,8 @@ from hypothesis import event, example, given
 from hypothesis import strategies as st
 from torch import nn
 
+from microllama.args import ModelArgs, RopeScaling
 from microllama.generation import Llama, sample_top_p
-from microllama.model import ModelArgs, RopeScaling
 from tests.strategies import SmallVocabTokenizer, random_transformer, small_model_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

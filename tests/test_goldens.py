@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from microllama.args import ModelArgs
 from microllama.checkpoint.load import Checkpoint, load_model, open_checkpoint
 from microllama.checkpoint.meta_layout import save_meta
 from microllama.cli import main as cli_main
@@ -28,7 +29,6 @@ from microllama.golden import schema as golden_format
 from microllama.golden import verify as verify_module
 from microllama.golden.schema import ChatToolCall, GoldenError, data_files, from_json, read_set, to_json, write_set
 from microllama.golden.verify import format_comparison, tolerance_admits, verify
-from microllama.model import ModelArgs
 from microllama.tokenizer import Tokenizer
 from microllama.tolerances import LOGITS_ATOL
 from reference_harness import record

@@ -11,7 +11,8 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from microllama.model import ModelArgs, RopeScaling, Transformer, apply_scaling, precompute_freqs_cis
+from microllama.args import ModelArgs, RopeScaling
+from microllama.model import Transformer, apply_scaling, precompute_freqs_cis
 from tests.strategies import (
     LLAMA32_ROPE_SCALING,
     META_ROPE_SCALING,

@@ -8,8 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from microllama.args import ModelArgs
 from microllama.checkpoint.load import load_model
-from microllama.model import ModelArgs, causal_mask, document_positions
+from microllama.model import causal_mask, document_positions
 from microllama.tolerances import GRAD_RTOL, LOGITS_ATOL
 from microllama.train.config import TrainConfig
 from microllama.train.data import Batch

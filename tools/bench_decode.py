@@ -32,10 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from this checkout
 
 from microllama import flags  # noqa: E402
+from microllama.args import ModelArgs  # noqa: E402
 from microllama.checkpoint import family
 from microllama.files import parse_dtype  # noqa: E402
 from microllama.generation import Llama  # noqa: E402
-from microllama.model import ModelArgs, Transformer  # noqa: E402
+from microllama.model import Transformer  # noqa: E402
 
 SYSTEMS = ("microllama", "microllama-flash", "microllama-compiled", "transformers", "transformers-static-compile",
            "meta")  # fmt: skip

@@ -40,9 +40,10 @@ def run_row(row: dict[str, Any]) -> dict[str, Any]:
     """One configuration, in this process: build, warm up, time; returns the row with its figures."""
     import torch
 
+    from microllama.args import ModelArgs
     from microllama.checkpoint import family
     from microllama.files import parse_dtype
-    from microllama.model import ModelArgs, Transformer
+    from microllama.model import Transformer
     from microllama.train.config import TrainConfig
     from microllama.train.data import Batch
     from microllama.train.loop import make_optimizer, peak_memory_gib, select_trainable, train_step

@@ -8,7 +8,6 @@ j * head_dim/2 + i. Reading undoes that; both directions are pure row permutatio
 """
 
 import json
-import numbers
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -16,8 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..args import ModelArgs, RopeScaling, is_finite, is_int
 from ..files import StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
-from ..model import ModelArgs, RopeScaling, ffn_hidden_dim
+from ..model import ffn_hidden_dim
 from . import family
 from .meta_layout import rank_range, shard_dim, shard_shape
 from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
@@ -64,8 +64,8 @@ def _get(config: dict[str, Any], key: str, source: Path, kind: str, default: Any
         return default
     value = config[key]
     ok = {
-        "int": isinstance(value, int) and not isinstance(value, bool) and value > 0,
-        "number": isinstance(value, numbers.Real) and not isinstance(value, bool) and abs(value) < float("inf"),
+        "int": is_int(value) and value > 0,
+        "number": is_finite(value),
         "bool": isinstance(value, bool),
         "object": isinstance(value, dict),
         "str": isinstance(value, str),

@@ -17,9 +17,10 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..args import ModelArgs
 from ..distributed import tensor_parallel as parallel
 from ..files import StateDict, parse_dtype, read_json, state_dict_sha256
-from ..model import ModelArgs, Transformer
+from ..model import Transformer
 from . import family, tiny
 from .hf_layout import hf_stored_bytes, read_config, read_hf, safetensors_files, save_hf
 from .meta_layout import meta_stored_bytes, read_meta, save_meta, shard_files

@@ -16,8 +16,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ..args import ModelArgs
 from ..files import StateDict, atomic_dir, converted, copy_releasing, dtype_name, own_tensors, release_pages
-from ..model import ModelArgs
 from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
 
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")

@@ -7,7 +7,8 @@ from typing import Any, Union
 
 import torch
 
-from ..model import ModelArgs, RopeScaling, Transformer
+from ..args import ModelArgs, RopeScaling
+from ..model import Transformer
 from . import family
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -14,8 +14,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from ..args import ModelArgs
 from ..files import atomic_dir, state_dict_sha256
-from ..model import ModelArgs
 from . import family
 from .params import expected_shapes
 

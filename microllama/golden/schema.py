@@ -31,7 +31,6 @@ against the rows, top_k and model config; anything else is a one-line GoldenErro
 import dataclasses
 import io
 import json
-import math
 import re
 import types
 import zipfile
@@ -43,13 +42,13 @@ from typing import Any, Optional, Union, get_args, get_origin
 import numpy as np
 import torch
 
+from ..args import ModelArgs, is_finite, is_int
 from ..chat import STOP_REASONS, TOOL_PROMPT_FORMATS, DialogError, Message, as_message, check_prompt
 from ..checkpoint.load import Checkpoint
 from ..checkpoint.params import expected_shapes
 from ..checkpoint.tiny import SHA256 as TINY_SHA256
 from ..files import atomic_dir, file_sha256, read_json, state_dict_sha256, tensor_sha256
 from ..generation import check_sampling
-from ..model import ModelArgs
 
 SCHEMA_VERSION = 1
 DATA_FILES = ("outputs.json", "logits.npz", "activations.npz", "long_context.npz")  # in every set
@@ -357,17 +356,9 @@ def _require(ok: bool, file: Path, at: str, message: str) -> None:
         raise _fail(file, at, message)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 _SCALARS = {
-    int: ("an integer", _is_int),
-    float: ("a finite number", _is_number),
+    int: ("an integer", is_int),
+    float: ("a finite number", is_finite),
     str: ("a string", lambda v: isinstance(v, str)),
 }
 

@@ -30,12 +30,13 @@ from typing import Any, Callable, Optional, Union
 import torch
 from tqdm.auto import tqdm
 
+from ..args import ModelArgs
 from ..checkpoint.load import Checkpoint, open_checkpoint
 from ..checkpoint.meta_layout import save_meta
 from ..checkpoint.tiny import cache_dir
 from ..distributed import data_parallel as distributed
 from ..files import atomic_dir, parse_dtype
-from ..model import ModelArgs, Transformer
+from ..model import Transformer
 from ..tokenizer import Tokenizer
 from . import run_dir as ckpts
 from .config import TrainConfig

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..args import is_int
 from ..files import StateDict
 from ..model import Transformer
 
@@ -59,7 +60,7 @@ def _linears(model: Transformer, targets: Sequence[str]) -> list[tuple[nn.Module
 def check_lora(rank: int, alpha: float, dropout: float, targets: Sequence[str]) -> None:
     """ValueError for settings no model can take: rank < 1, alpha not positive, dropout outside [0, 1), or a
     target that is not one of TARGETS."""
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    if not is_int(rank) or rank < 1:
         raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
     if not alpha > 0:
         raise ValueError(f"LoRA alpha must be positive, got {alpha!r}")
