@@ -1,5 +1,6 @@
 """The configuration of a Llama model: Meta's params.json fields (ModelArgs), Llama 3.1's RoPE scaling
-constants (RopeScaling), and the one check that a number is an integer or a finite real and not a bool.
+constants (RopeScaling), the one check that a number is an integer or a finite real and not a bool, and the
+check of generation's sampling settings (check_sampling).
 The standard library only, as Meta's llama3/args.py sits beside its model.py."""
 
 import dataclasses
@@ -120,3 +121,18 @@ class ModelArgs:
 
     def replace(self, **changes: Any) -> "ModelArgs":
         return dataclasses.replace(self, **changes)
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int], seed: Optional[int] = None) -> None:
+    """Raise ValueError for sampling settings no model can serve (checked before anything is loaded)."""
+    if not is_finite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if not is_finite(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
+    if max_gen_len is not None and (not is_int(max_gen_len) or max_gen_len < 1):
+        raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
+    if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")

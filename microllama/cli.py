@@ -61,8 +61,9 @@ def generate(
     if prompt is not None and prompts is not None:
         raise ValueError("give --prompt or --prompts, not both")
     texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
+    from .args import check_sampling
     from .distributed.tensor_parallel import is_rank_0, torchrun_world_size
-    from .generation import Llama, check_sampling
+    from .generation import Llama
     from .terminal import StreamPrinter
 
     check_sampling(temperature, top_p, max_gen_len, seed)  # before a checkpoint that may take minutes to load
@@ -223,8 +224,8 @@ def chat(
         tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
         compile: the compiled decode path (static KV cache, torch.compile; the first step compiles)
     """
+    from .args import check_sampling
     from .chat import TOOL_PROMPT_FORMATS
-    from .generation import check_sampling
 
     check_sampling(temperature, top_p, max_gen_len, seed)  # before a checkpoint that may take minutes to load
     for flag, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):

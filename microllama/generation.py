@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .args import is_finite, is_int
+from .args import check_sampling
 from .chat import ChatFormat, DialogError, Message, as_dialog, check_prompt
 from .checkpoint.load import Checkpoint, CheckpointError, open_checkpoint
 from .compiled import CompiledDecoder
@@ -17,8 +17,6 @@ from .distributed import tensor_parallel as parallel
 from .files import parse_dtype
 from .model import Transformer
 from .tokenizer import Tokenizer
-
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 
 
 @dataclass
@@ -55,18 +53,6 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
-
-
-def check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int], seed: Optional[int] = None) -> None:
-    """Raise ValueError for sampling settings no model can serve (checked before anything is loaded)."""
-    if not is_finite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if not is_finite(top_p) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1], got {top_p!r}")
-    if max_gen_len is not None and (not is_int(max_gen_len) or max_gen_len < 1):
-        raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
-    if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
-        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
 
 
 def output_ends(prompt_lens: Sequence[int], max_gen_len: Optional[int], max_seq_len: int) -> tuple[int, list[int]]:

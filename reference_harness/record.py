@@ -30,7 +30,13 @@ from microllama.checkpoint.load import Checkpoint, open_checkpoint
 from microllama.checkpoint.tiny import cache_dir
 from microllama.distributed.tensor_parallel import is_rank_0, torchrun_world_size
 from microllama.files import tensor_sha256
-from microllama.golden.capture import long_context_ids, platform_fingerprint, run_cases, summarize_logits
+from microllama.golden.capture import (
+    checkpoint_entry,
+    long_context_ids,
+    platform_fingerprint,
+    run_cases,
+    summarize_logits,
+)
 from microllama.golden.schema import (
     DEVICE_TYPES,
     DTYPES,
@@ -50,7 +56,6 @@ from microllama.golden.schema import (
     capture_points,
     chat_message,
     check_writable,
-    checkpoint_entry,
     data_files,
     device_type,
     full_vocab_rows,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from microllama.checkpoint.meta_layout import shard_dim
 from microllama.checkpoint.tiny import cache_dir
 from microllama.distributed.tensor_parallel import is_rank_0, torchrun_world_size
-from microllama.golden.capture import platform_fingerprint
+from microllama.golden.capture import checkpoint_entry, platform_fingerprint
 from microllama.golden.schema import (
     DTYPES,
     SCHEMA_VERSION,
@@ -35,7 +35,6 @@ from microllama.golden.schema import (
     Optimization,
     TrainingManifest,
     TrainingOutputs,
-    checkpoint_entry,
     is_training_set,
     training_set_name,
     write_training_set,

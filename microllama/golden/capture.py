@@ -17,7 +17,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .schema import LONG_RANGE, LogitsSummary, Platform, Row, capture_points
+from ..checkpoint.load import Checkpoint
+from ..checkpoint.tiny import SHA256 as TINY_SHA256
+from .schema import LONG_RANGE, CheckpointEntry, LogitsSummary, Platform, Row, capture_points
 
 
 @contextlib.contextmanager
@@ -118,6 +120,15 @@ def summarize_logits(logits: Sequence[torch.Tensor], top_k: int, full_vocab_rows
         logsumexp=torch.logsumexp(rows, dim=-1).numpy(),
         full_vocab=rows[list(full_vocab_rows)].numpy(),
     )
+
+
+def checkpoint_entry(ckpt: Checkpoint) -> CheckpointEntry:
+    """The manifest's checkpoint entry for ckpt (reads its tensors for the sha256). A directory holding an
+    embedded tiny checkpoint's exact tensors is named as that tiny checkpoint."""
+    digest = ckpt.sha256()
+    tiny = next((name for name, sha in TINY_SHA256.items() if sha == digest), None)
+    shards = len(ckpt.weight_files) if ckpt.layout == "meta" else 0
+    return CheckpointEntry(tiny=tiny, dir=None if tiny else str(ckpt.dir.resolve()), sha256=digest, shards=shards)
 
 
 def platform_fingerprint(device: Union[str, torch.device]) -> Platform:

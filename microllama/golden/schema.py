@@ -42,13 +42,10 @@ from typing import Any, Optional, Union, get_args, get_origin
 import numpy as np
 import torch
 
-from ..args import ModelArgs, is_finite, is_int
+from ..args import ModelArgs, check_sampling, is_finite, is_int
 from ..chat import STOP_REASONS, TOOL_PROMPT_FORMATS, DialogError, Message, as_message, check_prompt
-from ..checkpoint.load import Checkpoint
 from ..checkpoint.params import expected_shapes
-from ..checkpoint.tiny import SHA256 as TINY_SHA256
 from ..files import atomic_dir, file_sha256, read_json, state_dict_sha256, tensor_sha256
-from ..generation import check_sampling
 
 SCHEMA_VERSION = 1
 DATA_FILES = ("outputs.json", "logits.npz", "activations.npz", "long_context.npz")  # in every set
@@ -300,15 +297,6 @@ def chat_message(message: Union[Message, dict[str, Any]]) -> ChatMessage:
 def full_vocab_rows(rows: Sequence[Row], cases: Sequence[str]) -> list[int]:
     """Row numbers of the last position of each named case, in row order."""
     return [r.first_row + r.n_rows - 1 for r in rows if r.case in cases]
-
-
-def checkpoint_entry(ckpt: Checkpoint) -> CheckpointEntry:
-    """The manifest's checkpoint entry for ckpt (reads its tensors for the sha256). A directory holding an
-    embedded tiny checkpoint's exact tensors is named as that tiny checkpoint."""
-    digest = ckpt.sha256()
-    tiny = next((name for name, sha in TINY_SHA256.items() if sha == digest), None)
-    shards = len(ckpt.weight_files) if ckpt.layout == "meta" else 0
-    return CheckpointEntry(tiny=tiny, dir=None if tiny else str(ckpt.dir.resolve()), sha256=digest, shards=shards)
 
 
 def set_name(checkpoint: CheckpointEntry, dtype: str, device: str, world_size: int) -> str:
