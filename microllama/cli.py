@@ -62,7 +62,7 @@ def generate(
         raise ValueError("give --prompt or --prompts, not both")
     texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
     from .args import check_sampling
-    from .distributed.tensor_parallel import is_rank_0, torchrun_world_size
+    from .distributed.launch import is_rank_0, torchrun_world_size
     from .generation import Llama
     from .terminal import StreamPrinter
 
@@ -151,7 +151,7 @@ def verify(
         if not training.passed:
             sys.exit(1)
         return
-    from .distributed.tensor_parallel import is_rank_0, torchrun_world_size
+    from .distributed.launch import is_rank_0, torchrun_world_size
     from .golden.verify import format_comparison
     from .golden.verify import verify as verify_golden_set
 

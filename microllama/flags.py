@@ -84,7 +84,7 @@ QUIET_RANK_WAIT_S = 2.0
 
 
 def _say(line: str) -> None:
-    """Print line on stderr on rank 0 (microllama.distributed.tensor_parallel.is_rank_0's rule, read without
+    """Print line on stderr on rank 0 (microllama.distributed.launch.is_rank_0's rule, read without
     importing torch)."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(line, file=sys.stderr)

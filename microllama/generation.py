@@ -14,6 +14,7 @@ from .chat import ChatFormat, DialogError, Message, as_dialog, check_prompt
 from .checkpoint.load import Checkpoint, CheckpointError, open_checkpoint
 from .compiled import CompiledDecoder
 from .distributed import tensor_parallel as parallel
+from .distributed.launch import torchrun_world_size
 from .files import parse_dtype
 from .model import Transformer
 from .tokenizer import Tokenizer
@@ -95,7 +96,7 @@ class Llama:
             raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
         mesh = None
         if tensor_parallel:
-            parallel.check_world_size(checkpoint.args, parallel.torchrun_world_size(), checkpoint.source)
+            parallel.check_world_size(checkpoint.args, torchrun_world_size(), checkpoint.source)
             mesh, device = parallel.device_mesh(device)
         dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
         tokenizer = Tokenizer(tokenizer_path, ckpt_dir=checkpoint.dir)

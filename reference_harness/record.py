@@ -28,7 +28,7 @@ import torch
 
 from microllama.checkpoint.load import Checkpoint, open_checkpoint
 from microllama.checkpoint.tiny import cache_dir
-from microllama.distributed.tensor_parallel import is_rank_0, torchrun_world_size
+from microllama.distributed.launch import is_rank_0, torchrun_world_size
 from microllama.files import tensor_sha256
 from microllama.golden.capture import (
     checkpoint_entry,

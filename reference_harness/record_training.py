@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from microllama.checkpoint.meta_layout import shard_dim
 from microllama.checkpoint.tiny import cache_dir
-from microllama.distributed.tensor_parallel import is_rank_0, torchrun_world_size
+from microllama.distributed.launch import is_rank_0, torchrun_world_size
 from microllama.golden.capture import checkpoint_entry, platform_fingerprint
 from microllama.golden.schema import (
     DTYPES,

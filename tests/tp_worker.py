@@ -20,6 +20,7 @@ import torch
 from microllama.checkpoint.load import open_checkpoint
 from microllama.cli import main as cli_main
 from microllama.distributed import tensor_parallel as parallel
+from microllama.distributed.launch import torchrun_world_size
 from microllama.files import tensor_sha256
 from microllama.generation import Llama
 from microllama.golden.schema import read_set
@@ -89,7 +90,7 @@ def main(out: str, spec_json: str) -> None:
         result["cache_shape"] = list(model.layers[0].attention.cache.cache_k.shape)
     lap("start and build")
     if spec.get("golden"):
-        result["golden"] = against_goldens(llama, spec["golden"], parallel.torchrun_world_size())
+        result["golden"] = against_goldens(llama, spec["golden"], torchrun_world_size())
 
     lap("goldens")
     # The same weights from every other layout (one dense file, Hugging Face's), sliced as read: same logits.

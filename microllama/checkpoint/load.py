@@ -19,6 +19,7 @@ import torch
 
 from ..args import ModelArgs
 from ..distributed import tensor_parallel as parallel
+from ..distributed.launch import is_rank_0
 from ..files import StateDict, parse_dtype, read_json, state_dict_sha256
 from ..model import Transformer
 from . import family, tiny
@@ -136,7 +137,7 @@ def open_checkpoint(target: Union[str, Path, Checkpoint, None] = None) -> Checkp
         target = "tiny"
     if isinstance(target, str) and target in family.REGISTRY:
         named = family.REGISTRY[target]
-        if Path(target).is_dir() and parallel.is_rank_0():
+        if Path(target).is_dir() and is_rank_0():
             what = "checkpoint" if named.tiny else "configuration"
             print(
                 f"note: {target} names the built-in {what}, not the directory {target} here (for that: ./{target})",

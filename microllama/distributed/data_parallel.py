@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..model import Transformer
 from ..train.data import Batch
-from .tensor_parallel import torchrun_world_size
+from .launch import join_process_group, torchrun_world_size
 
 if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still trains in one process
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -131,6 +131,5 @@ def join(kind: str, batch_size: int, device: torch.device) -> Ranks:
         return Ranks()
     if batch_size % world_size:
         raise ValueError(f"--batch_size {batch_size} rows must split evenly over {world_size} ranks")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    join_process_group(device)
     return Ranks(kind, dist.get_rank(), world_size)

@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh  # a stand-in class where t
 from ..args import ModelArgs
 from ..files import StateDict
 from ..model import Transformer, ffn_hidden_dim
+from .launch import join_process_group
 
 if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still runs microllama on one device
     from torch.distributed.device_mesh import init_device_mesh
@@ -35,16 +36,6 @@ if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still ru
 
 class TensorParallelError(ValueError):
     """A tensor-parallel request that cannot run: not under torchrun, or a world size the model cannot split."""
-
-
-def torchrun_world_size() -> int:
-    """The world size torchrun gave this process (WORLD_SIZE); 1 when not launched by torchrun."""
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_rank_0() -> bool:
-    """Whether this process is rank 0 of a torchrun job, or not launched by torchrun: the one that prints."""
-    return int(os.environ.get("RANK", 0)) == 0
 
 
 def check_world_size(args: ModelArgs, world_size: int, source: str) -> None:
@@ -76,8 +67,7 @@ def device_mesh(device: Union[str, torch.device]) -> tuple[DeviceMesh, torch.dev
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    join_process_group(device)
     return init_device_mesh(device.type, (dist.get_world_size(),)), device
 
 

@@ -8,7 +8,7 @@ from .config import TrainConfig  # the standard library only: --help stays fast
 
 
 def _train(config: Any) -> None:
-    from ..distributed.tensor_parallel import is_rank_0
+    from ..distributed.launch import is_rank_0
     from .loop import train as run_training
 
     summary = run_training(config)

@@ -1,0 +1,23 @@
+"""What torchrun gives a process: its rank, the world size, and the process group, joined in one place (gloo on the
+CPU, nccl on CUDA) by tensor-parallel inference and data-parallel training alike."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def torchrun_world_size() -> int:
+    """The world size torchrun gave this process (WORLD_SIZE); 1 when not launched by torchrun."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_rank_0() -> bool:
+    """Whether this process is rank 0 of a torchrun job, or not launched by torchrun: the one that prints."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def join_process_group(device: torch.device) -> None:
+    """Join the process group torchrun describes, unless this process has: nccl for CUDA devices, else gloo."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
