@@ -697,14 +697,15 @@ def test_tolerance_admits_a_model_s_own_completions_and_refuses_a_token_it_ranks
 AVX2_CAPS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
-def test_the_golden_checks_hold_on_an_avx2_cpu_too():
+def test_the_golden_checks_hold_on_an_avx2_cpu_too(tmp_path):
     """The tests marked `golden` (microllama against every committed golden and training set), run again in a
     process whose kernels are an AVX2 CPU's: there the recordings' AVX-512 platform differs, so they check
     verify's tolerance branch on real other arithmetic, as a CI machine without AVX-512 runs them."""
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         pytest.skip(f"this CPU's kernels are {torch.backends.cpu.get_cpu_capability()}, not AVX-512: the golden "
                     "tests above already ran here on another platform than the recordings'")  # fmt: skip
-    env = {**os.environ, **AVX2_CAPS}
+    # inductor's kernel cache is not keyed by these caps: a kernel built here must not be reused by a full-ISA process
+    env = {**os.environ, **AVX2_CAPS, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "golden", "-p", "no:cacheprovider",
            "tests/test_goldens.py", "tests/test_training_goldens.py"]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
