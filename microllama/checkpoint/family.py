@@ -34,8 +34,15 @@ class NamedConfig:
 _LLAMA3 = {"vocab_size": 128256, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
 # The tiny checkpoints keep the real 128,256-token vocabulary, grouped-query attention,
 # ffn_dim_multiplier and scaled RoPE; their weights are random (microllama.checkpoint.tiny).
-_TINY = {"vocab_size": 128256, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
-         "use_scaled_rope": True}  # fmt: skip
+_TINY = {"ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True}
+
+
+def _tiny(dim: int, n_layers: int, n_heads: int, n_kv_heads: int, multiple_of: int) -> dict[str, Any]:
+    """A tiny checkpoint's params.json, its keys in the order of the one the committed goldens were recorded from."""
+    return {"dim": dim, "n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads, "vocab_size": 128256,
+            "multiple_of": multiple_of, **_TINY}  # fmt: skip
+
+
 REGISTRY: dict[str, NamedConfig] = {
     "llama3.1-8b": NamedConfig({"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
                                 "ffn_dim_multiplier": 1.3, "multiple_of": 1024, **_LLAMA3}),
@@ -49,14 +56,11 @@ REGISTRY: dict[str, NamedConfig] = {
                                 "ffn_dim_multiplier": 1.0, "multiple_of": 256, **_LLAMA3}, tied=True, rope_factor=32.0),
     # The default. With rope_theta 500,000, head_dim 16 puts RoPE wavelengths in all three regimes of
     # the 3.1 scaling: 6 to 862 positions (kept), 4,447 (interpolated), 22,950 and beyond (divided by 8).
-    "tiny": NamedConfig({"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "multiple_of": 32, **_TINY},
-                        tiny=True),
+    "tiny": NamedConfig(_tiny(64, 2, 4, 2, multiple_of=32), tiny=True),
     # head_dim 128 like the real 8B model: RoPE pairs at all 64 of its frequencies.
-    "tiny-hd128": NamedConfig({"dim": 256, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 64, **_TINY},
-                              tiny=True),
+    "tiny-hd128": NamedConfig(_tiny(256, 2, 2, 1, multiple_of=64), tiny=True),
     # Four key/value heads: splits over 4 tensor-parallel ranks, as "tiny" (2 of them) cannot.
-    "tiny-kv4": NamedConfig({"dim": 128, "n_layers": 2, "n_heads": 8, "n_kv_heads": 4, "multiple_of": 32, **_TINY},
-                            tiny=True),
+    "tiny-kv4": NamedConfig(_tiny(128, 2, 8, 4, multiple_of=32), tiny=True),
 }  # fmt: skip
 FAMILY = [name for name, c in REGISTRY.items() if not c.tiny]
 TINY = [name for name, c in REGISTRY.items() if c.tiny]
