@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -45,7 +46,9 @@ def test_terminal_session_as_a_person_uses_it(llama):
     args += ["--max_gen_len", str(PTY_GEN_LEN), "--max_seq_len", "2048"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}
     started = time.monotonic()
-    child = pexpect.spawn(sys.executable, args, cwd=ROOT, env=env, encoding="utf-8", timeout=120)
+    # A suite launched in the background inherits SIGINT ignored, and so would the session: give it the default back.
+    child = pexpect.spawn(sys.executable, args, cwd=ROOT, env=env, encoding="utf-8", timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         child.expect_exact("you> ")
         assert "microllama chat: tiny (random weights: its replies are nonsense), max_seq_len 2048" in child.before

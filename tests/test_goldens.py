@@ -863,7 +863,9 @@ def test_interrupting_record_goldens_leaves_no_torchrun_process_running(tmp_path
     nothing of the recording is left running or written. What is said of it is one line, and status 130."""
     log = open(tmp_path / "stderr.txt", "w")
     tool = [sys.executable, str(REPO / "tools" / "record_goldens.py"), "--out", str(tmp_path / "set")]
-    parent = subprocess.Popen(tool, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
+    # A suite launched in the background inherits SIGINT ignored, and so would the tool: give it the default back.
+    parent = subprocess.Popen(tool, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline, torchrun, workers = time.time() + 120, [], []
     while time.time() < deadline and parent.poll() is None and not workers:
         torchrun = _children(parent.pid)
