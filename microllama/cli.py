@@ -141,7 +141,7 @@ def verify(
         return _verify_all(golden_dir, device, ckpt_dir=ckpt_dir, other_checkpoint=other_checkpoint, compile=compile)
     if golden_dir is None:
         raise ValueError("verify needs GOLDEN_DIR (a golden or training set), or --all")
-    from .golden.schema import is_training_set
+    from .golden.training_set import is_training_set
 
     if is_training_set(golden_dir):  # a training set: microllama's trainer against Meta's fine-tune
         from .golden.verify_training import format_training_comparison, verify_training

@@ -4,7 +4,7 @@
              [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Every rank runs Meta's tensor-parallel model (gloo on CPU, nccl on CUDA; Meta's build reshards a
-one-shard checkpoint for N ranks); rank 0 writes the set through microllama.golden.schema. `launch()`
+one-shard checkpoint for N ranks); rank 0 writes the set through microllama.golden.inference_set. `launch()`
 checks a request and starts torchrun from Python, and `record_goldens()` (tools/record_goldens.py)
 records into the cache and checks microllama against that recording and against the committed set.
 """
@@ -37,11 +37,8 @@ from microllama.golden.capture import (
     run_cases,
     summarize_logits,
 )
-from microllama.golden.schema import (
-    DEVICE_TYPES,
-    DTYPES,
+from microllama.golden.inference_set import (
     LONG_RANGE,
-    SCHEMA_VERSION,
     ChatOutputs,
     ChatReply,
     ChatSampling,
@@ -49,20 +46,25 @@ from microllama.golden.schema import (
     LogitsSpec,
     LongRange,
     Manifest,
-    ModelEntry,
     Outputs,
     Sampling,
-    Versions,
     capture_points,
     chat_message,
     check_writable,
     data_files,
-    device_type,
     full_vocab_rows,
     is_golden_set,
+    write_set,
+)
+from microllama.golden.schema import (
+    DEVICE_TYPES,
+    DTYPES,
+    SCHEMA_VERSION,
+    ModelEntry,
+    Versions,
+    device_type,
     set_name,
     to_json,
-    write_set,
 )
 from microllama.golden.verify import Comparison, format_comparison, verify
 

@@ -8,7 +8,7 @@ of token losses over the batch's target count, backward, the global gradient nor
 with decay on matrices only. Norms and the final weights are of the dense tensors: a sharded gradient's
 squares are summed over the ranks, sharded weights gathered. Meta's model has no document mask, so each
 row of the batch is one document (packing is checked by microllama's packed-vs-alone law). Rank 0 writes
-the set through microllama.golden.schema. `record_training_goldens()` (tools/record_training_goldens.py)
+the set through microllama.golden.training_set. `record_training_goldens()` (tools/record_training_goldens.py)
 records into the cache and checks microllama's trainer against it and against the committed set.
 """
 
@@ -26,12 +26,10 @@ from microllama.checkpoint.meta_layout import shard_dim
 from microllama.checkpoint.tiny import cache_dir
 from microllama.distributed.launch import is_rank_0, torchrun_world_size
 from microllama.golden.capture import checkpoint_entry, platform_fingerprint
-from microllama.golden.schema import (
-    DTYPES,
-    SCHEMA_VERSION,
+from microllama.golden.schema import DTYPES, SCHEMA_VERSION, ModelEntry
+from microllama.golden.training_set import (
     TRAINING_DATA_FILES,
     TRAINING_KIND,
-    ModelEntry,
     Optimization,
     TrainingManifest,
     TrainingOutputs,

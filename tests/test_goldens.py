@@ -25,9 +25,11 @@ from microllama.checkpoint.meta_layout import save_meta
 from microllama.cli import main as cli_main
 from microllama.generation import Llama
 from microllama.golden import capture
-from microllama.golden import schema as golden_format
+from microllama.golden import inference_set as golden_format
 from microllama.golden import verify as verify_module
-from microllama.golden.schema import ChatToolCall, GoldenError, data_files, from_json, read_set, to_json, write_set
+from microllama.golden.inference_set import ChatToolCall, data_files, read_set, write_set
+from microllama.golden.schema import GoldenError, from_json, to_json
+from microllama.golden.training_set import is_training_set
 from microllama.golden.verify import format_comparison, tolerance_admits, verify
 from microllama.tokenizer import Tokenizer
 from microllama.tolerances import LOGITS_ATOL
@@ -44,7 +46,7 @@ COMMITTED = [
 WITHOUT_CHAT = ["tiny-fp32-cuda-ws1", "tiny-bf16-cuda-ws1"]  # recorded before chat goldens, on a GPU not here
 # Forward sets: the training sets (train-*) are checked in tests/test_training_goldens.py.
 SETS = sorted({p.parent.name for p in GOLDENS.glob("*/manifest.json")
-               if not golden_format.is_training_set(p.parent)} | set(COMMITTED))  # fmt: skip
+               if not is_training_set(p.parent)} | set(COMMITTED))  # fmt: skip
 replace = dataclasses.replace
 
 

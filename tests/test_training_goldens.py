@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from microllama.cli import main as cli_main
-from microllama.golden import schema as golden_format
+from microllama.golden import training_set as golden_format
 from microllama.golden import verify_training
 from microllama.golden.capture import platform_fingerprint
-from microllama.golden.schema import GoldenError, read_training_set, write_training_set
+from microllama.golden.schema import GoldenError
+from microllama.golden.training_set import read_training_set, write_training_set
 from microllama.train.loop import make_optimizer as trainers_optimizer
 from microllama.train.loop import select_trainable
 

@@ -23,7 +23,7 @@ from microllama.distributed import tensor_parallel as parallel
 from microllama.distributed.launch import torchrun_world_size
 from microllama.files import tensor_sha256
 from microllama.generation import Llama
-from microllama.golden.schema import read_set
+from microllama.golden.inference_set import read_set
 from microllama.golden.verify import comparison_mode, format_comparison, verify
 
 START = time.time()

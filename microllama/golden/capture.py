@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from ..checkpoint.load import Checkpoint
 from ..checkpoint.tiny import SHA256 as TINY_SHA256
-from .schema import LONG_RANGE, CheckpointEntry, LogitsSummary, Platform, Row, capture_points
+from .inference_set import LONG_RANGE, LogitsSummary, Row, capture_points
+from .schema import CheckpointEntry, Platform
 
 
 @contextlib.contextmanager

@@ -24,18 +24,9 @@ from ..model import Transformer
 from ..tokenizer import Tokenizer
 from ..tolerances import LOGITS_ATOL
 from .capture import Records, cpu_threads, platform_fingerprint, run_cases
-from .schema import (
-    ChatReply,
-    GoldenError,
-    GoldenSet,
-    Row,
-    TrainingSet,
-    chat_message,
-    full_vocab_rows,
-    json_bytes,
-    read_set,
-    to_json,
-)
+from .inference_set import ChatReply, GoldenSet, Row, chat_message, full_vocab_rows, read_set
+from .schema import GoldenError, json_bytes, to_json
+from .training_set import TrainingSet
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from ..tolerances import LOGITS_ATOL
-from .schema import GoldenError, is_training_set
+from .schema import GoldenError
+from .training_set import is_training_set
 from .verify import Comparison, format_comparison, verify
 from .verify_training import TrainingComparison, format_training_comparison, verify_training
 

@@ -1,4 +1,4 @@
-"""Checking microllama's trainer against a training golden set (microllama.golden.schema): the same steps on
+"""Checking microllama's trainer against a training golden set (microllama.golden.training_set): the same steps on
 the same batch through microllama.train.loop's own train_step, then every step's loss and gradient norm, each
 parameter's first-step gradient norm and the final weights compared; bit for bit on the recording's
 platform at world size 1, else within microllama.tolerances."""
@@ -15,7 +15,8 @@ from ..train.config import TrainConfig
 from ..train.data import Batch
 from ..train.loop import make_optimizer, select_trainable, train_step
 from .capture import cpu_threads
-from .schema import GoldenError, TrainingOutputs, TrainingSet, read_training_set
+from .schema import GoldenError
+from .training_set import TrainingOutputs, TrainingSet, read_training_set
 from .verify import checking_device, comparison_mode, recorded_checkpoint
 
 
