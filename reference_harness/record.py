@@ -50,7 +50,6 @@ from microllama.golden.inference_set import (
     Sampling,
     capture_points,
     chat_message,
-    check_writable,
     data_files,
     full_vocab_rows,
     is_golden_set,
@@ -62,6 +61,7 @@ from microllama.golden.schema import (
     SCHEMA_VERSION,
     ModelEntry,
     Versions,
+    check_writable,
     device_type,
     set_name,
     to_json,
@@ -234,7 +234,7 @@ def check_request(
     world_size: int,
 ) -> Checkpoint:
     """The checkpoint to record, once the request is known to be one Meta's code can run and its set can be
-    written at `out` (see golden_format.check_writable; None: not yet known); ValueError, saying what is
+    written at `out` (see microllama.golden.schema.check_writable; None: not yet known); ValueError, saying what is
     wrong, before any work."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: a golden set is recorded in {' or '.join(DTYPES)}")
@@ -254,7 +254,7 @@ def check_request(
             f"{ckpt.source} has n_heads {args.n_heads} and n_kv_heads {args.n_kv_heads}"
         )
     if out is not None:
-        check_writable(out)
+        check_writable(out, is_golden_set, "golden set")
     return ckpt
 
 

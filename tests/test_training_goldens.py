@@ -78,6 +78,20 @@ def test_committed_training_set_rewritten_from_its_parsed_values_is_byte_identic
         assert (out / file).read_bytes() == (GOLDENS / name / file).read_bytes(), file
 
 
+def test_write_training_set_never_replaces_a_file_or_a_directory_that_is_not_a_training_set(tmp_path):
+    g = read_training_set(GOLDENS / "train-tiny-fp32-cpu-ws1")
+    user_file, user_dir, golden_set = tmp_path / "notes.txt", tmp_path / "mine", GOLDENS / "tiny-fp32-cpu-ws1"
+    user_file.write_text("keep me")
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("keep me too")
+    before = {p: p.read_bytes() for p in [user_file, *user_dir.iterdir(), *golden_set.iterdir()]}
+    for target in (user_file, user_dir, golden_set):
+        with pytest.raises(GoldenError, match="a training set is written only to a new path, an empty directory, or"):
+            write_training_set(target, g.manifest, g.outputs, g.tokens, g.targets)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+
+
 @pytest.fixture
 def training_copy(tmp_path):
     return Path(shutil.copytree(GOLDENS / "train-tiny-fp32-cpu-ws1", tmp_path / "set"))

@@ -39,7 +39,7 @@ import torch
 
 from ..args import check_sampling
 from ..chat import STOP_REASONS, TOOL_PROMPT_FORMATS, DialogError, Message, as_message, check_prompt
-from ..files import atomic_dir, file_sha256, read_json
+from ..files import atomic_dir, read_json
 from .schema import (
     _SHA256,
     DEVICE_TYPES,
@@ -58,7 +58,10 @@ from .schema import (
     _read_npz,
     _require,
     _show,
+    check_files,
+    check_writable,
     device_type,
+    file_hashes,
     from_json,
     json_bytes,
     npz_bytes,
@@ -416,19 +419,6 @@ def is_golden_set(path: Union[str, Path]) -> bool:
     return True
 
 
-def check_writable(out_dir: Union[str, Path]) -> None:
-    """Raise GoldenError unless a set may be written at out_dir: absent, an empty directory, or a golden
-    set (which is then replaced). Anything else (a file, a directory of other files) is never touched."""
-    out_dir = Path(out_dir)
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())) or is_golden_set(out_dir):
-        return
-    what = "a directory that is not a golden set" if out_dir.is_dir() else "not a directory"
-    raise GoldenError(
-        f"{out_dir} exists and is {what}: a golden set is written only to a new path, an empty directory, "
-        "or over an existing golden set"
-    )
-
-
 def write_set(
     out_dir: Union[str, Path],
     manifest: Manifest,
@@ -442,7 +432,7 @@ def write_set(
     given). Atomic: the set is written into a temporary directory beside out_dir and renamed into place,
     so an interrupted run leaves any old set intact. out_dir must pass check_writable. The values are
     written as given: read_set is what checks a set's contents against its manifest."""
-    check_writable(out_dir)
+    check_writable(out_dir, is_golden_set, "golden set")
     with atomic_dir(out_dir, replace=True) as tmp:
         (tmp / "outputs.json").write_bytes(json_bytes(outputs))
         (tmp / "logits.npz").write_bytes(npz_bytes(logits.arrays()))
@@ -450,7 +440,7 @@ def write_set(
         (tmp / "long_context.npz").write_bytes(npz_bytes({"ids": long_context}))
         if chat is not None:
             (tmp / "chat.json").write_bytes(json_bytes(chat))
-        files = {name: file_sha256(tmp / name) for name in [*DATA_FILES, *OPTIONAL_FILES] if (tmp / name).is_file()}
+        files = file_hashes(tmp, [*DATA_FILES, *OPTIONAL_FILES])
         (tmp / "manifest.json").write_bytes(json_bytes(dataclasses.replace(manifest, files=files)))
     return Path(out_dir)
 
@@ -471,16 +461,7 @@ def read_set(path: Union[str, Path]) -> GoldenSet:
     for name in OPTIONAL_FILES:
         if name not in manifest.files and (path / name).exists():
             raise GoldenError(f"{path / name}: the manifest does not declare it (no {OPTIONAL_FILES[name]} entry)")
-    for name in data_files(manifest):
-        file = path / name
-        if not file.is_file():
-            raise GoldenError(f"{file} not found (the manifest lists it)")
-        actual = file_sha256(file)
-        if actual != manifest.files[name]:
-            raise GoldenError(
-                f"{file}: sha256 mismatch: the file has {actual}, the manifest recorded {manifest.files[name]} "
-                "(changed or truncated since recording)"
-            )
+    check_files(path, manifest.files, data_files(manifest))
     logits = _read_npz(path / "logits.npz")
     _check_members(path / "logits.npz", logits, [f.name for f in dataclasses.fields(LogitsSummary)])
     long_context = _read_npz(path / "long_context.npz")

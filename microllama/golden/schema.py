@@ -14,7 +14,7 @@ import json
 import re
 import types
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..args import ModelArgs, is_finite, is_int
-from ..files import read_json
+from ..files import file_sha256, read_json
 
 SCHEMA_VERSION = 1
 # The dtypes a set is recorded in (microllama.tolerances bounds both), and their short names in set names.
@@ -267,6 +267,39 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 def json_bytes(value: Any) -> bytes:
     return (json.dumps(to_json(value), indent=1, ensure_ascii=False) + "\n").encode()
+
+
+def file_hashes(directory: Path, names: Sequence[str]) -> dict[str, str]:
+    """name -> sha256 of each of the named files that directory holds: a manifest's `files`."""
+    return {name: file_sha256(directory / name) for name in names if (directory / name).is_file()}
+
+
+def check_files(directory: Path, recorded: dict[str, str], names: Sequence[str]) -> None:
+    """Raise GoldenError unless each named file is in directory with the sha256 its manifest recorded."""
+    for name in names:
+        file = directory / name
+        if not file.is_file():
+            raise GoldenError(f"{file} not found (the manifest lists it)")
+        actual = file_sha256(file)
+        if actual != recorded.get(name):
+            raise GoldenError(
+                f"{file}: sha256 mismatch: the file has {actual}, the manifest recorded {recorded.get(name)} "
+                "(changed or truncated since recording)"
+            )
+
+
+def check_writable(out_dir: Union[str, Path], is_set: Callable[[Path], bool], kind: str) -> None:
+    """Raise GoldenError unless a set of this kind ("golden set", "training set") may be written at out_dir:
+    absent, an empty directory, or such a set (is_set; it is then replaced). Anything else (a file, a directory
+    of other files) is never touched."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())) or is_set(out_dir):
+        return
+    what = f"a directory that is not a {kind}" if out_dir.is_dir() else "not a directory"
+    raise GoldenError(
+        f"{out_dir} exists and is {what}: a {kind} is written only to a new path, an empty directory, "
+        f"or over an existing {kind}"
+    )
 
 
 def _manifest_json(path: Path) -> tuple[Path, dict]:

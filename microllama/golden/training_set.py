@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.params import expected_shapes
-from ..files import atomic_dir, file_sha256, read_json, state_dict_sha256, tensor_sha256
+from ..files import atomic_dir, read_json, state_dict_sha256, tensor_sha256
 from .schema import (
     _SHA256,
     DEVICE_TYPES,
@@ -35,7 +35,10 @@ from .schema import (
     _read_npz,
     _require,
     _show,
+    check_files,
+    check_writable,
     device_type,
+    file_hashes,
     from_json,
     json_bytes,
     npz_bytes,
@@ -172,13 +175,11 @@ def write_training_set(
 ) -> Path:  # fmt: skip
     """Write a training set atomically and byte-deterministically, the manifest with each data file's sha256.
     out_dir must be absent, an empty directory, or a training set (which is then replaced)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())) and not is_training_set(out_dir):
-        raise GoldenError(f"{out_dir} exists and is not a training golden set: it is never written over")
+    check_writable(out_dir, is_training_set, "training set")
     with atomic_dir(out_dir, replace=True) as tmp:
         (tmp / "training.json").write_bytes(json_bytes(outputs))
         (tmp / "batch.npz").write_bytes(npz_bytes({"tokens": tokens, "targets": targets}))
-        files = {name: file_sha256(tmp / name) for name in TRAINING_DATA_FILES}
+        files = file_hashes(tmp, TRAINING_DATA_FILES)
         (tmp / "manifest.json").write_bytes(json_bytes(dataclasses.replace(manifest, files=files)))
     return out_dir
 
@@ -189,15 +190,7 @@ def read_training_set(path: Union[str, Path]) -> TrainingSet:
     path = Path(path)
     file, raw = _manifest_json(path)
     manifest = from_json(TrainingManifest, raw, file)
-    for name in TRAINING_DATA_FILES:
-        if not (path / name).is_file():
-            raise GoldenError(f"{path / name} not found (the manifest lists it)")
-        actual = file_sha256(path / name)
-        if actual != manifest.files.get(name):
-            raise GoldenError(
-                f"{path / name}: sha256 mismatch: the file has {actual}, the manifest recorded "
-                f"{manifest.files.get(name)} (changed or truncated since recording)"
-            )
+    check_files(path, manifest.files, TRAINING_DATA_FILES)
     batch = _read_npz(path / "batch.npz")
     _check_members(path / "batch.npz", batch, ["tokens", "targets"])
     outputs = from_json(TrainingOutputs, read_json(path / "training.json", GoldenError), path / "training.json")
