@@ -1,7 +1,8 @@
 """The configuration of a Llama model: Meta's params.json fields (ModelArgs), Llama 3.1's RoPE scaling
-constants (RopeScaling), the one check that a number is an integer or a finite real and not a bool, and the
-check of generation's sampling settings (check_sampling).
-The standard library only, as Meta's llama3/args.py sits beside its model.py."""
+constants (RopeScaling), the SwiGLU hidden size a configuration implies (ffn_hidden_dim), the one check that a
+number is an integer or a finite real and not a bool, and the check of generation's sampling settings
+(check_sampling). The standard library only, as Meta's llama3/args.py sits beside its model.py: the sizes of a
+model are known without torch."""
 
 import dataclasses
 import math
@@ -124,6 +125,14 @@ class ModelArgs:
 
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    """SwiGLU hidden size: 2/3 of 4 * dim, times the multiplier, rounded up to multiple_of (Meta's formula)."""
+    hidden_dim = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
 
 
 def check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int], seed: Optional[int] = None) -> None:

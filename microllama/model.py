@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .args import ModelArgs, RopeScaling
+from .args import ModelArgs, RopeScaling, ffn_hidden_dim
 
 
 class RMSNorm(nn.Module):
@@ -226,14 +226,6 @@ class Attention(nn.Module):
         # Heads side by side again, (bsz, seqlen, n_heads * head_dim), then mixed back to dim by wo.
         output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.wo(output)
-
-
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
-    """SwiGLU hidden size: 2/3 of 4 * dim, times the multiplier, rounded up to multiple_of (Meta's formula)."""
-    hidden_dim = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
 
 
 class FeedForward(nn.Module):

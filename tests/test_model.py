@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from microllama.args import ffn_hidden_dim
 from microllama.checkpoint.family import REGISTRY, TINY
 from microllama.checkpoint.load import CheckpointError, load_model
 from microllama.checkpoint.tiny import SHA256, make_tiny
@@ -15,7 +16,6 @@ from microllama.model import (
     RopeScaling,
     Transformer,
     causal_mask,
-    ffn_hidden_dim,
     precompute_freqs_cis,
 )
 

@@ -9,7 +9,8 @@ import torch
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from microllama.model import RMSNorm, ffn_hidden_dim
+from microllama.args import ffn_hidden_dim
+from microllama.model import RMSNorm
 from microllama.tolerances import FP32_UNIT_ROUNDOFF
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..args import ModelArgs, RopeScaling
-from ..model import Transformer, ffn_hidden_dim
+from ..args import ModelArgs, RopeScaling, ffn_hidden_dim
+from ..model import Transformer
 
 CONTEXT = 131072  # every model of both families is published with a 128K context
 

@@ -15,9 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..args import ModelArgs, RopeScaling, is_finite, is_int
+from ..args import ModelArgs, RopeScaling, ffn_hidden_dim, is_finite, is_int
 from ..files import StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
-from ..model import ffn_hidden_dim
 from . import family
 from .meta_layout import rank_range, shard_dim, shard_shape
 from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes

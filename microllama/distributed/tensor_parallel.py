@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh  # a stand-in class where torch is built without distributed
 
-from ..args import ModelArgs
+from ..args import ModelArgs, ffn_hidden_dim
 from ..files import StateDict
-from ..model import Transformer, ffn_hidden_dim
+from ..model import Transformer
 from .launch import join_process_group
 
 if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still runs microllama on one device
