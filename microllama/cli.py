@@ -112,6 +112,13 @@ def convert(src: str, dst: str, to: str, shards: int = 1) -> None:
 def info(target: str) -> None:
     """Configuration, parameter count, weight bytes and KV-cache bytes of TARGET: a checkpoint directory
     (either layout) or a model name (llama3.1-8b, llama3.1-70b, llama3.1-405b, llama3.2-1b, llama3.2-3b, tiny)."""
+    from .checkpoint import family
+
+    # A published configuration is numbers alone, described without importing torch (open_checkpoint does); a
+    # directory of that name here goes through open_checkpoint, which says which of the two it takes.
+    if target in family.FAMILY and not Path(target).is_dir():
+        print("\n".join(family.describe_published(target)))
+        return
     from .checkpoint.load import open_checkpoint
 
     print("\n".join(open_checkpoint(target).describe()))

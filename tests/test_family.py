@@ -5,15 +5,13 @@ import json
 import pytest
 import torch
 
-from microllama.args import RopeScaling
+from microllama.args import ModelArgs, RopeScaling
 from microllama.checkpoint import family
 from microllama.checkpoint.load import read_checkpoint
 from microllama.checkpoint.meta_layout import save_meta
 from microllama.checkpoint.params import args_from_params
 from microllama.checkpoint.tiny import tiny_state_dict
 from microllama.cli import main
-
-# Parameter counts as published with the weights (the safetensors metadata of each Hugging Face repo).
 from microllama.model import Transformer, precompute_freqs_cis
 
 # Parameter counts as published with the weights (the safetensors metadata of each Hugging Face repo).
@@ -35,6 +33,28 @@ def test_parameter_count_matches_published_figure(name):
     )
 
 
+def meta_device_parameter_count(args: ModelArgs, tied: bool) -> int:
+    """The parameters of microllama's Transformer built on the meta device (no memory), the output tied to the
+    embedding if asked: then one tensor, which parameters() yields once."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize(
+    "args",
+    [pytest.param(family.model_args(name), id=name) for name in family.REGISTRY]
+    + [pytest.param(ModelArgs(dim=96, n_layers=3, n_heads=6, vocab_size=101, multiple_of=16), id="mha-no-multiplier")],
+)
+def test_parameter_count_arithmetic_is_the_meta_device_models(args, tied):
+    """Every registered configuration (grouped-query, tiny ones included) and one with as many key/value heads
+    as query heads and no ffn_dim_multiplier, the output tied and not."""
+    assert family.parameter_count(args, tied) == meta_device_parameter_count(args, tied)
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("name", META_DESCRIPTORS)
 def test_registry_is_metas_params_json(name):
@@ -46,6 +66,7 @@ def test_registry_is_metas_params_json(name):
 def test_kv_cache_bytes_per_token_of_8b_in_bf16_is_128_kib():
     # 2 (k and v) * 32 layers * 8 kv heads * 128 head_dim * 2 bytes
     assert family.kv_cache_bytes_per_token(family.model_args("llama3.1-8b")) == 128 * 1024
+    assert {name: getattr(torch, name).itemsize for name in family.DTYPE_BYTES} == family.DTYPE_BYTES
 
 
 def test_published_rope_factor_is_the_default_and_params_json_overrides_it():

@@ -36,6 +36,7 @@ from microllama.checkpoint import family  # noqa: E402
 from microllama.checkpoint.hf_layout import save_hf  # noqa: E402
 from microllama.checkpoint.load import convert, load_model, open_checkpoint  # noqa: E402
 from microllama.checkpoint.meta_layout import save_meta  # noqa: E402
+from microllama.checkpoint.params import expected_shapes  # noqa: E402
 from microllama.distributed import tensor_parallel as parallel  # noqa: E402
 
 
@@ -52,8 +53,7 @@ def build(out: str, name: str = "llama3.2-1b", n_layers: int = 2, layout: str = 
     params = {**family.lookup(name).params, "n_layers": n_layers}
     args = family.model_args(name, n_layers=n_layers)
     g = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in family.Transformer(args).state_dict().items()}
+    shapes = expected_shapes(args)
     state_dict = {k: torch.randn(s, generator=g, dtype=torch.float32).to(torch.bfloat16) for k, s in shapes.items()}
     return save_meta(state_dict, params, out) if layout == "meta" else save_hf(state_dict, params, out)
 

@@ -1,16 +1,16 @@
 """The named configurations: the Llama 3.1 and 3.2 text models as published, and microllama's tiny
 test checkpoints. The sizes a user asks about before loading one (parameters, weight bytes, KV-cache
-bytes) and `microllama info`'s description are computed here from a configuration alone."""
+bytes) and `microllama info`'s description are computed here from a configuration alone, by arithmetic on
+ModelArgs: without torch, so that `microllama info llama3.1-8b` answers as quickly as --help."""
 
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
-
 from ..args import ModelArgs, RopeScaling, ffn_hidden_dim
-from ..model import Transformer
 
 CONTEXT = 131072  # every model of both families is published with a 128K context
+# Bytes per number of the dtypes whose sizes `microllama info` prints (torch.bfloat16.itemsize, ...).
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 
 
 @dataclass(frozen=True)
@@ -90,15 +90,18 @@ def match(dim: int, n_layers: int, n_heads: int, n_kv_heads: int, vocab_size: in
 
 
 def parameter_count(args: ModelArgs, tied: bool = False) -> int:
-    """Number of parameters, counted on the meta device (no memory); a tied output is counted once."""
-    with torch.device("meta"):
-        n = sum(p.numel() for p in Transformer(args).parameters())
-    return n - args.vocab_size * args.dim if tied else n
+    """Number of parameters of microllama's Transformer for args; a tied output is counted once."""
+    dim, hidden = args.dim, shapes_key(args)[-1]
+    q_width, kv_width = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim  # grouped-query: kv is narrower
+    attention = 2 * dim * q_width + 2 * dim * kv_width  # wq and wo; wk and wv
+    layer = attention + 3 * dim * hidden + 2 * dim  # w1, w2, w3 of the SwiGLU; attention_norm and ffn_norm
+    embeddings = args.vocab_size * dim * (1 if tied else 2)  # tok_embeddings, and output unless it is tied
+    return args.n_layers * layer + embeddings + dim  # the final norm
 
 
-def kv_cache_bytes_per_token(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Keys and values of one position in every layer."""
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
+def kv_cache_bytes_per_token(args: ModelArgs, dtype: str = "bfloat16") -> int:
+    """Keys and values of one position in every layer, in dtype (a key of DTYPE_BYTES)."""
+    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * DTYPE_BYTES[dtype]
 
 
 def _size(n: float) -> str:
@@ -133,10 +136,16 @@ def describe(
     ]
     if stored:
         lines.append("stored      " + ", ".join(f"{dtype} {_size(n)} ({n:,} bytes)" for dtype, n in stored.items()))
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype, itemsize in DTYPE_BYTES.items():
         per_token = kv_cache_bytes_per_token(args, dtype)
         lines.append(
-            f"{str(dtype)[6:]:<11} weights {_size(n_params * dtype.itemsize)}; KV cache {_size(per_token)} per "
+            f"{dtype:<11} weights {_size(n_params * itemsize)}; KV cache {_size(per_token)} per "
             f"token, {_size(per_token * context)} for the full {context:,}-token context (per sequence)"
         )
     return lines
+
+
+def describe_published(name: str) -> list[str]:
+    """`microllama info`'s lines for a published configuration, from its numbers alone."""
+    c = lookup(name)
+    return describe(name, c.args(), c.tied, f"the published configuration of {name}")

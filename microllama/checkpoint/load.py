@@ -121,8 +121,9 @@ class Checkpoint:
 
     def describe(self) -> list[str]:
         """The lines `microllama info` prints."""
-        stored = self.stored_bytes() if self.dir is not None else None
-        return family.describe(self.name, self.args, self.tied, self.source, stored)
+        if self.dir is None:  # a published configuration: its numbers alone
+            return family.describe_published(self.name)
+        return family.describe(self.name, self.args, self.tied, self.source, self.stored_bytes())
 
 
 def open_checkpoint(target: Union[str, Path, Checkpoint, None] = None) -> Checkpoint:
