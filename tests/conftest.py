@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny checkpoints, Meta's reference model in-process, hypothesis profiles."""
+"""Shared fixtures: the tiny checkpoints (and one with a planted bug), Meta's reference model in-process, hypothesis
+profiles."""
 
 import dataclasses
 import importlib.util
@@ -11,6 +12,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
+from microllama.checkpoint.load import Checkpoint, open_checkpoint
+from microllama.checkpoint.meta_layout import save_meta
 from microllama.checkpoint.tiny import default_ckpt_dir
 
 # fast (the default, what a plain `pytest` and CI run): derandomized and bounded, so every run checks
@@ -104,6 +107,26 @@ def tiny_ckpt():
 @pytest.fixture(scope="session")
 def tiny_hd128_ckpt():
     return default_ckpt_dir("tiny-hd128")
+
+
+@pytest.fixture(scope="session")
+def planted_ckpt(tmp_path_factory, tiny_ckpt):
+    """The tiny checkpoint with layers.0.ffn_norm's weight doubled (exact in bfloat16): a bug that first
+    shows at layers.0.ffn_norm, far beyond any tolerance."""
+    ckpt = open_checkpoint(tiny_ckpt)
+    state_dict = ckpt.read_state_dict()
+    state_dict["layers.0.ffn_norm.weight"] = state_dict["layers.0.ffn_norm.weight"] * 2
+    return save_meta(state_dict, ckpt.params, tmp_path_factory.mktemp("planted") / "ckpt")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if verify gets as far as building a model."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(Checkpoint, "load_model", load_model)
 
 
 @pytest.fixture(scope="session")

@@ -20,8 +20,7 @@ import pytest
 import torch
 
 from microllama.args import ModelArgs
-from microllama.checkpoint.load import Checkpoint, load_model, open_checkpoint
-from microllama.checkpoint.meta_layout import save_meta
+from microllama.checkpoint.load import load_model
 from microllama.cli import main as cli_main
 from microllama.generation import Llama
 from microllama.golden import capture
@@ -500,26 +499,6 @@ def test_manifest_without_a_required_field_or_of_the_wrong_type_is_refused(golde
     with pytest.raises(GoldenError, match=message) as error:
         read_set(golden_copy)
     assert "\n" not in str(error.value)
-
-
-@pytest.fixture(scope="module")
-def planted_ckpt(tmp_path_factory, tiny_ckpt):
-    """The tiny checkpoint with layers.0.ffn_norm's weight doubled (exact in bfloat16): a bug that first
-    shows at layers.0.ffn_norm, far beyond any tolerance."""
-    ckpt = open_checkpoint(tiny_ckpt)
-    state_dict = ckpt.read_state_dict()
-    state_dict["layers.0.ffn_norm.weight"] = state_dict["layers.0.ffn_norm.weight"] * 2
-    return save_meta(state_dict, ckpt.params, tmp_path_factory.mktemp("planted") / "ckpt")
-
-
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if verify gets as far as building a model."""
-
-    def load_model(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    monkeypatch.setattr(Checkpoint, "load_model", load_model)
 
 
 def test_verify_on_another_checkpoint_fails_at_once_in_one_line_naming_the_flag(planted_ckpt, capsys, no_model):
