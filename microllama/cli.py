@@ -153,7 +153,7 @@ def verify(
     if is_training_set(golden_dir):  # a training set: microllama's trainer against Meta's fine-tune
         from .golden.verify_training import format_training_comparison, verify_training
 
-        training = verify_training(golden_dir, ckpt_dir, device)
+        training = verify_training(golden_dir, ckpt_dir, device, other_checkpoint=other_checkpoint)
         print(format_training_comparison(training))
         if not training.passed:
             sys.exit(1)

@@ -4,6 +4,7 @@ against the manifest, byte-deterministic writes, divergence named by step and pa
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -90,6 +91,37 @@ def test_write_training_set_never_replaces_a_file_or_a_directory_that_is_not_a_t
             write_training_set(target, g.manifest, g.outputs, g.tokens, g.targets)
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+
+
+def test_verify_of_a_training_set_on_another_checkpoint_fails_at_once_in_one_line_naming_the_flag(
+    planted_ckpt, capsys, no_model
+):
+    """As for a golden set: refused before any model is built or step taken, in the same words."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["verify", str(GOLDENS / "train-tiny-fp32-cpu-ws1"), "--ckpt_dir", str(planted_ckpt)])
+    assert exit_info.value.code == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert re.fullmatch(
+        rf"microllama: error: {re.escape(str(planted_ckpt))} is not the checkpoint "
+        rf"{re.escape(str(GOLDENS))}/train-tiny-fp32-cpu-ws1 was recorded from "
+        r"\(sha256 \w{12}\.\.\., recorded \w{12}\.\.\.\): pass --other_checkpoint to compare it on purpose\n",
+        captured.err,
+    )
+
+
+@pytest.mark.slow
+def test_verify_of_a_training_set_on_another_checkpoint_on_purpose_trains_and_reports_it(planted_ckpt, capsys):
+    """--other_checkpoint: the steps run and the report says so; the doubled norm weight changes every gradient
+    from step 1 on (the first parameter in model order is the embedding)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["verify", str(GOLDENS / "train-tiny-fp32-cpu-ws1"), "--ckpt_dir", str(planted_ckpt),
+                  "--other_checkpoint"])  # fmt: skip
+    assert exit_info.value.code == 1
+    out = capsys.readouterr().out
+    assert f"checkpoint {planted_ckpt}: sha256 DIFFERS from the recording (compared on purpose)\n" in out
+    assert out.endswith("verdict: FAIL: microllama's trainer diverges from the recording, first at step 1, "
+                        "parameter tok_embeddings.weight\n"), out  # fmt: skip
 
 
 @pytest.fixture

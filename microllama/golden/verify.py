@@ -355,6 +355,26 @@ def recorded_checkpoint(golden: Union[GoldenSet, TrainingSet]) -> str:
     raise GoldenError(f"{golden.path}: its checkpoint {c.dir} is not here; pass --ckpt_dir")
 
 
+def check_recorded_checkpoint(
+    golden: Union[GoldenSet, TrainingSet], ckpt: Checkpoint, sha256: str, other_checkpoint: bool
+) -> None:
+    """GoldenError, before any model runs, for a checkpoint (of this sha256) that is not the one the set was
+    recorded from, unless other_checkpoint says comparing it is intended."""
+    recorded = golden.manifest.checkpoint.sha256
+    if sha256 != recorded and not other_checkpoint:
+        raise GoldenError(
+            f"{ckpt.name} is not the checkpoint {golden.path} was recorded from (sha256 {sha256[:12]}..., "
+            f"recorded {recorded[:12]}...): pass --other_checkpoint to compare it on purpose"
+        )
+
+
+def checkpoint_words(matches: bool, other_checkpoint: bool) -> str:
+    """What a report says of the checkpoint's sha256 against the recording's."""
+    if matches:
+        return "sha256 matches the recording"
+    return "sha256 DIFFERS from the recording" + (" (compared on purpose)" if other_checkpoint else "")
+
+
 def check_prompts_are_recorded_text(golden: GoldenSet, tokenizer: Tokenizer) -> None:
     """GoldenError, before any forward, for a manifest prompt that is not the text its recorded ids decode to
     (the manifest edited after recording). A prompt that is, but that microllama encodes to other ids, is a
@@ -413,11 +433,7 @@ def _verify(
     # The sha256 is checked before the model runs: another checkpoint fails at once unless asked for.
     stored = None if tensor_parallel else ckpt.read_state_dict()  # read once: its sha256, then the model
     sha256 = ckpt.sha256() if stored is None else state_dict_sha256(stored)
-    if sha256 != m.checkpoint.sha256 and not other_checkpoint:
-        raise GoldenError(
-            f"{ckpt.name} is not the checkpoint {golden.path} was recorded from (sha256 {sha256[:12]}..., "
-            f"recorded {m.checkpoint.sha256[:12]}...): pass --other_checkpoint to compare it on purpose"
-        )
+    check_recorded_checkpoint(golden, ckpt, sha256, other_checkpoint)
     size = (m.model.max_seq_len, m.model.max_batch_size)
     if tensor_parallel:  # each rank reads its own slices (the sha256 above read the whole checkpoint)
         mesh, device = parallel.device_mesh(device)
@@ -495,14 +511,10 @@ def format_comparison(c: Comparison) -> str:
     checkpoint = m.checkpoint.tiny or m.checkpoint.dir
     shards = f" (read from {m.checkpoint.shards} shards)" if (m.checkpoint.shards or 0) > 1 else ""
     gpu = f", {m.platform.gpu}" if m.platform.gpu else ""
-    if c.checkpoint_matches:
-        sha = "sha256 matches the recording"
-    else:
-        sha = "sha256 DIFFERS from the recording" + (" (compared on purpose)" if c.other_checkpoint else "")
     lines = [
         f"golden set {c.golden.path}: {checkpoint}{shards}, {m.dtype}, {m.device}, world size {m.world_size}, "
         f"recorded with torch {m.versions.torch} ({m.platform.cpu_capability}{gpu})",
-        f"checkpoint {c.ckpt_dir}: {sha}",
+        f"checkpoint {c.ckpt_dir}: {checkpoint_words(c.checkpoint_matches, c.other_checkpoint)}",
         f"check: {c.mode}" + ("" if c.exact else f" (atol {LOGITS_ATOL[m.torch_dtype]:g})"),
         "",
         f"{'capture point':<28} {'max abs err':>12} {'max rel err':>12}  {'worst position':<22} status",

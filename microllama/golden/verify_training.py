@@ -17,14 +17,15 @@ from ..train.loop import make_optimizer, select_trainable, train_step
 from .capture import cpu_threads
 from .schema import GoldenError
 from .training_set import TrainingOutputs, TrainingSet, read_training_set
-from .verify import checking_device, comparison_mode, recorded_checkpoint
+from .verify import check_recorded_checkpoint, checking_device, checkpoint_words, comparison_mode, recorded_checkpoint
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingComparison:
     golden: TrainingSet
     ckpt_dir: Path
-    checkpoint_matches: bool
+    checkpoint_matches: bool  # its tensors' sha256 is the recording's
+    other_checkpoint: bool  # comparing another checkpoint than the recorded one is intended
     exact: bool
     across_platforms: bool  # the platform differs from the recording's: PLATFORM_GRAD_RTOL bounds the gradients
     mode: str
@@ -97,8 +98,6 @@ class TrainingComparison:
 
     @property
     def failure(self) -> Optional[str]:
-        if not self.checkpoint_matches:
-            return "the checkpoint is not the one recorded (sha256 differs)"
         step, (parameter, what) = self.first_divergent_step, self._first_parameter()
         if step is not None:
             where = f"first at step {step}" + ("" if parameter is None else f", parameter {parameter}")
@@ -149,18 +148,22 @@ def verify_training(
     golden_dir: Union[str, Path],
     ckpt_dir: Optional[Union[str, Path, Checkpoint]] = None,
     device: Optional[Union[str, torch.device]] = None,
+    other_checkpoint: bool = False,
 ) -> TrainingComparison:
-    """Run microllama's trainer on a training set's batch and compare (see the module's docstring)."""
+    """Run microllama's trainer on a training set's batch and compare (see the module's docstring). A checkpoint
+    other than the recorded one is refused before any step unless other_checkpoint."""
     golden = read_training_set(golden_dir)
     m = golden.manifest
     ckpt = open_checkpoint(ckpt_dir if ckpt_dir is not None else recorded_checkpoint(golden))
+    sha256 = ckpt.sha256()
+    check_recorded_checkpoint(golden, ckpt, sha256, other_checkpoint)
     device = checking_device(m.device, device)
     with cpu_threads(m.platform.threads if device.type == "cpu" else None):  # the count splits CPU sums
         check = comparison_mode(golden, device)
         ours = train_on_golden_batch(golden, ckpt, device)
-    return TrainingComparison(golden=golden, ckpt_dir=ckpt.dir, checkpoint_matches=ckpt.sha256() == m.checkpoint.sha256,
-                              exact=check.exact, across_platforms=check.across_platforms, mode=check.line,
-                              ours=ours)  # fmt: skip
+    return TrainingComparison(golden=golden, ckpt_dir=ckpt.dir, checkpoint_matches=sha256 == m.checkpoint.sha256,
+                              other_checkpoint=other_checkpoint, exact=check.exact,
+                              across_platforms=check.across_platforms, mode=check.line, ours=ours)  # fmt: skip
 
 
 def format_training_comparison(c: TrainingComparison) -> str:
@@ -177,7 +180,7 @@ def format_training_comparison(c: TrainingComparison) -> str:
         f"training golden set {c.golden.path}: {checkpoint}, {m.dtype}, {m.device}, world size {m.world_size}, "
         f"{len(opt.lrs)} steps of {opt.optimizer} on a batch of {c.golden.tokens.shape[0]} x "
         f"{c.golden.tokens.shape[1]} tokens, recorded with torch {m.versions.torch} ({m.platform.cpu_capability})",
-        f"checkpoint {c.ckpt_dir}: sha256 {'matches' if c.checkpoint_matches else 'DIFFERS from'} the recording",
+        f"checkpoint {c.ckpt_dir}: {checkpoint_words(c.checkpoint_matches, c.other_checkpoint)}",
         f"check: {c.mode}",
         bounds,
         "",
