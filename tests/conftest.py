@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Union
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ from hypothesis import HealthCheck, settings
 from microllama.checkpoint.load import Checkpoint, open_checkpoint
 from microllama.checkpoint.meta_layout import save_meta
 from microllama.checkpoint.tiny import default_ckpt_dir
+from microllama.golden.capture import platform_fingerprint
+from microllama.golden.inference_set import Manifest
+from microllama.golden.training_set import TrainingManifest
 
 # fast (the default, what a plain `pytest` and CI run): derandomized and bounded, so every run checks
 # the same 25 examples per law in seconds. thorough (HYPOTHESIS_PROFILE=thorough): 200 examples, or
@@ -42,6 +46,18 @@ def run_torchrun(world_size: int, script: str, *args: str, timeout: int = 600) -
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+def platform_differs(m: Union[Manifest, TrainingManifest]) -> bool:
+    """Whether this machine's CPU fingerprint, at the recording's thread count, differs from a set's recording's."""
+    here = dataclasses.replace(platform_fingerprint("cpu"), threads=m.platform.threads)
+    return m.platform.differences(here) != []
+
+
+def recording_platform(m: Union[Manifest, TrainingManifest]) -> bool:
+    """Whether this machine is the platform a set was recorded on, at its world size: verify's rule for
+    bit-identity, decided here from the fingerprint on its own (a platform made foreign for a test is not)."""
+    return m.world_size == 1 and m.device == "cpu" and not platform_differs(m)
 
 
 REFERENCE_REASON = "needs Meta's reference code: pip install -e '.[reference]' (llama-models==0.3.0, fairscale)"

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import recording_platform
 
 from microllama.args import ModelArgs
 from microllama.checkpoint.load import load_model
@@ -70,13 +71,6 @@ def test_committed_goldens_stay_under_10_mb_and_hold_no_pickles():
     for path in GOLDENS.glob("*/*.npz"):
         with np.load(path, allow_pickle=False) as npz:
             assert all(not npz[k].dtype.hasobject for k in npz.files)
-
-
-def recording_platform(m: golden_format.Manifest) -> bool:
-    """Whether this machine is the platform a set was recorded on, at its world size: verify's rule for
-    bit-identity, decided here from the fingerprint on its own (a platform made foreign for a test is not)."""
-    here = dataclasses.replace(capture.platform_fingerprint("cpu"), threads=m.platform.threads)
-    return m.world_size == 1 and m.device == "cpu" and m.platform.differences(here) == []
 
 
 # The sets that a CPU like the recording's checks bit for bit: on another CPU (or the AVX2 kernels of

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import platform_differs, recording_platform
 
 from microllama.cli import main as cli_main
 from microllama.golden import training_set as golden_format
 from microllama.golden import verify_training
-from microllama.golden.capture import platform_fingerprint
 from microllama.golden.schema import GoldenError
 from microllama.golden.training_set import read_training_set, write_training_set
 from microllama.train.loop import make_optimizer as trainers_optimizer
@@ -30,16 +30,6 @@ pytestmark = pytest.mark.usefixtures("tiny_ckpt")
 
 def test_committed_training_sets_are_all_present_and_are_all_the_training_sets():
     assert sorted(p.name for p in GOLDENS.iterdir() if golden_format.is_training_set(p)) == sorted(COMMITTED)
-
-
-def platform_differs(m) -> bool:
-    """Whether this machine's fingerprint (at the recording's thread count) differs from the recording's."""
-    return m.platform.differences(dataclasses.replace(platform_fingerprint("cpu"), threads=m.platform.threads)) != []
-
-
-def recording_platform(m) -> bool:
-    """verify's rule for bit-identity, from the fingerprint alone: the recording's platform at world size 1."""
-    return m.world_size == 1 and not platform_differs(m)
 
 
 @pytest.mark.parametrize(
