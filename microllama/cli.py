@@ -80,6 +80,7 @@ def generate(
         return
     if compile:
         print(COMPILING, file=sys.stderr, flush=True)
+    print(llama.describe_kv_cache(), file=sys.stderr, flush=True)
     if len(texts) == 1:
         print(texts[0], end="", flush=True)
         llama.text_completion(texts, temperature, top_p, max_gen_len, seed=seed,
@@ -248,6 +249,7 @@ def chat(
                         tokenizer_path=tokenizer_path, compile=compile)  # fmt: skip
     if compile:
         print(COMPILING, file=sys.stderr, flush=True)
+    print(llama.describe_kv_cache(), file=sys.stderr, flush=True)
     sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, seed=seed,
                     tool_prompt_format=tool_prompt_format)  # fmt: skip
     if read is not None:

@@ -87,11 +87,9 @@ class CompiledDecoder:
         p, weight = model.params, model.output.weight
         self.model = model
         # Allocated once for the decoder's lifetime: a new cache would be a new input, and a recompilation.
-        self.caches = [
-            StaticKVCache(p.max_batch_size, p.max_seq_len, p.n_kv_heads, p.head_dim, dtype=weight.dtype,
-                          device=weight.device)
-            for _ in model.layers
-        ]  # fmt: skip
+        model.setup_cache(p.max_batch_size, p.max_seq_len, StaticKVCache)
+        self.caches = [layer.attention.cache for layer in model.layers]
+        model.clear_cache()
         self.buckets = batch_buckets(p.max_batch_size)
         with torch.inference_mode():  # the rotations as real (cos, sin) pairs: see model.rotate_pairs
             self.cos_sin = torch.view_as_real(model.freqs_cis(weight.device)).clone()

@@ -16,6 +16,7 @@ from .compiled import CompiledDecoder
 from .distributed import tensor_parallel as parallel
 from .distributed.launch import torchrun_world_size
 from .files import parse_dtype
+from .memory import format_bytes
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -110,11 +111,21 @@ class Llama:
         return Llama(model, tokenizer, compile=compile)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
-        """compile: decode through a CompiledDecoder of model (which must have flash attention)."""
+        """compile: decode through a CompiledDecoder of model (which must have flash attention). Raises ValueError,
+        nothing allocated, if the model's KV cache (max_batch_size x max_seq_len) cannot fit its device."""
+        model.check_cache_fits(model.params.max_batch_size, model.params.max_seq_len)
         self.model = model
         self.tokenizer = tokenizer
         # What generation runs: the model itself, or its compiled decoder (same kv_cache and forward).
         self.decoder: Union[Transformer, CompiledDecoder] = CompiledDecoder(model) if compile else model
+
+    def describe_kv_cache(self) -> str:
+        """One line: the size of the KV cache generation allocates (max_batch_size x max_seq_len positions)."""
+        p, dtype = self.model.params, str(self.model.output.weight.dtype).removeprefix("torch.")
+        nbytes = self.model.check_cache_fits(p.max_batch_size, p.max_seq_len)
+        per_position = format_bytes(nbytes // (p.max_batch_size * p.max_seq_len))
+        return (f"KV cache: {format_bytes(nbytes)} for {p.max_batch_size} x {p.max_seq_len} positions in {dtype} "
+                f"({per_position} per position)")  # fmt: skip
 
     @functools.cached_property
     def formatter(self) -> ChatFormat:

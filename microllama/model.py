@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs, RopeScaling
+from .memory import check_fits
 
 
 class RMSNorm(nn.Module):
@@ -295,15 +296,25 @@ class Transformer(nn.Module):
                                                    device, p.rope_scaling)  # fmt: skip
         return self._freqs_cis
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate a KV cache in every layer, in the model's dtype and on its device, for generation."""
+    def check_cache_fits(self, max_batch_size: int, max_seq_len: int) -> int:
+        """The bytes of a KV cache of max_batch_size x max_seq_len positions (this rank's heads under tensor
+        parallelism); ValueError, one line and nothing allocated, unless the model and its device have room for it."""
         if not 0 < max_seq_len <= self.params.max_seq_len or max_batch_size < 1:
             raise ValueError(f"a KV cache of {max_batch_size} x {max_seq_len} positions; the model takes 1 to "
                              f"max_seq_len {self.params.max_seq_len} positions and at least 1 sequence")  # fmt: skip
+        weight, per_position = self.output.weight, sum(2 * layer.attention.n_kv_heads for layer in self.layers)
+        nbytes = max_batch_size * max_seq_len * per_position * self.params.head_dim * weight.dtype.itemsize
+        check_fits(f"a KV cache of {max_batch_size} x {max_seq_len:,} positions in {str(weight.dtype)[6:]}", nbytes,
+                   weight.device, "lower max_seq_len or max_batch_size")  # fmt: skip
+        return nbytes
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, kind: type[KVCache] = KVCache) -> None:
+        """Allocate a KV cache (a `kind`) in every layer, in the model's dtype and on its device, for generation."""
+        self.check_cache_fits(max_batch_size, max_seq_len)
         weight = self.output.weight
         for layer in self.layers:
             # Each attention's own kv heads: under tensor parallelism a rank caches only its share.
-            layer.attention.cache = KVCache(
+            layer.attention.cache = kind(
                 max_batch_size, max_seq_len, layer.attention.n_kv_heads, self.params.head_dim,
                 dtype=weight.dtype, device=weight.device,
             )  # fmt: skip

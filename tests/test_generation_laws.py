@@ -57,6 +57,9 @@ class ScriptedLM(nn.Module):
     def logprob(self, prefix: Sequence[int], token: int) -> float:
         return torch.log_softmax(self.next_logits(prefix), dim=-1)[token].item()
 
+    def check_cache_fits(self, max_batch_size: int, max_seq_len: int) -> int:
+        return max_batch_size * max_seq_len * 8  # its cache: one int64 id per position
+
     @contextlib.contextmanager
     def kv_cache(self, max_batch_size: int, max_seq_len: int) -> Iterator[None]:
         self.history = torch.zeros(max_batch_size, max_seq_len, dtype=torch.long)
@@ -314,7 +317,7 @@ class ScaledLogits(nn.Module):
         super().__init__()
         self.inner, self.scale = model, scale
         self.params, self.output = model.params, model.output
-        self.kv_cache = model.kv_cache
+        self.kv_cache, self.check_cache_fits = model.kv_cache, model.check_cache_fits
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         return self.inner(tokens, start_pos) / self.scale

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 
 from ..args import ModelArgs, RopeScaling
+from ..memory import format_bytes as _size
 from ..model import Transformer, ffn_hidden_dim
 
 CONTEXT = 131072  # every model of both families is published with a 128K context
@@ -99,14 +100,6 @@ def parameter_count(args: ModelArgs, tied: bool = False) -> int:
 def kv_cache_bytes_per_token(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> int:
     """Keys and values of one position in every layer."""
     return 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def describe(
