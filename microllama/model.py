@@ -339,11 +339,14 @@ class Transformer(nn.Module):
         start_pos: Union[int, torch.Tensor] = 0,
         documents: Optional[torch.Tensor] = None,
         rotations: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Float32 logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen) placed at start_pos. documents:
         (bsz, seqlen) ids of packed documents (consecutive tokens of one document share an id): attention stays
-        inside each document and its positions start at 0 (training rows; no cache, start_pos 0)."""
-        return self.output(self.final_hidden(tokens, start_pos, documents, rotations)).float()
+        inside each document and its positions start at 0 (training rows; no cache, start_pos 0). last_only: the
+        last position's logits alone, (bsz, 1, vocab_size), as a prefill needs them (see generation.py on bits)."""
+        h = self.final_hidden(tokens, start_pos, documents, rotations)
+        return self.output(h[:, -1:] if last_only else h).float()
 
     def check_positions(self, tokens: torch.Tensor, start_pos: int, documents: Optional[torch.Tensor] = None) -> None:
         """Raise ValueError unless tokens (bsz, seqlen) at start_pos fit the model, or the KV cache if there is one."""

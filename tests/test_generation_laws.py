@@ -68,7 +68,7 @@ class ScriptedLM(nn.Module):
         finally:
             self.history = None
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.params.max_seq_len}")
@@ -78,8 +78,9 @@ class ScriptedLM(nn.Module):
         else:
             self.history[:bsz, start_pos : start_pos + seqlen] = tokens
             rows = self.history[:bsz, : start_pos + seqlen].tolist()
+        positions = range(seqlen - 1, seqlen) if last_only else range(seqlen)
         return torch.stack(
-            [torch.stack([self.next_logits(row[: start_pos + j + 1]) for j in range(seqlen)]) for row in rows]
+            [torch.stack([self.next_logits(row[: start_pos + j + 1]) for j in positions]) for row in rows]
         )
 
     def continuation(self, prompt: Sequence[int], stop_tokens: Sequence[int], max_gen_len: Optional[int]) -> list[int]:
@@ -319,8 +320,8 @@ class ScaledLogits(nn.Module):
         self.params, self.output = model.params, model.output
         self.kv_cache, self.check_cache_fits = model.kv_cache, model.check_cache_fits
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        return self.inner(tokens, start_pos) / self.scale
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        return self.inner(tokens, start_pos, last_only=last_only) / self.scale
 
 
 @given(random_model_cases(), seeds, st.floats(0.1, 2.0))
