@@ -56,8 +56,8 @@ def generate(
         device: cpu, cuda or cuda:N
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 elsewhere)
         flash: attention through torch's scaled_dot_product_attention (not bit-identical to Meta's)
-        prefill_chunk: prefill the prompt this many positions at a time (less memory for long prompts; not
-            bit-identical to Meta's in float32)
+        prefill_chunk: prefill the prompt this many positions at a time (less memory for long prompts; within
+            tolerance of Meta's one-shot prefill, not bit for bit)
         tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
         compile: the compiled decode path (static KV cache, torch.compile, flash attention; one process only)
     """
@@ -228,8 +228,8 @@ def chat(
         device: cpu, cuda or cuda:N
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 elsewhere)
         flash: attention through torch's scaled_dot_product_attention (not bit-identical to Meta's)
-        prefill_chunk: prefill each dialog this many positions at a time (less memory for long dialogs; not
-            bit-identical to Meta's in float32)
+        prefill_chunk: prefill each dialog this many positions at a time (less memory for long dialogs; within
+            tolerance of Meta's one-shot prefill, not bit for bit)
         tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
         compile: the compiled decode path (static KV cache, torch.compile; the first step compiles)
     """
