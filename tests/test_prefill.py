@@ -96,6 +96,7 @@ def test_only_the_default_path_projects_every_prefill_position():
     assert prefill(Llama(random_transformer(args, 0), SmallVocabTokenizer(), prefill_chunk=4), tokens).shape[1] == 1
 
 
+@pytest.mark.slow  # 300 one-position steps and 3 prefills of 600 positions: 6 to 8 s on a loaded 2-core machine
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_chunked_prefill_of_the_tiny_checkpoint_against_meta_s_one_shot(tiny_ckpt, tokenizer, dtype):
     """The tiny checkpoint, 2 rows of 300 positions, in chunks of 1, 7, 64 and 300 (the last: one chunk, one row
