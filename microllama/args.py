@@ -145,3 +145,9 @@ def check_sampling(temperature: float, top_p: float, max_gen_len: Optional[int],
         raise ValueError(f"max_gen_len must be an integer >= 1, got {max_gen_len!r}")
     if seed is not None and (not is_int(seed) or not 0 <= seed <= MAX_SEED):
         raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, got {seed!r}")
+
+
+def check_prefill_chunk(prefill_chunk: Optional[int]) -> None:
+    """Raise ValueError unless prefill_chunk is None (prefill at once) or a whole number of positions >= 1."""
+    if prefill_chunk is not None and (not is_int(prefill_chunk) or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be an integer >= 1 (positions per chunk), got {prefill_chunk!r}")

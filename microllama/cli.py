@@ -34,6 +34,7 @@ def generate(
     device: str = "cpu",
     dtype: Optional[str] = None,
     flash: bool = False,
+    prefill_chunk: Optional[int] = None,
     tokenizer_path: Optional[str] = None,
     compile: bool = False,
 ) -> None:
@@ -55,21 +56,25 @@ def generate(
         device: cpu, cuda or cuda:N
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 elsewhere)
         flash: attention through torch's scaled_dot_product_attention (not bit-identical to Meta's)
+        prefill_chunk: prefill the prompt this many positions at a time (less memory for long prompts; within
+            tolerance of Meta's one-shot prefill, not bit for bit)
         tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
         compile: the compiled decode path (static KV cache, torch.compile, flash attention; one process only)
     """
     if prompt is not None and prompts is not None:
         raise ValueError("give --prompt or --prompts, not both")
     texts = prompts if prompts is not None else [DEFAULT_PROMPT if prompt is None else prompt]
-    from .args import check_sampling
+    from .args import check_prefill_chunk, check_sampling
     from .distributed.launch import is_rank_0, torchrun_world_size
     from .generation import Llama
     from .terminal import StreamPrinter
 
     check_sampling(temperature, top_p, max_gen_len, seed)  # before a checkpoint that may take minutes to load
+    check_prefill_chunk(prefill_chunk)
     if max_seq_len < 1:
         raise ValueError(f"--max_seq_len must be at least 1, got {max_seq_len}")
     llama = Llama.build(ckpt_dir, max_seq_len, len(texts), device=device, dtype=dtype, flash=flash,
+                        prefill_chunk=prefill_chunk,
                         tokenizer_path=tokenizer_path, tensor_parallel=torchrun_world_size() > 1,
                         compile=compile)  # fmt: skip
     # The whole request is checked before the prompt is echoed, so that an error does not follow it.
@@ -80,6 +85,7 @@ def generate(
         return
     if compile:
         print(COMPILING, file=sys.stderr, flush=True)
+    print(llama.describe_kv_cache(), file=sys.stderr, flush=True)
     if len(texts) == 1:
         print(texts[0], end="", flush=True)
         llama.text_completion(texts, temperature, top_p, max_gen_len, seed=seed,
@@ -206,6 +212,7 @@ def chat(
     device: str = "cpu",
     dtype: Optional[str] = None,
     flash: bool = False,
+    prefill_chunk: Optional[int] = None,
     tokenizer_path: Optional[str] = None,
     compile: bool = False,
 ) -> None:
@@ -228,13 +235,16 @@ def chat(
         device: cpu, cuda or cuda:N
         dtype: float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 elsewhere)
         flash: attention through torch's scaled_dot_product_attention (not bit-identical to Meta's)
+        prefill_chunk: prefill each dialog this many positions at a time (less memory for long dialogs; within
+            tolerance of Meta's one-shot prefill, not bit for bit)
         tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
         compile: the compiled decode path (static KV cache, torch.compile; the first step compiles)
     """
-    from .args import check_sampling
+    from .args import check_prefill_chunk, check_sampling
     from .chat import TOOL_PROMPT_FORMATS
 
     check_sampling(temperature, top_p, max_gen_len, seed)  # before a checkpoint that may take minutes to load
+    check_prefill_chunk(prefill_chunk)
     for flag, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
         if value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
@@ -252,9 +262,11 @@ def chat(
     checkpoint = open_checkpoint(ckpt_dir)
     batch = min(max_batch_size, len(read)) if read is not None else 1
     llama = Llama.build(checkpoint, max_seq_len, batch, device=device, dtype=dtype, flash=flash,
+                        prefill_chunk=prefill_chunk,
                         tokenizer_path=tokenizer_path, compile=compile)  # fmt: skip
     if compile:
         print(COMPILING, file=sys.stderr, flush=True)
+    print(llama.describe_kv_cache(), file=sys.stderr, flush=True)
     sampling = dict(temperature=temperature, top_p=top_p, max_gen_len=max_gen_len, seed=seed,
                     tool_prompt_format=tool_prompt_format)  # fmt: skip
     if read is not None:

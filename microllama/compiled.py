@@ -87,11 +87,9 @@ class CompiledDecoder:
         p, weight = model.params, model.output.weight
         self.model = model
         # Allocated once for the decoder's lifetime: a new cache would be a new input, and a recompilation.
-        self.caches = [
-            StaticKVCache(p.max_batch_size, p.max_seq_len, p.n_kv_heads, p.head_dim, dtype=weight.dtype,
-                          device=weight.device)
-            for _ in model.layers
-        ]  # fmt: skip
+        model.setup_cache(p.max_batch_size, p.max_seq_len, StaticKVCache)
+        self.caches = [layer.attention.cache for layer in model.layers]
+        model.clear_cache()
         self.buckets = batch_buckets(p.max_batch_size)
         with torch.inference_mode():  # the rotations as real (cos, sin) pairs: see model.rotate_pairs
             self.cos_sin = torch.view_as_real(model.freqs_cis(weight.device)).clone()
@@ -126,12 +124,12 @@ class CompiledDecoder:
         model's forward, rotating by the real (cos, sin) table."""
         return self.model(tokens, pos, rotations=self.cos_sin)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         """Float32 logits (bsz, seqlen, vocab_size), as Transformer.forward with a cache: several positions
         go through the eager flash path (prefill), one position through the compiled step."""
         bsz, seqlen = tokens.shape
         if seqlen > 1 or self.model.layers[0].attention.cache is None:
-            return self.model.forward(tokens, start_pos)
+            return self.model.forward(tokens, start_pos, last_only=last_only)
         self.model.check_positions(tokens, start_pos)  # the step below sees a tensor position, which it cannot check
         bucket = next(b for b in self.buckets if b >= bsz)
         # A new tensor, not the caller's: a column of the generation buffer has the buffer's width as its

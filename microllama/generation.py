@@ -9,13 +9,14 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from .args import check_sampling
+from .args import check_prefill_chunk, check_sampling
 from .chat import ChatFormat, DialogError, Message, as_dialog, check_prompt
 from .checkpoint.load import Checkpoint, CheckpointError, open_checkpoint
 from .compiled import CompiledDecoder
 from .distributed import tensor_parallel as parallel
 from .distributed.launch import torchrun_world_size
 from .files import parse_dtype
+from .memory import format_bytes
 from .model import Transformer
 from .tokenizer import Tokenizer
 
@@ -56,6 +57,12 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     return torch.gather(probs_idx, -1, next_token)
 
 
+def next_logprobs(logits: torch.Tensor, next_tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Log-probability (bsz, seqlen) of each next token under float32 logits (bsz, seqlen, vocab), as Meta computes
+    it (a pad id scores 0)."""
+    return -F.cross_entropy(logits.transpose(1, 2), next_tokens, reduction="none", ignore_index=pad_id)
+
+
 def output_ends(prompt_lens: Sequence[int], max_gen_len: Optional[int], max_seq_len: int) -> tuple[int, list[int]]:
     """Generation's lengths (Meta's): the token buffer's length, and where each row's output ends at the latest
     (exclusive), after max_gen_len new tokens (None, or max_seq_len or more: max_seq_len - 1) or at the end of the
@@ -80,6 +87,7 @@ class Llama:
         tokenizer_path: Optional[Union[str, Path]] = None,
         tensor_parallel: bool = False,
         compile: bool = False,
+        prefill_chunk: Optional[int] = None,
     ) -> "Llama":
         """Load a checkpoint: a directory in Meta's or Hugging Face's layout, a tiny checkpoint's name or an
         open Checkpoint (default: the embedded tiny one). dtype defaults to bfloat16 on CUDA and float32
@@ -87,9 +95,11 @@ class Llama:
         parallelism does (microllama.distributed.tensor_parallel; on CUDA, rank r uses cuda:LOCAL_RANK), each rank
         reading only its slices of the checkpoint; every rank must make the same calls and gets the same tokens.
         compile: decode through microllama.compiled (static cache, torch.compile; implies flash), within the
-        flash tolerances of the default path instead of bit-identical; not with tensor_parallel."""
+        flash tolerances of the default path instead of bit-identical; not with tensor_parallel.
+        prefill_chunk: prefill prompts that many positions at a time (see Llama)."""
         if tensor_parallel and compile:
             raise ValueError("compile and tensor_parallel cannot be combined: the compiled path runs on one device")
+        check_prefill_chunk(prefill_chunk)
         checkpoint = open_checkpoint(ckpt_dir)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -107,14 +117,30 @@ class Llama:
             )
         model = checkpoint.load_model(max_seq_len, max_batch_size, device=device, dtype=dtype, flash=flash or compile,
                                       mesh=mesh)  # fmt: skip
-        return Llama(model, tokenizer, compile=compile)
+        return Llama(model, tokenizer, compile=compile, prefill_chunk=prefill_chunk)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, compile: bool = False):
-        """compile: decode through a CompiledDecoder of model (which must have flash attention)."""
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, compile: bool = False, prefill_chunk: Optional[int] = None
+    ):
+        """compile: decode through a CompiledDecoder of model (which must have flash attention). prefill_chunk: run
+        each prompt through the KV cache that many positions at a time, so that a prefill's activations (the
+        attention scores, chunk x positions so far; the logits) stop growing with the square of the prompt.
+        Raises ValueError, nothing allocated, if the model's KV cache (max_batch_size x max_seq_len) cannot fit."""
+        check_prefill_chunk(prefill_chunk)
+        model.check_cache_fits(model.params.max_batch_size, model.params.max_seq_len)
         self.model = model
         self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk
         # What generation runs: the model itself, or its compiled decoder (same kv_cache and forward).
         self.decoder: Union[Transformer, CompiledDecoder] = CompiledDecoder(model) if compile else model
+
+    def describe_kv_cache(self) -> str:
+        """One line: the size of the KV cache generation allocates (max_batch_size x max_seq_len positions)."""
+        p, dtype = self.model.params, str(self.model.output.weight.dtype).removeprefix("torch.")
+        nbytes = self.model.check_cache_fits(p.max_batch_size, p.max_seq_len)
+        per_position = format_bytes(nbytes // (p.max_batch_size * p.max_seq_len))
+        return (f"KV cache: {format_bytes(nbytes)} for {p.max_batch_size} x {p.max_seq_len} positions in {dtype} "
+                f"({per_position} per position)")  # fmt: skip
 
     @functools.cached_property
     def formatter(self) -> ChatFormat:
@@ -145,6 +171,28 @@ class Llama:
                     "no room to generate"
                 )
         check_sampling(temperature, top_p, max_gen_len, seed)
+
+    def forward(
+        self, tokens: torch.Tensor, start: int, end: int, chunk_logprobs: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Run tokens[:, start:end] (bsz, end - start) through the KV cache, at once or prefill_chunk positions at a
+        time; return the float32 logits of its last chunk, every position's or only the last one's (bsz, 1, vocab).
+        chunk_logprobs (bsz, buffer length): every position's logits are made, those of the chunks before the last
+        become the log-probability of each next token there, kept in chunk_logprobs."""
+        # The default path projects every position to logits, as Meta's code does: measured on an x86 CPU (torch
+        # 2.13), the output matmul of one row takes another kernel than that of many rows, and that row's float32
+        # logits differ in the last bits (up to 9.5e-6 on the tiny checkpoints, in 60 of 100 shapes; bfloat16
+        # measured equal). Where the arithmetic is not Meta's already (flash, compiled, chunked), the last one only.
+        every = chunk_logprobs is not None or (not self.model.params.flash and self.prefill_chunk is None)
+        chunk = self.prefill_chunk or end - start
+        for s in range(start, end, chunk):
+            e = min(s + chunk, end)
+            logits = self.decoder.forward(tokens[:, s:e], s, last_only=not every)
+            if chunk_logprobs is not None and e < end:
+                chunk_logprobs[:, s + 1 : e + 1] = next_logprobs(
+                    logits, tokens[:, s + 1 : e + 1], self.tokenizer.pad_id
+                )
+        return logits
 
     def generate(
         self,
@@ -207,7 +255,8 @@ class Llama:
         with self.decoder.kv_cache(params.max_batch_size, params.max_seq_len):
             prev_pos = 0
             for cur_pos in range(min_prompt_len, total_len):
-                logits = self.decoder.forward(tokens[:, prev_pos:cur_pos], prev_pos)
+                # The prompt's own log-probabilities are returned with echo alone.
+                logits = self.forward(tokens, prev_pos, cur_pos, token_logprobs if echo else None)
                 if temperature > 0:
                     probs = torch.softmax(logits[:, -1] / temperature, dim=-1)
                     next_token = sample_top_p(probs, top_p, generator)
@@ -218,11 +267,9 @@ class Llama:
                 next_token = torch.where(input_text_mask[:, cur_pos], tokens[:, cur_pos], next_token)
                 tokens[:, cur_pos] = next_token
                 if token_logprobs is not None:
-                    token_logprobs[:, prev_pos + 1 : cur_pos + 1] = -F.cross_entropy(
-                        logits.transpose(1, 2),
-                        tokens[:, prev_pos + 1 : cur_pos + 1],
-                        reduction="none",
-                        ignore_index=pad_id,
+                    first = cur_pos - logits.shape[1]  # the position of logits' first row
+                    token_logprobs[:, first + 1 : cur_pos + 1] = next_logprobs(
+                        logits, tokens[:, first + 1 : cur_pos + 1], pad_id
                     )
                 generated = (prompt_lens <= cur_pos) & (cur_pos < end)  # rows whose output reaches cur_pos
                 stopped = generated & torch.isin(next_token, stop_tokens)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .args import ModelArgs, RopeScaling, ffn_hidden_dim
+from .memory import check_kv_cache
 
 
 class RMSNorm(nn.Module):
@@ -287,15 +288,18 @@ class Transformer(nn.Module):
                                                    device, p.rope_scaling)  # fmt: skip
         return self._freqs_cis
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate a KV cache in every layer, in the model's dtype and on its device, for generation."""
-        if not 0 < max_seq_len <= self.params.max_seq_len or max_batch_size < 1:
-            raise ValueError(f"a KV cache of {max_batch_size} x {max_seq_len} positions; the model takes 1 to "
-                             f"max_seq_len {self.params.max_seq_len} positions and at least 1 sequence")  # fmt: skip
+    def check_cache_fits(self, max_batch_size: int, max_seq_len: int) -> int:
+        """The bytes of a KV cache of max_batch_size x max_seq_len positions; ValueError, one line and nothing
+        allocated, unless the model and its device have room for it (memory.check_kv_cache)."""
+        return check_kv_cache(self, max_batch_size, max_seq_len)
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, kind: type[KVCache] = KVCache) -> None:
+        """Allocate a KV cache (a `kind`) in every layer, in the model's dtype and on its device, for generation."""
+        self.check_cache_fits(max_batch_size, max_seq_len)
         weight = self.output.weight
         for layer in self.layers:
             # Each attention's own kv heads: under tensor parallelism a rank caches only its share.
-            layer.attention.cache = KVCache(
+            layer.attention.cache = kind(
                 max_batch_size, max_seq_len, layer.attention.n_kv_heads, self.params.head_dim,
                 dtype=weight.dtype, device=weight.device,
             )  # fmt: skip
@@ -320,11 +324,14 @@ class Transformer(nn.Module):
         start_pos: Union[int, torch.Tensor] = 0,
         documents: Optional[torch.Tensor] = None,
         rotations: Optional[torch.Tensor] = None,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """Float32 logits (bsz, seqlen, vocab_size) for tokens (bsz, seqlen) placed at start_pos. documents:
         (bsz, seqlen) ids of packed documents (consecutive tokens of one document share an id): attention stays
-        inside each document and its positions start at 0 (training rows; no cache, start_pos 0)."""
-        return self.output(self.final_hidden(tokens, start_pos, documents, rotations)).float()
+        inside each document and its positions start at 0 (training rows; no cache, start_pos 0). last_only: the
+        last position's logits alone, (bsz, 1, vocab_size), as a prefill needs them (see generation.py on bits)."""
+        h = self.final_hidden(tokens, start_pos, documents, rotations)
+        return self.output(h[:, -1:] if last_only else h).float()
 
     def check_positions(self, tokens: torch.Tensor, start_pos: int, documents: Optional[torch.Tensor] = None) -> None:
         """Raise ValueError unless tokens (bsz, seqlen) at start_pos fit the model, or the KV cache if there is one."""

@@ -6,6 +6,7 @@ import pytest
 
 from tools.bench_decode import benchmark, format_report
 from tools.bench_load import tp
+from tools.bench_prefill import measure
 
 
 def test_decode_benchmark_runs_each_system_on_the_same_weights_and_compares_their_tokens():
@@ -38,3 +39,11 @@ def test_tensor_parallel_load_benchmark_reports_each_ranks_peak_against_its_shar
     for line in lines:
         ratios = re.findall(r"GB \((\d+\.\d+)x\)", line)
         assert len(ratios) == 2 and all(float(r) > 0 for r in ratios), line
+
+
+@pytest.mark.slow  # two tiny models built and prefilled: about 10 s on a loaded 2-core machine
+def test_prefill_benchmark_sees_the_one_shot_logits_that_a_chunked_prefill_never_makes(tokenizer):
+    one_shot, chunked = measure(128, "all"), measure(128, "32")
+    assert (one_shot["logits_rows"], chunked["logits_rows"]) == (128, 1)
+    logits_bytes = 128 * 128_256 * 4  # the tiny checkpoint's float32 logits of every position: 63 MiB
+    assert one_shot["peak_bytes"] >= logits_bytes > chunked["peak_bytes"]

@@ -231,8 +231,8 @@ def test_dialog_too_long_for_max_seq_len_names_its_line(tmp_path, capsys, tokeni
         main(["chat", "--dialogs", str(path), "--max_seq_len", "32"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and capsys.readouterr().out == ""
-    assert re.fullmatch(rf"microllama: error: {re.escape(str(path))}:2: the dialog is \d+ tokens, at or beyond "
-                        r"max_seq_len 32\n", err), err  # fmt: skip
+    assert re.fullmatch(rf"KV cache: .+\nmicrollama: error: {re.escape(str(path))}:2: the dialog is \d+ tokens, at or "
+                        r"beyond max_seq_len 32\n", err), err  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -101,10 +101,10 @@ def test_compiled_decode_compiles_once_per_batch_bucket_never_per_token():
     steps = 0
     original_forward = llama.decoder.forward
 
-    def counting_forward(tokens, start_pos):
+    def counting_forward(tokens, start_pos, **kwargs):
         nonlocal steps
         steps += tokens.shape[1] == 1
-        return original_forward(tokens, start_pos)
+        return original_forward(tokens, start_pos, **kwargs)
 
     llama.decoder.forward = counting_forward
     for bsz, prompt_len, max_gen_len in [(1, 3, 20), (1, 11, 30), (2, 5, 25), (3, 2, 40), (4, 7, 20), (1, 30, 33)]:

@@ -57,6 +57,9 @@ class ScriptedLM(nn.Module):
     def logprob(self, prefix: Sequence[int], token: int) -> float:
         return torch.log_softmax(self.next_logits(prefix), dim=-1)[token].item()
 
+    def check_cache_fits(self, max_batch_size: int, max_seq_len: int) -> int:
+        return max_batch_size * max_seq_len * 8  # its cache: one int64 id per position
+
     @contextlib.contextmanager
     def kv_cache(self, max_batch_size: int, max_seq_len: int) -> Iterator[None]:
         self.history = torch.zeros(max_batch_size, max_seq_len, dtype=torch.long)
@@ -65,7 +68,7 @@ class ScriptedLM(nn.Module):
         finally:
             self.history = None
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
         bsz, seqlen = tokens.shape
         if start_pos + seqlen > self.params.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seqlen} exceed max_seq_len {self.params.max_seq_len}")
@@ -75,8 +78,9 @@ class ScriptedLM(nn.Module):
         else:
             self.history[:bsz, start_pos : start_pos + seqlen] = tokens
             rows = self.history[:bsz, : start_pos + seqlen].tolist()
+        positions = range(seqlen - 1, seqlen) if last_only else range(seqlen)
         return torch.stack(
-            [torch.stack([self.next_logits(row[: start_pos + j + 1]) for j in range(seqlen)]) for row in rows]
+            [torch.stack([self.next_logits(row[: start_pos + j + 1]) for j in positions]) for row in rows]
         )
 
     def continuation(self, prompt: Sequence[int], stop_tokens: Sequence[int], max_gen_len: Optional[int]) -> list[int]:
@@ -314,10 +318,10 @@ class ScaledLogits(nn.Module):
         super().__init__()
         self.inner, self.scale = model, scale
         self.params, self.output = model.params, model.output
-        self.kv_cache = model.kv_cache
+        self.kv_cache, self.check_cache_fits = model.kv_cache, model.check_cache_fits
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        return self.inner(tokens, start_pos) / self.scale
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, last_only: bool = False) -> torch.Tensor:
+        return self.inner(tokens, start_pos, last_only=last_only) / self.scale
 
 
 @given(random_model_cases(), seeds, st.floats(0.1, 2.0))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..args import ModelArgs, RopeScaling, ffn_hidden_dim
+from ..memory import format_bytes as _size
 
 CONTEXT = 131072  # every model of both families is published with a 128K context
 # Bytes per number of the dtypes whose sizes `microllama info` prints (torch.bfloat16.itemsize, ...).
@@ -102,14 +103,6 @@ def parameter_count(args: ModelArgs, tied: bool = False) -> int:
 def kv_cache_bytes_per_token(args: ModelArgs, dtype: str = "bfloat16") -> int:
     """Keys and values of one position in every layer, in dtype (a key of DTYPE_BYTES)."""
     return 2 * args.n_layers * args.n_kv_heads * args.head_dim * DTYPE_BYTES[dtype]
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def describe(
