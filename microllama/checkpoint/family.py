@@ -2,6 +2,7 @@
 test checkpoints. The sizes a user asks about before loading one (parameters, weight bytes, KV-cache
 bytes) and `microllama info`'s description are computed here from a configuration alone."""
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -9,6 +10,7 @@ import torch
 
 from ..args import ModelArgs, RopeScaling
 from ..model import Transformer, ffn_hidden_dim
+from ..quantize import FORMATS, is_quantized_key, quantized_weight_bytes
 
 CONTEXT = 131072  # every model of both families is published with a 128K context
 
@@ -96,6 +98,21 @@ def parameter_count(args: ModelArgs, tied: bool = False) -> int:
     return n - args.vocab_size * args.dim if tied else n
 
 
+def weight_bytes(args: ModelArgs, tied: bool = False, dtype: torch.dtype = torch.bfloat16,
+                 quantize: Optional[str] = None) -> int:  # fmt: skip
+    """Bytes of the weights in dtype, or with quantize (int8, nf4, int4) the blocks' linear layers in that format
+    (microllama.quantize) and the rest in dtype; a tied output is counted once."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    if tied:
+        del shapes["output.weight"]
+    return sum(
+        quantized_weight_bytes(shape, quantize, dtype) if quantize and is_quantized_key(key)
+        else math.prod(shape) * dtype.itemsize
+        for key, shape in shapes.items()
+    )  # fmt: skip
+
+
 def kv_cache_bytes_per_token(args: ModelArgs, dtype: torch.dtype = torch.bfloat16) -> int:
     """Keys and values of one position in every layer."""
     return 2 * args.n_layers * args.n_kv_heads * args.head_dim * dtype.itemsize
@@ -138,5 +155,11 @@ def describe(
         lines.append(
             f"{str(dtype)[6:]:<11} weights {_size(n_params * dtype.itemsize)}; KV cache {_size(per_token)} per "
             f"token, {_size(per_token * context)} for the full {context:,}-token context (per sequence)"
+        )
+    for quantize in FORMATS:  # --quantize: the blocks' linear layers quantized, the rest in bfloat16
+        where = " (CUDA only)" if quantize == "int4" else ""
+        lines.append(
+            f"{quantize:<11} weights {_size(weight_bytes(args, tied, torch.bfloat16, quantize))}: the blocks' linear "
+            f"layers in {quantize}, the embedding, output and norms in bfloat16{where}"
         )
     return lines
