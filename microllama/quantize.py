@@ -100,6 +100,22 @@ def quantize_model(model: nn.Module, quantize: str) -> nn.Module:
     return model
 
 
+def dequantize_weight(t: torch.Tensor) -> torch.Tensor:
+    """A quantized weight as the dense tensor it stands for, in its dtype (a dense one as it is)."""
+    if is_dense(t):
+        return t.detach()
+    # NF4Tensor's own name for it; torchao's other formats call it dequantize.
+    return t.get_original_weight() if hasattr(t, "get_original_weight") else t.dequantize()
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace, in place, every quantized weight of model by its dequantized dense tensor."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not is_dense(module.weight):
+            module.weight = nn.Parameter(dequantize_weight(module.weight), requires_grad=False)
+    return model
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """A plain tensor or Parameter, not one of torchao's tensor subclasses (a Parameter of one has its type)."""
     return type(t) in (torch.Tensor, nn.Parameter)
