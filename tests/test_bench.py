@@ -5,7 +5,7 @@ import re
 import pytest
 
 from tools.bench_decode import benchmark, format_report
-from tools.bench_load import tp
+from tools.bench_load import quant, tp
 
 
 def test_decode_benchmark_runs_each_system_on_the_same_weights_and_compares_their_tokens():
@@ -38,3 +38,12 @@ def test_tensor_parallel_load_benchmark_reports_each_ranks_peak_against_its_shar
     for line in lines:
         ratios = re.findall(r"GB \((\d+\.\d+)x\)", line)
         assert len(ratios) == 2 and all(float(r) > 0 for r in ratios), line
+
+
+@pytest.mark.slow
+def test_quantized_load_benchmark_reports_each_formats_peak_against_its_own_bytes(tmp_path, capsys):
+    pytest.importorskip("torchao", reason="needs torchao (the quant extra)")
+    quant(str(tmp_path), name="tiny", n_layers=2)
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["bfloat16", "int8", "nf4"]
+    assert all(float(row.split()[1]) > 0 and float(row.split()[3]) > 0 for row in rows)  # model GB, x model
