@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from microllama.args import ModelArgs
@@ -29,6 +29,7 @@ from microllama.quantize import (
     tensor_bytes,
 )
 from microllama.tolerances import INT8_LOGITS_ATOL
+from microllama.train.lora import TARGETS, apply_lora, merge_lora
 
 from strategies import SMALL_VOCAB, random_transformer
 
@@ -249,3 +250,41 @@ def test_a_quantized_models_weights_given_to_convert_are_refused_in_one_line(cap
     assert status == 1 and out == "" and err.count("\n") == 1, err
     assert "consolidated.00.pth: a quantized model's weights (" in err and "give the checkpoint it was quantized" in err
     assert not (tmp_path / "out").exists()
+
+
+qlora_settings = st.fixed_dictionaries({
+    "rank": st.integers(1, 8),
+    "alpha": st.floats(0.5, 64.0),
+    "targets": st.lists(st.sampled_from(TARGETS), min_size=1, max_size=7, unique=True),
+})  # fmt: skip
+
+
+@needs_torchao
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=10)  # a backward pass each
+@given(args=quantizable_args(), seed=seeds, lora=qlora_settings, data=st.data())
+def test_qlora_is_lora_on_the_dequantized_base(dtype, args, seed, lora, data):
+    """A fresh adapter over the NF4 base leaves its logits bit for bit; with trained adapters, the loss and the
+    adapters' gradients equal LoRA's on the dense model holding the dequantized weights, bit for bit (NF4's
+    linear dequantizes, then multiplies, forward and backward); the merged export (the adapters folded into the
+    dequantized base, the other layers dequantized) equals that dense model's merged LoRA."""
+    qlora = quantize_model(random_transformer(args, seed).to(dtype), "nf4")
+    twin = dequantized_twin(args, seed, dtype, "nf4")
+    tokens = torch.tensor(data.draw(st.lists(st.integers(0, SMALL_VOCAB - 1), min_size=3, max_size=40)))[None]
+    with torch.no_grad():
+        base = qlora(tokens)
+    adapters = []
+    for model in (qlora, twin):
+        torch.manual_seed(seed)  # the same A on both
+        adapters.append(apply_lora(model, lora["rank"], lora["alpha"], 0.0, lora["targets"]))
+    with torch.no_grad():
+        assert torch.equal(qlora(tokens), base)  # B starts at zero
+        for b in adapters[0][1::2] + adapters[1][1::2]:  # trained adapters: B non-zero, the same on both
+            b.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(seed))
+    losses = [model.loss(tokens[:, :-1], tokens[:, 1:]) for model in (qlora, twin)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(*adapters, strict=True))
+    exports = [dequantize_model(merge_lora(model)).state_dict() for model in (qlora, twin)]
+    assert all(torch.equal(exports[0][k], exports[1][k]) and is_dense(exports[0][k]) for k in exports[1])
