@@ -9,8 +9,9 @@ projection and the norms keep the model's dtype (README, Quantization, says why)
   block's absmax double-quantized to 8 bits in blocks of 256 absmaxes (fewer where a small tensor has fewer
   blocks). Its linear dequantizes to the model's dtype, then multiplies.
 - int4: groups of 128 input features with a bfloat16 scale and zero point each (torchao's
-  Int4TilePackedTo4dTensor, for the tinygemm kernel, which pads rows to a multiple of 1,024 features and the
-  rows to a multiple of 8): CUDA (compute capability 8.0 or newer) and bfloat16 only.
+  Int4TilePackedTo4dTensor, for the tinygemm kernel, which pads each row to a multiple of 1,024 input features
+  and the rows to a multiple of 8): CUDA (compute capability 8.0 or newer) and bfloat16 only; not run in
+  microllama's tests, which had no GPU.
 
 torchao is imported on first use, so microllama's core imports without it.
 """

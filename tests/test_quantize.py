@@ -1,6 +1,6 @@
 """Weight-only quantization (microllama.quantize, torchao): each format's error bound on any weight, a quantized
 model against the dense model holding its dequantized weights, quantizing while loading against quantizing the
-loaded model, the bytes `info` states, and the one-line errors."""
+loaded model, the bytes `info` states, the one-line errors, and QLoRA as LoRA on the dequantized base."""
 
 import importlib.util
 import re
