@@ -37,6 +37,7 @@ def generate(
     prefill_chunk: Optional[int] = None,
     tokenizer_path: Optional[str] = None,
     compile: bool = False,
+    quantize: Optional[str] = None,
 ) -> None:
     """Complete PROMPT (default: "Clearly, the meaning of life is"), streamed as it comes, or each of --prompts,
     a JSON list of strings: --prompts '["first", "second"]'. The tiny default's random weights produce
@@ -60,6 +61,8 @@ def generate(
             tolerance of Meta's one-shot prefill, not bit for bit)
         tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
         compile: the compiled decode path (static KV cache, torch.compile, flash attention; one process only)
+        quantize: int8, nf4 or int4 (CUDA only): the blocks' linear layers quantized as they load (needs torchao:
+            pip install 'microllama[quant]')
     """
     if prompt is not None and prompts is not None:
         raise ValueError("give --prompt or --prompts, not both")
@@ -76,7 +79,7 @@ def generate(
     llama = Llama.build(ckpt_dir, max_seq_len, len(texts), device=device, dtype=dtype, flash=flash,
                         prefill_chunk=prefill_chunk,
                         tokenizer_path=tokenizer_path, tensor_parallel=torchrun_world_size() > 1,
-                        compile=compile)  # fmt: skip
+                        compile=compile, quantize=quantize)  # fmt: skip
     # The whole request is checked before the prompt is echoed, so that an error does not follow it.
     tokens = [llama.tokenizer.encode(t, bos=True, eos=False) for t in texts]
     llama.check_request(tokens, temperature, top_p, max_gen_len, seed)
@@ -215,6 +218,7 @@ def chat(
     prefill_chunk: Optional[int] = None,
     tokenizer_path: Optional[str] = None,
     compile: bool = False,
+    quantize: Optional[str] = None,
 ) -> None:
     """Talk with a model in Llama 3.1's dialog format: an interactive session (--system TEXT: a system prompt;
     type /reset, /system TEXT, /tool TEXT or /exit; Ctrl-C stops a reply), or with --dialogs FILE the reply to
@@ -239,6 +243,8 @@ def chat(
             tolerance of Meta's one-shot prefill, not bit for bit)
         tokenizer_path: a tokenizer.model (default: $MICROLLAMA_TOKENIZER, the checkpoint's, else llama-models')
         compile: the compiled decode path (static KV cache, torch.compile; the first step compiles)
+        quantize: int8, nf4 or int4 (CUDA only): the blocks' linear layers quantized as they load (needs torchao:
+            pip install 'microllama[quant]')
     """
     from .args import check_prefill_chunk, check_sampling
     from .chat import TOOL_PROMPT_FORMATS
@@ -263,7 +269,7 @@ def chat(
     batch = min(max_batch_size, len(read)) if read is not None else 1
     llama = Llama.build(checkpoint, max_seq_len, batch, device=device, dtype=dtype, flash=flash,
                         prefill_chunk=prefill_chunk,
-                        tokenizer_path=tokenizer_path, compile=compile)  # fmt: skip
+                        tokenizer_path=tokenizer_path, compile=compile, quantize=quantize)  # fmt: skip
     if compile:
         print(COMPILING, file=sys.stderr, flush=True)
     print(llama.describe_kv_cache(), file=sys.stderr, flush=True)

@@ -18,6 +18,7 @@ from .distributed.launch import torchrun_world_size
 from .files import parse_dtype
 from .memory import format_bytes
 from .model import Transformer
+from .quantize import check_quantize
 from .tokenizer import Tokenizer
 
 
@@ -88,6 +89,7 @@ class Llama:
         tensor_parallel: bool = False,
         compile: bool = False,
         prefill_chunk: Optional[int] = None,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint: a directory in Meta's or Hugging Face's layout, a tiny checkpoint's name or an
         open Checkpoint (default: the embedded tiny one). dtype defaults to bfloat16 on CUDA and float32
@@ -96,19 +98,26 @@ class Llama:
         reading only its slices of the checkpoint; every rank must make the same calls and gets the same tokens.
         compile: decode through microllama.compiled (static cache, torch.compile; implies flash), within the
         flash tolerances of the default path instead of bit-identical; not with tensor_parallel.
-        prefill_chunk: prefill prompts that many positions at a time (see Llama)."""
+        prefill_chunk: prefill prompts that many positions at a time (see Llama).
+        quantize: int8, nf4 or int4 (CUDA only), the weights of the blocks' linear layers quantized as they are
+        read (microllama.quantize; needs torchao, the quant extra); not with tensor_parallel or compile."""
         if tensor_parallel and compile:
             raise ValueError("compile and tensor_parallel cannot be combined: the compiled path runs on one device")
+        if quantize is not None and (tensor_parallel or compile):
+            what = "tensor_parallel" if tensor_parallel else "compile"
+            raise ValueError(f"quantize and {what} cannot be combined: a quantized model decodes eagerly on one device")
         check_prefill_chunk(prefill_chunk)
-        checkpoint = open_checkpoint(ckpt_dir)
         device = torch.device(device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device 'cuda' was asked for, but torch sees no CUDA device")
+        dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
+        if quantize is not None:
+            check_quantize(quantize, device, dtype)  # before a checkpoint that may take minutes to load
+        checkpoint = open_checkpoint(ckpt_dir)
         mesh = None
         if tensor_parallel:
             parallel.check_world_size(checkpoint.args, torchrun_world_size(), checkpoint.source)
             mesh, device = parallel.device_mesh(device)
-        dtype = parse_dtype(dtype) if dtype is not None else torch.bfloat16 if device.type == "cuda" else torch.float32
         tokenizer = Tokenizer(tokenizer_path, ckpt_dir=checkpoint.dir)
         if checkpoint.args.vocab_size != tokenizer.n_words:
             raise CheckpointError(
@@ -116,7 +125,7 @@ class Llama:
                 f"{tokenizer.n_words} ({tokenizer.model_path})"
             )
         model = checkpoint.load_model(max_seq_len, max_batch_size, device=device, dtype=dtype, flash=flash or compile,
-                                      mesh=mesh)  # fmt: skip
+                                      mesh=mesh, quantize=quantize)  # fmt: skip
         return Llama(model, tokenizer, compile=compile, prefill_chunk=prefill_chunk)
 
     def __init__(

@@ -99,3 +99,17 @@ TRAINED_WEIGHTS_RTOL = {
 # 5.6x).
 DATA_PARALLEL_RTOL = 2**-19
 DATA_PARALLEL_WEIGHTS_ATOL = 2**-17
+
+# dtype -> bound on the logits of an int8-quantized model (microllama.quantize) against the dense model holding its
+# dequantized weights (codes times scales, in the model's dtype). torchao's int8 weight-only linear multiplies the
+# activations by the int8 codes and then each output column by its row's scale, where the dense twin multiplies by
+# weights rounded one by one; in bfloat16 it also casts the float32 scale to bfloat16 (a relative error of up to
+# 2**-9 shared by a whole row) and rounds the product before scaling, so more than the order of a sum changes.
+# nf4 needs no bound: its linear dequantizes, then multiplies, and measured bit-identical (float32 and bfloat16).
+# Measured on the tiny checkpoints (tiny, tiny-hd128, tiny-kv4; 8 batches of 2 x 400 random tokens; |logits| up to
+# 27): float32 at most 1.9e-5, bfloat16 0.39 (over LOGITS_ATOL's 0.375). Bounds: 32 * 2**-19 (float32, 3.2x the
+# worst seen) and 8 * 2**-3 (bfloat16, 2.6x).
+INT8_LOGITS_ATOL = {
+    torch.float32: 32 * 2**-19,  # 6.1e-5
+    torch.bfloat16: 8 * 2**-3,  # 1.0
+}

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from tools.bench_decode import benchmark, format_report
-from tools.bench_load import tp
+from tools.bench_load import quant, tp
 from tools.bench_prefill import measure
 
 
@@ -47,3 +47,12 @@ def test_prefill_benchmark_sees_the_one_shot_logits_that_a_chunked_prefill_never
     assert (one_shot["logits_rows"], chunked["logits_rows"]) == (128, 1)
     logits_bytes = 128 * 128_256 * 4  # the tiny checkpoint's float32 logits of every position: 63 MiB
     assert one_shot["peak_bytes"] >= logits_bytes > chunked["peak_bytes"]
+
+
+@pytest.mark.slow
+def test_quantized_load_benchmark_reports_each_formats_peak_against_its_own_bytes(tmp_path, capsys):
+    pytest.importorskip("torchao", reason="needs torchao (the quant extra)")
+    quant(str(tmp_path), name="tiny", n_layers=2)
+    rows = capsys.readouterr().out.strip().splitlines()[2:]
+    assert [row.split()[0] for row in rows] == ["bfloat16", "int8", "nf4"]
+    assert all(float(row.split()[1]) > 0 and float(row.split()[3]) > 0 for row in rows)  # model GB, x model

@@ -55,6 +55,16 @@ def test_parameter_count_arithmetic_is_the_meta_device_models(args, tied):
     assert family.parameter_count(args, tied) == meta_device_parameter_count(args, tied)
 
 
+@pytest.mark.parametrize("name", ["llama3.1-8b", "llama3.2-1b", "tiny", "tiny-kv4"])
+def test_weight_shapes_arithmetic_is_the_meta_device_models_state_dict(name):
+    """family.weight_shapes (what info's weight bytes, quantized or not, are summed over): the names, their
+    order and the shapes of the meta-device model's state_dict."""
+    args = family.model_args(name)
+    with torch.device("meta"):
+        expected = [(k, tuple(v.shape)) for k, v in Transformer(args).state_dict().items()]
+    assert list(family.weight_shapes(args).items()) == expected
+
+
 @pytest.mark.reference
 @pytest.mark.parametrize("name", META_DESCRIPTORS)
 def test_registry_is_metas_params_json(name):

@@ -2,6 +2,7 @@
 stopped, bad input is one clear error that loses nothing, the final weights are a Meta-layout checkpoint
 the other commands take, and (slow) every mode lowers the held-out loss of the shipped corpus."""
 
+import importlib.util
 import json
 import re
 import subprocess
@@ -28,6 +29,9 @@ SMALL = dict(data=CORPUS, max_seq_len=32, batch_size=1, max_steps=4, warmup_step
 TIMING = ("tokens_per_s", "peak_memory_gib")
 
 pytestmark = pytest.mark.usefixtures("tokenizer")
+needs_torchao = pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None, reason="needs torchao (the quant extra)"
+)
 
 
 def flags(settings: dict) -> list[str]:
@@ -46,8 +50,10 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "settings",
     [dict(mode="full", grad_accum=2, activation_checkpointing=True, loss_chunk=24),
-     dict(mode="lora", lora_dropout=0.1, lora_targets=["wq", "wv", "w2"])],
-    ids=["full-accum-checkpointing-chunked", "lora-dropout"],
+     dict(mode="lora", lora_dropout=0.1, lora_targets=["wq", "wv", "w2"]),
+     pytest.param(dict(mode="lora", quantize="nf4", activation_checkpointing=True, loss_chunk=24,
+                       lora_targets=["wq", "wv", "w2"]), marks=[needs_torchao, pytest.mark.slow])],
+    ids=["full-accum-checkpointing-chunked", "lora-dropout", "qlora-checkpointing-chunked"],
 )  # fmt: skip
 def test_stopped_and_resumed_run_is_bit_identical_to_one_that_never_stopped(tmp_path, settings):
     """llm.c's standard: every step's loss, gradient norm and learning rate, the held-out losses and the
@@ -115,6 +121,8 @@ def test_an_out_dir_holding_another_run_is_refused_unless_resuming(tmp_path):
      (dict(mode="lora", lora_targets=["wq", "attention"]), "unknown LoRA target module attention: expected some of"),
      (dict(data="/nonexistent/corpus.txt"), "data not found: /nonexistent/corpus.txt"),
      (dict(mode="half"), "--mode must be one of full, lora, norms"),
+     (dict(mode="full", quantize="nf4"), "--quantize nf4 is QLoRA: it trains --mode lora only, got --mode full"),
+     (dict(mode="lora", quantize="int8"), r"--quantize trains nf4 \(QLoRA: a frozen base in NF4\), got 'int8'"),
      (dict(stop_at=9), r"--stop_at must be a step from 1 to --max_steps \(4\)"),
      (dict(device="cuda"), "cuda"),
      (dict(eval_fraction=0.5, data=None), "too few to hold out"),

@@ -3,10 +3,15 @@
     python tools/bench_load.py run --out /tmp/bench            # llama3.2-1b shapes, 2 layers: 1.29 GB
     python tools/bench_load.py run --out /tmp/bench --device cuda
     python tools/bench_load.py tp --out /tmp/bench             # tensor-parallel, per rank, 2 and 4 ranks
+    python tools/bench_load.py quant --out /tmp/bench          # bfloat16, int8 and nf4 side by side (torchao)
 
 `tp` starts torchrun (gloo ranks on the CPU) for each world size N and loads the N-shard checkpoint, and the
 one-file one sliced as read, with `load_model(..., mesh=...)`; each rank reports its own peak, as a multiple of
 the checkpoint's bytes / N (what a rank's share of the weights is).
+
+`quant` loads the bfloat16 checkpoint as it is, and quantized while loading to int8 and to nf4 (--quantize,
+microllama.quantize), and reports each peak as a multiple of that model's own bytes (codes, scales and tables of
+the quantized layers, the rest in bfloat16) and of the bfloat16 checkpoint's.
 
 "Peak host memory" here is the rise of the loading process's peak resident set (VmHWM) over its
 resident set just before loading, after every weight has been read once. VmHWM counts anonymous memory
@@ -38,6 +43,7 @@ from microllama.checkpoint.load import convert, load_model, open_checkpoint  # n
 from microllama.checkpoint.meta_layout import save_meta  # noqa: E402
 from microllama.checkpoint.params import expected_shapes  # noqa: E402
 from microllama.distributed import tensor_parallel as parallel  # noqa: E402
+from microllama.quantize import is_dense, tensor_bytes, torchao_quantization  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -58,22 +64,36 @@ def build(out: str, name: str = "llama3.2-1b", n_layers: int = 2, layout: str = 
     return save_meta(state_dict, params, out) if layout == "meta" else save_hf(state_dict, params, out)
 
 
-def measure(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu") -> dict:
-    """Load ckpt_dir in this process, read every weight once, and return the memory figures."""
+def _dense_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """A weight's plain tensors: itself, or a quantized one's codes, scales and tables."""
+    if is_dense(t):
+        return [t.detach()]
+    names, _ = t.__tensor_flatten__()
+    return [part for name in names if (inner := getattr(t, name)) is not None for part in _dense_parts(inner)]
+
+
+def measure(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu", quantize: Optional[str] = None) -> dict:
+    """Load ckpt_dir in this process (quantized while loading, with quantize), read every weight once, and return
+    the memory figures."""
     ckpt_bytes = sum(p.stat().st_size for p in Path(ckpt_dir).iterdir() if p.suffix in (".pth", ".safetensors"))
+    if quantize is not None:
+        torchao_quantization()  # imported before the baseline: its libraries are not the weights' memory
 
     before = _status("VmRSS")
     start = time.perf_counter()
-    model = load_model(ckpt_dir, max_seq_len=16, device=device, dtype=dtype)
+    model = load_model(ckpt_dir, max_seq_len=16, device=device, dtype=dtype, quantize=quantize)
     seconds = time.perf_counter() - start
-    for p in model.parameters():  # one byte per 4 KiB page: every mapped page becomes resident
-        p.detach().reshape(-1).view(torch.uint8)[::4096].sum()
+    for p in model.parameters():  # one element per 4 KiB page: every mapped page becomes resident
+        for t in _dense_parts(p):
+            t.reshape(-1)[:: max(1, 4096 // t.element_size())].float().sum()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     peak = _status("VmHWM") - before
+    model_bytes = sum(tensor_bytes(p) for p in model.parameters())
     figures = {
-        "checkpoint": ckpt_dir, "dtype": dtype, "device": device, "checkpoint_bytes": ckpt_bytes,
-        "peak_host_bytes": peak, "ratio": round(peak / ckpt_bytes, 3), "load_seconds": round(seconds, 2),
+        "checkpoint": ckpt_dir, "dtype": dtype, "device": device, "quantize": quantize, "checkpoint_bytes": ckpt_bytes,
+        "model_bytes": model_bytes, "peak_host_bytes": peak, "ratio": round(peak / ckpt_bytes, 3),
+        "ratio_to_model": round(peak / model_bytes, 3), "load_seconds": round(seconds, 2),
         "rss_anon_after": _status("RssAnon"), "rss_file_after": _status("RssFile"),
     }  # fmt: skip
     if device.startswith("cuda"):
@@ -129,9 +149,12 @@ def tp(
             )
 
 
-def measure_in_subprocess(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu") -> dict:
+def measure_in_subprocess(
+    ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu", quantize: Optional[str] = None
+) -> dict:
     """measure() in a fresh Python process, so nothing cached here counts."""
-    code = f"import json, tools.bench_load as b; print(json.dumps(b.measure({ckpt_dir!r}, {dtype!r}, {device!r})))"
+    call = f"b.measure({ckpt_dir!r}, {dtype!r}, {device!r}, {quantize!r})"
+    code = f"import json, tools.bench_load as b; print(json.dumps({call}))"
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root)
@@ -161,7 +184,24 @@ def run(
             )
 
 
-COMMANDS = {"run": run, "build": build, "measure": measure, "tp": tp, "measure_tp": measure_tp}
+def quant(out: str, name: str = "llama3.2-1b", n_layers: int = 2, device: str = "cpu") -> None:
+    """Build the bfloat16 checkpoint under OUT (once) in Meta's layout; load it as it is and quantized while loading
+    to int8 and to nf4, each in a fresh process, and print their peak host memory side by side: as a multiple of
+    that model's bytes, and of the checkpoint's."""
+    path = Path(out) / f"{name}-{n_layers}l-meta"
+    if not path.exists():
+        build(str(path), name, n_layers, "meta")
+    rows = [(quantize or "bfloat16", measure_in_subprocess(str(path), "bfloat16", device, quantize))
+            for quantize in (None, "int8", "nf4")]  # fmt: skip
+    print(f"{name} cut to {n_layers} layers, Meta's layout, checkpoint {rows[0][1]['checkpoint_bytes'] / 1e9:.3f} GB "
+          f"(bfloat16) -> {device}")  # fmt: skip
+    print(f"{'weights':<9} {'model GB':>9} {'peak host GB':>13} {'x model':>8} {'x checkpoint':>13} {'load s':>7}")
+    for label, f in rows:
+        gigabytes = f"{f['model_bytes'] / 1e9:>9.3f} {f['peak_host_bytes'] / 1e9:>13.3f}"
+        print(f"{label:<9} {gigabytes} {f['ratio_to_model']:>8.3f} {f['ratio']:>13.3f} {f['load_seconds']:>7}")
+
+
+COMMANDS = {"run": run, "build": build, "measure": measure, "tp": tp, "measure_tp": measure_tp, "quant": quant}
 
 if __name__ == "__main__":
     flags.run(COMMANDS)

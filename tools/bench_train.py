@@ -4,6 +4,7 @@ cross-entropy: microllama.train.loop's own train_step on random weights and rand
     python tools/bench_train.py                                            # tiny shapes, CPU
     python tools/bench_train.py --model llama3.2-1b --n_layers 2 --seq_len 128 --batch_size 1
     python tools/bench_train.py --model llama3.1-8b --device cuda --seq_len 2048 --batch_size 1   # then 2
+    python tools/bench_train.py --model llama3.2-1b --n_layers 2 --modes '["lora", "qlora"]' --dtype bfloat16
 
 Each row runs in a fresh process (spawned), so that its peak memory is its own: on CUDA the peak of
 torch.cuda.max_memory_allocated, on the CPU the process's peak resident set (which includes Python and
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from 
 from microllama import flags  # noqa: E402
 
 VARIANTS = {"plain": (False, 0), "ckpt+chunk": (True, 1024)}  # activation checkpointing, loss_chunk
+MODES = ("full", "lora", "norms", "qlora")  # qlora: --mode lora --quantize nf4 (needs torchao)
 
 
 def _clock(device: Any) -> float:
@@ -44,6 +46,7 @@ def run_row(row: dict[str, Any]) -> dict[str, Any]:
     from microllama.checkpoint import family
     from microllama.files import parse_dtype
     from microllama.model import Transformer
+    from microllama.quantize import is_dense, is_quantized_key, quantize_weight
     from microllama.train.config import TrainConfig
     from microllama.train.data import Batch
     from microllama.train.loop import make_optimizer, peak_memory_gib, select_trainable, train_step
@@ -62,14 +65,19 @@ def run_row(row: dict[str, Any]) -> dict[str, Any]:
         return {**row, "tok_s": None, "peak_gib": peak_memory_gib(device)}
     with torch.device("meta"):
         model = Transformer(args).to(dtype)
-    model = model.to_empty(device=device)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
+    quantize = "nf4" if row["mode"] == "qlora" else None
+    # Each weight drawn on the device in turn, and for qlora quantized at once: the dense model never exists whole.
+    for name, module in model.named_modules():
+        for key, p in list(module.named_parameters(recurse=False)):
+            w = torch.empty(p.shape, dtype=dtype, device=device).normal_(0.0, p.shape[-1] ** -0.5, generator=g)
+            if quantize is not None and is_quantized_key(f"{name}.{key}"):
+                w = quantize_weight(w, quantize, f"{name}.{key}")
+            setattr(module, key, torch.nn.Parameter(w, requires_grad=is_dense(w)))
     model.train()
     checkpointing, chunk = VARIANTS[row["variant"]]
     model.activation_checkpointing = checkpointing
-    cfg = TrainConfig(data="-", mode=row["mode"], loss_chunk=chunk, lora_targets=["wq", "wv"])
+    mode = "lora" if row["mode"] == "qlora" else row["mode"]
+    cfg = TrainConfig(data="-", mode=mode, loss_chunk=chunk, lora_targets=["wq", "wv"], quantize=quantize)
     trainable = select_trainable(model, cfg)
     optimizer = make_optimizer(trainable, cfg, device)
     times = []
@@ -102,15 +110,16 @@ def benchmark(
     flash: bool = False,
     threads: int = 0,
 ) -> list[dict[str, Any]]:
-    """One row per mode (full, lora, norms) and variant (plain; ckpt+chunk: activation checkpointing and a
-    1,024-position cross-entropy chunk), each in its own process, after a baseline row."""
+    """One row per mode (full, lora, norms; qlora: lora over a base whose blocks' linear layers are NF4, on request)
+    and variant (plain; ckpt+chunk: activation checkpointing and a 1,024-position cross-entropy chunk), each in its
+    own process, after a baseline row."""
     for name, count in {"seq_len": seq_len, "batch_size": batch_size, "steps": steps}.items():
         if count < 1:
             raise ValueError(f"--{name} must be at least 1, got {count}")
     modes, variants = modes or ["full", "lora", "norms"], variants or list(VARIANTS)
-    unknown = [v for v in variants if v not in VARIANTS] + [m for m in modes if m not in ("full", "lora", "norms")]
+    unknown = [v for v in variants if v not in VARIANTS] + [m for m in modes if m not in MODES]
     if unknown:
-        raise ValueError(f"unknown mode or variant {unknown[0]!r}: modes full, lora, norms; variants "
+        raise ValueError(f"unknown mode or variant {unknown[0]!r}: modes {', '.join(MODES)}; variants "
                          f"{', '.join(VARIANTS)}")  # fmt: skip
     if device.startswith("cuda"):
         import torch

@@ -3,11 +3,13 @@ test checkpoints. The sizes a user asks about before loading one (parameters, we
 bytes) and `microllama info`'s description are computed here from a configuration alone, by arithmetic on
 ModelArgs: without torch, so that `microllama info llama3.1-8b` answers as quickly as --help."""
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from ..args import ModelArgs, RopeScaling, ffn_hidden_dim
 from ..memory import format_bytes as _size
+from ..quantize import FORMATS, is_quantized_key, quantized_weight_bytes
 
 CONTEXT = 131072  # every model of both families is published with a 128K context
 # Bytes per number of the dtypes whose sizes `microllama info` prints (torch.bfloat16.itemsize, ...).
@@ -90,14 +92,36 @@ def match(dim: int, n_layers: int, n_heads: int, n_kv_heads: int, vocab_size: in
     return next((name for name, c in REGISTRY.items() if shapes_key(c.args()) == key), None)
 
 
-def parameter_count(args: ModelArgs, tied: bool = False) -> int:
-    """Number of parameters of microllama's Transformer for args; a tied output is counted once."""
+def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight of microllama's Transformer for args (a checkpoint's names), in its state_dict's
+    order, by arithmetic: no torch."""
     dim, hidden = args.dim, shapes_key(args)[-1]
     q_width, kv_width = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim  # grouped-query: kv is narrower
-    attention = 2 * dim * q_width + 2 * dim * kv_width  # wq and wo; wk and wv
-    layer = attention + 3 * dim * hidden + 2 * dim  # w1, w2, w3 of the SwiGLU; attention_norm and ffn_norm
-    embeddings = args.vocab_size * dim * (1 if tied else 2)  # tok_embeddings, and output unless it is tied
-    return args.n_layers * layer + embeddings + dim  # the final norm
+    block = {"attention.wq.weight": (q_width, dim), "attention.wk.weight": (kv_width, dim),
+             "attention.wv.weight": (kv_width, dim), "attention.wo.weight": (dim, q_width),
+             "feed_forward.w1.weight": (hidden, dim), "feed_forward.w2.weight": (dim, hidden),
+             "feed_forward.w3.weight": (hidden, dim),
+             "attention_norm.weight": (dim,), "ffn_norm.weight": (dim,)}  # fmt: skip
+    shapes = {"tok_embeddings.weight": (args.vocab_size, dim)}
+    for i in range(args.n_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in block.items()})
+    return shapes | {"norm.weight": (dim,), "output.weight": (args.vocab_size, dim)}
+
+
+def parameter_count(args: ModelArgs, tied: bool = False) -> int:
+    """Number of parameters of microllama's Transformer for args; a tied output is counted once."""
+    return sum(math.prod(shape) for key, shape in weight_shapes(args).items() if not (tied and key == "output.weight"))
+
+
+def weight_bytes(args: ModelArgs, tied: bool = False, itemsize: int = 2, quantize: Optional[str] = None) -> int:
+    """Bytes of the weights in a dtype of itemsize bytes (bfloat16: 2), or with quantize (int8, nf4, int4) the blocks'
+    linear layers in that format (microllama.quantize) and the rest in the dtype; a tied output is counted once."""
+    return sum(
+        quantized_weight_bytes(shape, quantize, itemsize) if quantize and is_quantized_key(key)
+        else math.prod(shape) * itemsize
+        for key, shape in weight_shapes(args).items()
+        if not (tied and key == "output.weight")
+    )  # fmt: skip
 
 
 def kv_cache_bytes_per_token(args: ModelArgs, dtype: str = "bfloat16") -> int:
@@ -134,6 +158,12 @@ def describe(
         lines.append(
             f"{dtype:<11} weights {_size(n_params * itemsize)}; KV cache {_size(per_token)} per "
             f"token, {_size(per_token * context)} for the full {context:,}-token context (per sequence)"
+        )
+    for quantize in FORMATS:  # --quantize: the blocks' linear layers quantized, the rest in bfloat16
+        where = " (CUDA only)" if quantize == "int4" else ""
+        lines.append(
+            f"{quantize:<11} weights {_size(weight_bytes(args, tied, 2, quantize))}: the blocks' linear "
+            f"layers in {quantize}, the embedding, output and norms in bfloat16{where}"
         )
     return lines
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from ..args import ModelArgs, RopeScaling, ffn_hidden_dim, is_finite, is_int
 from ..files import StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
+from ..quantize import is_quantized_key, quantize_weight
 from . import family
 from .meta_layout import rank_range, shard_dim, shard_shape
 from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
@@ -214,10 +215,13 @@ def read_hf(
     device: torch.device,
     dtype: Optional[torch.dtype],
     part: tuple[int, int] = (0, 1),
+    quantize: Optional[str] = None,
 ) -> StateDict:
     """Checked tensors in Meta's names from the safetensors files `paths`, in dtype (None: as stored) on
     device, memory-mapped as read: dense, or with part = (rank, n) only the slice of each split tensor that
-    rank holds under tensor parallelism at n ranks (Meta's split, meta_layout.shard_dim), sliced as it is read."""
+    rank holds under tensor parallelism at n ranks (Meta's split, meta_layout.shard_dim), sliced as it is read.
+    quantize: a format of microllama.quantize, in which the block linear layers' weights are quantized one by
+    one as they are read."""
     expected = {hf_name(k): s for k, s in expected_shapes(args).items() if not (tied and k == "output.weight")}
     meta_names = {hf_name(k): k for k in expected_shapes(args)}
     state_dict: StateDict = {}
@@ -240,6 +244,8 @@ def read_hf(
                 if key.endswith(("q_proj.weight", "k_proj.weight")):  # a rank's slice holds whole heads
                     n = args.n_heads if key.endswith("q_proj.weight") else args.n_kv_heads
                     tensor = permute_rotary(tensor, n // part[1], to_hf=False)
+                if quantize is not None and is_quantized_key(meta_names[key]):
+                    tensor = quantize_weight(tensor, quantize, meta_names[key])
                 state_dict[meta_names[key]] = tensor
     source = paths[0].parent / (INDEX if len(paths) > 1 else "model.safetensors")
     local = {hf_name(k): shard_shape(k, s, part[1]) for k, s in expected_shapes(args).items()}

@@ -22,6 +22,7 @@ from ..distributed import tensor_parallel as parallel
 from ..distributed.launch import is_rank_0
 from ..files import StateDict, parse_dtype, read_json, state_dict_sha256
 from ..model import Transformer
+from ..quantize import check_quantize, is_dense, is_quantized_key, quantize_weight
 from . import family, tiny
 from .hf_layout import hf_stored_bytes, read_config, read_hf, safetensors_files, save_hf
 from .meta_layout import meta_stored_bytes, read_meta, save_meta, shard_files
@@ -67,14 +68,17 @@ class Checkpoint:
         device: Union[str, torch.device] = "cpu",
         dtype: Optional[Union[str, torch.dtype]] = None,
         part: tuple[int, int] = (0, 1),
+        quantize: Optional[str] = None,
     ) -> StateDict:
         """Checked tensors in Meta's names, in dtype (None: as stored) on device: dense, or with part = (rank, n)
-        the slices rank holds under tensor parallelism at n ranks, read without reading the rest."""
+        the slices rank holds under tensor parallelism at n ranks, read without reading the rest. quantize: a
+        format of microllama.quantize, in which the block linear layers' weights are quantized one by one as
+        they are read."""
         device, dtype = torch.device(device), None if dtype is None else parse_dtype(dtype)
         files = list(self._files())
         if self.layout == "meta":
-            return read_meta(files, self.args, device, dtype, self.config_file, part)
-        return read_hf(files, self.args, self.tied, device, dtype, part)
+            return read_meta(files, self.args, device, dtype, self.config_file, part, quantize)
+        return read_hf(files, self.args, self.tied, device, dtype, part, quantize)
 
     def load_model(
         self,
@@ -85,28 +89,42 @@ class Checkpoint:
         flash: bool = False,
         state_dict: Optional[StateDict] = None,
         mesh: Optional[parallel.DeviceMesh] = None,
+        quantize: Optional[str] = None,
     ) -> Transformer:
         """A Transformer holding the weights in `dtype` on `device`, built on the meta device (no memory is
         spent on an initialisation the checkpoint overwrites). state_dict: tensors already read (by
         read_state_dict), converted here instead of reading the files again. mesh: shard the model over its
         ranks as Meta's tensor parallelism does (microllama.distributed.tensor_parallel), each rank reading only
-        its slices."""
+        its slices. quantize: int8, nf4 or int4 (microllama.quantize), the block linear layers' weights
+        quantized as they are read, frozen (requires_grad False)."""
         args = self.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size, flash=flash)
         dtype = parse_dtype(dtype)
         if mesh is not None and state_dict is not None:
             raise ValueError("a tensor-parallel model reads its own slices of the checkpoint: pass no state_dict")
+        if mesh is not None and quantize is not None:
+            raise ValueError(
+                "quantization and tensor parallelism cannot be combined: a quantized model is on one device"
+            )
+        if quantize is not None:
+            check_quantize(quantize, device, dtype)
         if mesh is not None:
             parallel.check_world_size(args, mesh.size(), self.source)
         part = (0, 1) if mesh is None else (mesh.get_local_rank(), mesh.size())
         if state_dict is None:
-            state_dict = self.read_state_dict(device, dtype, part)
+            state_dict = self.read_state_dict(device, dtype, part, quantize)
         else:
             state_dict = {k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()}
+            if quantize is not None:
+                state_dict = {k: quantize_weight(v, quantize, k) if is_quantized_key(k) else v
+                              for k, v in state_dict.items()}  # fmt: skip
         with torch.device("meta"):
             model = Transformer(args)
         if mesh is not None:
             state_dict = parallel.from_local(parallel.parallelize(model, mesh), state_dict)
         model.load_state_dict(state_dict, strict=True, assign=True)
+        for p in model.parameters():
+            if not is_dense(p):
+                p.requires_grad_(False)
         return model.eval()
 
     def sha256(self) -> str:
@@ -179,9 +197,10 @@ def load_model(
     device: Union[str, torch.device] = "cpu",
     dtype: Union[str, torch.dtype] = torch.float32,
     flash: bool = False,
+    quantize: Optional[str] = None,
 ) -> Transformer:
-    """open_checkpoint(ckpt).load_model(...): a Transformer holding the checkpoint's weights."""
-    return open_checkpoint(ckpt).load_model(max_seq_len, max_batch_size, device, dtype, flash)
+    """open_checkpoint(ckpt).load_model(...): a Transformer holding the checkpoint's weights (quantize: see there)."""
+    return open_checkpoint(ckpt).load_model(max_seq_len, max_batch_size, device, dtype, flash, quantize=quantize)
 
 
 def read_checkpoint(

@@ -18,6 +18,7 @@ import torch
 
 from ..args import ModelArgs
 from ..files import StateDict, atomic_dir, converted, copy_releasing, dtype_name, own_tensors, release_pages
+from ..quantize import is_dense, is_quantized_key, quantize_weight
 from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
 
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
@@ -59,6 +60,13 @@ def shard_files(ckpt_dir: Path, args: ModelArgs) -> list[Path]:
     return paths
 
 
+# A checkpoint saved from a quantized model (its state_dict holds torchao's tensor subclasses).
+QUANTIZED = (
+    "{path}: a quantized model's weights ({what}); microllama reads and converts full-precision checkpoints "
+    "and quantizes as it loads (--quantize): give the checkpoint it was quantized from"
+)
+
+
 def load_pth(path: Path) -> StateDict:
     """The tensors of one torch.save file, memory-mapped; a pickle that would build anything but tensors
     is refused."""
@@ -80,6 +88,8 @@ def load_pth(path: Path) -> StateDict:
     try:
         state_dict = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "torchao" in str(e):
+            raise CheckpointError(QUANTIZED.format(path=path, what="torchao's quantized tensors")) from e
         raise CheckpointError(
             f"{path}: refused to unpickle: it holds objects other than tensors, whose loading could run code "
             f"(torch.load weights_only=True): {str(e).splitlines()[0]}"
@@ -90,6 +100,9 @@ def load_pth(path: Path) -> StateDict:
         ) from e
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path} must hold a dict of tensors, got {type(state_dict).__name__}")
+    for key, t in state_dict.items():
+        if not is_dense(t):
+            raise CheckpointError(QUANTIZED.format(path=path, what=f"tensor {key!r}, a {type(t).__name__}"))
     return state_dict
 
 
@@ -116,9 +129,13 @@ def read_meta(
     dtype: Optional[torch.dtype],
     config: Path,
     part: tuple[int, int] = (0, 1),
+    quantize: Optional[str] = None,
 ) -> StateDict:
     """The checked tensors of the shard files `paths`, in dtype (None: as stored) on device: dense, or with
     part = (rank, n) only the slice of each split tensor that rank holds under tensor parallelism at n ranks.
+    quantize: a format of microllama.quantize, in which the block linear layers' weights are quantized one by
+    one as they are read, their mapped pages given back: host memory holds the quantized tensors and one
+    full-precision tensor more.
 
     Only the shards holding that slice are opened (n ranks over n shards: rank i opens consolidated.0i.pth
     alone), memory-mapped, and each tensor is assembled from its pieces, whose pages are given back block by
@@ -142,11 +159,13 @@ def read_meta(
     out: StateDict = {}
     for key, shape in expected.items():
         dim = shard_dim(key)
+        read = []  # the mapped tensors out[key] is read from
         if dim is None:
             for s in opened[1:]:
                 if not torch.equal(shards[s][key], base[key]):
                     raise CheckpointError(f"{paths[s]}: replicated tensor {key!r} differs from the one in {first}")
             out[key] = converted(base[key], device, dtype)  # as mapped when nothing changes
+            read.append(base[key])
             for s in opened[1:]:  # replicated, equal to the first
                 release_pages(shards[s][key])
         else:
@@ -156,6 +175,7 @@ def read_meta(
             for s in opened:
                 a, b = max(start, s * size), min(stop, (s + 1) * size)
                 pieces.append((a - start, shards[s][key].narrow(dim, a - s * size, b - a)))
+            read.extend(piece for _, piece in pieces)
             if len(pieces) == 1 and pieces[0][1].is_contiguous():
                 out[key] = converted(pieces[0][1], device, dtype)  # as mapped when nothing changes
             else:
@@ -164,6 +184,10 @@ def read_meta(
                 for at, piece in pieces:
                     copy_releasing(out[key].narrow(dim, at, piece.shape[dim]), piece)
         check_finite(out[key], key, first if len(opened) == 1 else first.parent)
+        if quantize is not None and is_quantized_key(key):
+            out[key] = quantize_weight(out[key], quantize, key)
+            for t in read:
+                release_pages(t)
     return out
 
 

@@ -39,6 +39,7 @@ class TrainConfig:
     device: str = "cpu"
     dtype: Optional[str] = None  # weights and activations: float32 on CPU, bfloat16 on CUDA by default
     adapter_dtype: str = "float32"  # LoRA adapters and their AdamW state; other modes train in dtype
+    quantize: Optional[str] = None  # nf4 with --mode lora: QLoRA, the frozen weights of the blocks' layers in NF4
     flash: bool = False  # attention through F.scaled_dot_product_attention
     activation_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
     loss_chunk: int = 0  # positions per cross-entropy chunk (0: whole micro-batch at once)
@@ -71,6 +72,10 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.distributed not in ("none", "ddp", "fsdp"):
             raise ValueError(f"--distributed must be none, ddp or fsdp, got {self.distributed!r}")
+        if self.quantize is not None and self.quantize != "nf4":
+            raise ValueError(f"--quantize trains nf4 (QLoRA: a frozen base in NF4), got {self.quantize!r}")
+        if self.quantize is not None and self.mode != "lora":
+            raise ValueError(f"--quantize nf4 is QLoRA: it trains --mode lora only, got --mode {self.mode}")
         if self.distributed != "none" and self.mode != "full":
             raise ValueError(f"--distributed {self.distributed} trains --mode full only, got --mode {self.mode}")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:

@@ -8,8 +8,9 @@ step, log, save), with features as switches on it.
   document and its positions restart at 0 (Transformer's `documents`); chats train on assistant turns only.
 - Loss: the sum of a step's token losses over the number of targets in the whole step, every micro-batch
   counted, so that gradient accumulation computes the gradient of one large batch.
-- Modes: full; lora (microllama.train.lora; frozen weights stay in the model's dtype, adapters and their AdamW
-  state in adapter_dtype); norms (RMSNorm weights only). Otherwise AdamW's state is in the weights' dtype.
+- Modes: full; lora (microllama.train.lora; frozen weights stay in the model's dtype, or in NF4 with --quantize
+  nf4: QLoRA; adapters and their AdamW state in adapter_dtype); norms (RMSNorm weights only). Otherwise AdamW's
+  state is in the weights' dtype.
 - Memory: activation checkpointing per block, a chunked cross-entropy, fused AdamW.
 - Saves (microllama.train.run_dir) are atomic; a resumed run is bit-identical to one that never stopped.
   The final weights go out in Meta's layout, LoRA merged, for `microllama generate`, `verify` and `convert`.
@@ -37,6 +38,7 @@ from ..checkpoint.tiny import cache_dir
 from ..distributed import data_parallel as distributed
 from ..files import atomic_dir, parse_dtype
 from ..model import Transformer
+from ..quantize import check_quantize, dequantize_model
 from ..tokenizer import Tokenizer
 from . import run_dir as ckpts
 from .config import TrainConfig
@@ -265,6 +267,8 @@ class Trainer:
             raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
         default_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype
+        if cfg.quantize is not None:
+            check_quantize(cfg.quantize, self.device, self.dtype)  # torchao installed, before the data is read
         self.ranks = distributed.join(cfg.distributed, cfg.batch_size, self.device)
         self.checkpoint = open_checkpoint(cfg.ckpt_dir)
         check_attention_memory(cfg, self.checkpoint.args, cfg.batch_size // self.ranks.world_size, self.dtype)
@@ -318,7 +322,8 @@ class Trainer:
                   f"filled), {packing.n_split} split for being longer than a row; {len(self.eval_docs)} held out",
                   flush=True)  # fmt: skip
         weights_dtype = torch.float32 if self.ranks.kind == "fsdp" else self.dtype
-        model = self.checkpoint.load_model(cfg.max_seq_len, 1, self.device, weights_dtype, cfg.flash).train()
+        model = self.checkpoint.load_model(cfg.max_seq_len, 1, self.device, weights_dtype, cfg.flash,
+                                           quantize=cfg.quantize).train()  # fmt: skip
         if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():
             model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # a tied model trains untied
         model.activation_checkpointing = cfg.activation_checkpointing
@@ -438,7 +443,8 @@ class Trainer:
         self.metrics.close()
         if self.step == self.cfg.max_steps:
             adapters = adapter_state_dict(self.model)
-            whole = self.ranks.full_state_dict(merge_lora(self.model), self.dtype)  # every rank takes part
+            # QLoRA: the layers without adapters are dequantized too, for a checkpoint in full precision.
+            whole = self.ranks.full_state_dict(dequantize_model(merge_lora(self.model)), self.dtype)  # every rank
             if self.ranks.is_rank_0:
                 export_final(whole, adapters, self.checkpoint, self.run_dir, self.record)
         return self.summary()

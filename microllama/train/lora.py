@@ -1,4 +1,5 @@
-"""LoRA (Hu et al., 2021): a frozen weight W plus a trainable low-rank update, W x + (alpha / r) B A x.
+"""LoRA (Hu et al., 2021): a frozen weight W plus a trainable low-rank update, W x + (alpha / r) B A x. W may be
+quantized (QLoRA, Dettmers et al., 2023: NF4, microllama.quantize): its linear dequantizes it, then multiplies.
 
 A is (r, in) and drawn like nn.Linear's weight; B is (out, r) and starts at zero, so a fresh adapter leaves
 the model's output bit for bit as it was. `merge` folds B A into W and gives back plain nn.Linear layers
@@ -15,6 +16,7 @@ from torch import nn
 from ..args import is_int
 from ..files import StateDict
 from ..model import Transformer
+from ..quantize import dequantize_weight
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention's and the feed-forward's linear layers
 
@@ -39,10 +41,11 @@ class LoRALinear(nn.Module):
         return out + update.to(out.dtype)
 
     def merged(self) -> nn.Linear:
-        """An nn.Linear holding W + (alpha / r) B A, in W's dtype."""
+        """An nn.Linear holding W + (alpha / r) B A, in W's dtype (W dequantized, under QLoRA)."""
         linear = nn.Linear(self.weight.shape[1], self.weight.shape[0], bias=False, device="meta")
         delta = (self.lora_b.detach().float() @ self.lora_a.detach().float()) * self.scale
-        linear.weight = nn.Parameter((self.weight.detach().float() + delta).to(self.weight.dtype), requires_grad=False)
+        weight = dequantize_weight(self.weight)
+        linear.weight = nn.Parameter((weight.float() + delta).to(weight.dtype), requires_grad=False)
         return linear
 
 
