@@ -1,5 +1,6 @@
 """The tutorial (docs/tutorial/) and its grader, microllama.golden.tutorial: each solution notebook's checks pass
-against Meta's recording, and each planted slip is caught at its capture point."""
+against Meta's recording, its exercise version stops at the learner's first empty function naming the stage, and
+each planted slip is caught at its capture point."""
 
 import runpy
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 
 from microllama.golden.tutorial import PROMPT_IDS, CheckFailed, check, golden_set, prompt_ids, recorded
 from microllama.golden.verify import comparison_mode
+from tools import make_exercises
 
 TUTORIAL = Path(__file__).resolve().parents[1] / "docs" / "tutorial"
 NOTEBOOKS = sorted(p.name for p in TUTORIAL.glob("[0-9][0-9]_*.py"))  # the solutions, in stage order
@@ -74,6 +76,19 @@ def test_solution_notebook_passes_its_checks(name, capsys):
     runpy.run_path(str(TUTORIAL / name), run_name="__main__")
     out = capsys.readouterr().out
     assert "DIVERGES" not in out and (": ok, max abs err 0" in out or "identical" in out), out
+
+
+def test_committed_exercises_are_the_generated_ones():
+    for name in NOTEBOOKS:
+        source = (TUTORIAL / name).read_text()
+        assert (TUTORIAL / "exercises" / name).read_text() == make_exercises.exercise(source, TUTORIAL / name), name
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_exercise_notebook_stops_at_the_first_empty_function_naming_the_stage(name):
+    stage = f"Stage {name[:2]} \\({name[3:-3].replace('_', ' ')}\\): \\w+ is yours to write"
+    with pytest.raises(NotImplementedError, match=stage):
+        runpy.run_path(str(TUTORIAL / "exercises" / name), run_name="__main__")
 
 
 # A slip planted in a solution cell: the text replaced, its replacement, and the capture point that catches it.
