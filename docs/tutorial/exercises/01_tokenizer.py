@@ -9,7 +9,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Stage 01: the tokenizer and its special tokens
 #

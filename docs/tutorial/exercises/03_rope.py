@@ -9,7 +9,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Stage 03: RoPE, with Llama 3.1's frequency scaling
 #

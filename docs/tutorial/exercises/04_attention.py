@@ -9,7 +9,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Stage 04: attention, with grouped-query heads, the causal mask and the KV cache
 #

@@ -9,7 +9,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # Stage 05: the feed-forward (SwiGLU), the block and the whole model
 #
