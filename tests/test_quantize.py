@@ -181,7 +181,8 @@ def test_a_quantized_tiny_model_against_its_dequantized_twin_and_the_bytes_info_
     else:
         assert (got - want).abs().max() <= INT8_LOGITS_ATOL[dtype]
     args = open_checkpoint(tiny_ckpt).args
-    assert sum(tensor_bytes(p) for p in quantized.parameters()) == family.weight_bytes(args, False, dtype.itemsize, quantize)
+    held = sum(tensor_bytes(p) for p in quantized.parameters())
+    assert held == family.weight_bytes(args, False, dtype.itemsize, quantize)
 
 
 def test_info_prints_the_quantized_weight_bytes(capsys):
