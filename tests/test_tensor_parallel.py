@@ -23,7 +23,10 @@ from microllama.tolerances import LOGITS_ATOL
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDENS = REPO / "goldens"
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
+pytestmark = [
+    pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
+    pytest.mark.xdist_group("tensor_parallel"),  # one xdist worker: the torchrun jobs are module fixtures
+]
 
 
 def torchrun(world_size: int, out: Path, spec: dict, timeout: int = 600) -> list[dict]:
