@@ -34,6 +34,13 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
+# pytest-xdist (addopts: -n auto) runs one worker per core. Each worker, and each process a test starts, runs torch
+# on one thread: a worker's OpenMP threads would wait for time slices the other workers hold (see one_torch_thread).
+# Tests compare computations made under one count, and the golden checks set the recording's count themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 HAVE_REFERENCE = all(importlib.util.find_spec(m) is not None for m in ("llama_models", "fairscale"))
 REPO = Path(__file__).resolve().parents[1]
 

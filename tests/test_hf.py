@@ -27,6 +27,8 @@ from microllama.generation import Llama
 from microllama.model import apply_rotary_emb, precompute_freqs_cis
 from microllama.tolerances import LOGITS_ATOL
 
+pytestmark = pytest.mark.xdist_group("hf")  # one xdist worker: transformers is imported once, by a module fixture
+
 
 @pytest.fixture(scope="module")
 def hf_tiny(tmp_path_factory, tiny_ckpt):

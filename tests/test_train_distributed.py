@@ -24,6 +24,7 @@ RUN = dict(data=str(REPO / "corpus" / "tinytales.txt"), max_seq_len=32, batch_si
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
     pytest.mark.usefixtures("tokenizer"),
+    pytest.mark.xdist_group("train_distributed"),  # one xdist worker: the runs are a module fixture
 ]
 
 
