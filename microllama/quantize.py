@@ -128,11 +128,9 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
 
 def is_dense(t: torch.Tensor) -> bool:
-    """A plain tensor or Parameter, not one of torchao's tensor subclasses (a Parameter of one has its type)."""
-    import torch
-    from torch import nn
-
-    return type(t) in (torch.Tensor, nn.Parameter)
+    """Not one of torchao's quantized tensor subclasses (a Parameter of one has its type): a plain tensor or
+    Parameter, or a DTensor shard of one under FSDP2 or tensor parallelism."""
+    return not type(t).__module__.startswith("torchao.")
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
