@@ -200,11 +200,13 @@ def test_a_divergence_found_only_in_the_gradients_is_named_by_parameter_not_by_a
 
 @pytest.mark.reference
 @pytest.mark.slow
-def test_recording_a_training_set_again_gives_the_committed_bytes(tmp_path):
+def test_recording_a_training_set_again_gives_the_committed_bytes(tmp_path, monkeypatch):
     from reference_harness.record_training import launch_training
 
-    out = launch_training(tmp_path / "set", None, "cpu", "float32", 1)
     committed = GOLDENS / "train-tiny-fp32-cpu-ws1"
+    # The recording's thread count (the harness takes OMP_NUM_THREADS; under pytest-xdist a worker's is 1).
+    monkeypatch.setenv("OMP_NUM_THREADS", str(read_training_set(committed).manifest.platform.threads))
+    out = launch_training(tmp_path / "set", None, "cpu", "float32", 1)
     if golden_format.read_training_set(out).manifest.platform != read_training_set(committed).manifest.platform:
         pytest.skip("recorded on another platform: bytes may differ")
     for file in [*golden_format.TRAINING_DATA_FILES, "manifest.json"]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from microllama.golden.capture import cpu_threads
 from microllama.golden.tutorial import PROMPT_IDS, CheckFailed, check, golden_set, prompt_ids, recorded
 from microllama.golden.verify import comparison_mode
 from tools import make_exercises
@@ -15,6 +16,14 @@ from tools import make_exercises
 TUTORIAL = Path(__file__).resolve().parents[1] / "docs" / "tutorial"
 NOTEBOOKS = sorted(p.name for p in TUTORIAL.glob("[0-9][0-9]_*.py"))  # the solutions, in stage order
 SLOW = {"03_rope.py", "04_attention.py"}  # each prefills the 9,000-position long-range case (a few seconds)
+
+
+@pytest.fixture(autouse=True)
+def _the_recordings_thread_count():
+    """Each test computes at the thread count the set was recorded with, which the check's rule (verify's) counts in
+    the platform: a learner's default on the recording's machine. Under pytest-xdist a worker runs one thread."""
+    with cpu_threads(golden_set().manifest.platform.threads):
+        yield
 
 
 def test_check_passes_meta_recorded_activation(capsys):
