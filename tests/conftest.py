@@ -67,6 +67,16 @@ def recording_platform(m: Union[Manifest, TrainingManifest]) -> bool:
     return m.world_size == 1 and m.device == "cpu" and not platform_differs(m)
 
 
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """Exit status, stdout and stderr of microllama's command line main(args) in this process."""
+    from microllama.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
 REFERENCE_REASON = "needs Meta's reference code: pip install -e '.[reference]' (llama-models==0.3.0, fairscale)"
 
 

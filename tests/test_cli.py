@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from conftest import run_main
 
 from microllama import Llama, flags
 from microllama.checkpoint import tiny
@@ -31,14 +32,6 @@ def microllama(*args: str) -> subprocess.CompletedProcess:
 def assert_one_line_error(stderr: str, message: str, prog: str = "microllama") -> None:
     assert stderr.count("\n") == 1 and stderr.startswith(f"{prog}: error: "), stderr
     assert re.search(message, stderr), stderr
-
-
-def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    """Exit status, stdout and stderr of main(args) in this process."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.fixture

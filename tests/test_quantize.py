@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,6 +108,14 @@ def quantizable_args(draw: st.DrawFn) -> ModelArgs:
     )
 
 
+def assert_equal_to_the_dequantized_twin(got: torch.Tensor, want: torch.Tensor, quantize: str, dtype) -> None:
+    """nf4's linear dequantizes then multiplies: bit for bit; int8's multiplies the codes: within INT8_LOGITS_ATOL."""
+    if quantize == "nf4":
+        assert torch.equal(got, want)
+    else:
+        assert (got - want).abs().max() <= INT8_LOGITS_ATOL[dtype]
+
+
 def dequantized_twin(args: ModelArgs, seed: int, dtype: torch.dtype, quantize: str) -> torch.nn.Module:
     """The dense model holding the dequantized weights of random_transformer(args, seed) quantized."""
     return dequantize_model(quantize_model(random_transformer(args, seed).to(dtype), quantize))
@@ -126,10 +135,7 @@ def test_quantized_logits_equal_the_dense_model_on_the_dequantized_weights(quant
     tokens = torch.tensor(data.draw(st.lists(st.integers(0, SMALL_VOCAB - 1), min_size=2, max_size=48)))[None]
     with torch.inference_mode():
         got, want = quantized(tokens), twin(tokens)
-    if quantize == "nf4":
-        assert torch.equal(got, want)
-    else:
-        assert (got - want).abs().max() <= INT8_LOGITS_ATOL[dtype]
+    assert_equal_to_the_dequantized_twin(got, want, quantize, dtype)
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +182,7 @@ def test_a_quantized_tiny_model_against_its_dequantized_twin_and_the_bytes_info_
     tokens = torch.randint(0, 128256, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         got, want = quantized(tokens), twin(tokens)
-    if quantize == "nf4":
-        assert torch.equal(got, want)
-    else:
-        assert (got - want).abs().max() <= INT8_LOGITS_ATOL[dtype]
+    assert_equal_to_the_dequantized_twin(got, want, quantize, dtype)
     args = open_checkpoint(tiny_ckpt).args
     held = sum(tensor_bytes(p) for p in quantized.parameters())
     assert held == family.weight_bytes(args, False, dtype.itemsize, quantize)
@@ -197,13 +200,6 @@ def test_info_prints_the_quantized_weight_bytes(capsys):
     assert dense == 2 * 8_030_261_248
     assert 0.55 < family.weight_bytes(args, False, 2, "int8") / dense < 0.6
     assert 0.34 < family.weight_bytes(args, False, 2, "nf4") / dense < 0.37
-
-
-def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_info:
-        main(list(args))
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 @pytest.fixture

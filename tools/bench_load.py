@@ -46,7 +46,7 @@ from microllama.distributed import tensor_parallel as parallel  # noqa: E402
 from microllama.quantize import is_dense, tensor_bytes, torchao_quantization  # noqa: E402
 
 
-def _status(field: str) -> int:
+def status_bytes(field: str) -> int:
     """A field of /proc/self/status in bytes (Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -79,7 +79,7 @@ def measure(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu", quantiz
     if quantize is not None:
         torchao_quantization()  # imported before the baseline: its libraries are not the weights' memory
 
-    before = _status("VmRSS")
+    before = status_bytes("VmRSS")
     start = time.perf_counter()
     model = load_model(ckpt_dir, max_seq_len=16, device=device, dtype=dtype, quantize=quantize)
     seconds = time.perf_counter() - start
@@ -88,13 +88,13 @@ def measure(ckpt_dir: str, dtype: str = "bfloat16", device: str = "cpu", quantiz
             t.reshape(-1)[:: max(1, 4096 // t.element_size())].float().sum()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    peak = _status("VmHWM") - before
+    peak = status_bytes("VmHWM") - before
     model_bytes = sum(tensor_bytes(p) for p in model.parameters())
     figures = {
         "checkpoint": ckpt_dir, "dtype": dtype, "device": device, "quantize": quantize, "checkpoint_bytes": ckpt_bytes,
         "model_bytes": model_bytes, "peak_host_bytes": peak, "ratio": round(peak / ckpt_bytes, 3),
         "ratio_to_model": round(peak / model_bytes, 3), "load_seconds": round(seconds, 2),
-        "rss_anon_after": _status("RssAnon"), "rss_file_after": _status("RssFile"),
+        "rss_anon_after": status_bytes("RssAnon"), "rss_file_after": status_bytes("RssFile"),
     }  # fmt: skip
     if device.startswith("cuda"):
         figures["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
@@ -106,12 +106,12 @@ def measure_tp(ckpt_dir: str, out: str, dtype: str = "bfloat16") -> None:
     rank, and write its figures to OUT/rank{RANK}.json. The process group exists before the baseline is taken."""
     mesh, device = parallel.device_mesh("cpu")
     ckpt_bytes = sum(p.stat().st_size for p in Path(ckpt_dir).iterdir() if p.suffix in (".pth", ".safetensors"))
-    before = _status("VmRSS")
+    before = status_bytes("VmRSS")
     model = open_checkpoint(ckpt_dir).load_model(16, 1, device, dtype, mesh=mesh)
     for p in model.parameters():
         local = p.to_local() if isinstance(p, DTensor) else p
         local.detach().reshape(-1).view(torch.uint8)[::4096].sum()
-    peak = _status("VmHWM") - before
+    peak = status_bytes("VmHWM") - before
     share = ckpt_bytes / mesh.size()
     figures = {"rank": mesh.get_local_rank(), "world_size": mesh.size(), "checkpoint_bytes": ckpt_bytes,
                "peak_host_bytes": peak, "ratio_to_share": round(peak / share, 3)}  # fmt: skip

@@ -26,14 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # microllama from 
 from microllama import flags  # noqa: E402
 from microllama.generation import Llama  # noqa: E402
 from microllama.memory import format_bytes  # noqa: E402
-
-
-def _status(field: str) -> int:
-    """A field of /proc/self/status in bytes (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
+from tools.bench_load import status_bytes  # noqa: E402
 
 
 def measure(
@@ -53,13 +46,13 @@ def measure(
             before = torch.cuda.memory_allocated()
         else:
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux 4.0 and later)
-            before = _status("VmRSS")
+            before = status_bytes("VmRSS")
         start = time.perf_counter()
         logits = llama.forward(tokens, 0, positions)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        peak = (torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")) - before
+        peak = (torch.cuda.max_memory_allocated() if cuda else status_bytes("VmHWM")) - before
     return {"positions": positions, "chunk": chunk, "dtype": dtype, "device": device, "flash": flash,
             "logits_rows": logits.shape[1], "kv_cache_bytes": llama.model.check_cache_fits(1, positions),
             "peak_bytes": peak, "seconds": round(seconds, 2)}  # fmt: skip
