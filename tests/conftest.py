@@ -106,6 +106,28 @@ def pytest_configure(config):
         settings.load_profile("quick")
 
 
+# Modules whose tests share module-scoped jobs (torchrun runs, a converted model): pytest-xdist gives each to one
+# worker, so each job runs once. xdist's own xdist_group mark is not applied under pytest 9.2 (xdist 3.8 renames
+# item._nodeid, which pytest 9.2 no longer reads: measured, every torchrun job ran once per worker).
+ONE_WORKER_MODULES = ["test_tensor_parallel.py", "test_train_distributed.py", "test_hf.py"]
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent where it is not installed
+def pytest_xdist_make_scheduler(config, log):
+    """-n N: xdist's load scheduling, one test at a time, except that ONE_WORKER_MODULES go whole to one worker.
+    They are sent first (xdist orders work units by their number of tests), so their long jobs start at once."""
+    if config.getvalue("dist") != "load":
+        return None  # another --dist asked for on the command line
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return module if Path(module).name in ONE_WORKER_MODULES else nodeid
+
+    return OneWorkerModules(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects by the marks added here
 def pytest_collection_modifyitems(config, items):
     skip_reference = pytest.mark.skip(reason=REFERENCE_REASON)

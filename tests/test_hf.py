@@ -27,9 +27,6 @@ from microllama.generation import Llama
 from microllama.model import apply_rotary_emb, precompute_freqs_cis
 from microllama.tolerances import LOGITS_ATOL
 
-# Asks pytest-xdist for one worker (measured: with pytest 9.2 and pytest-xdist 3.8 the grouping is not applied).
-pytestmark = pytest.mark.xdist_group("hf")
-
 
 @pytest.fixture(scope="module")
 def hf_tiny(tmp_path_factory, tiny_ckpt):

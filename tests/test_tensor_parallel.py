@@ -23,12 +23,7 @@ from microllama.tolerances import LOGITS_ATOL
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDENS = REPO / "goldens"
-pytestmark = [
-    pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
-    # asks pytest-xdist for one worker; measured: with pytest 9.2 and pytest-xdist 3.8 it is not applied, both run
-    # the module fixtures (its torchrun jobs), so each runs once per worker.
-    pytest.mark.xdist_group("tensor_parallel"),
-]
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed")
 
 
 def torchrun(world_size: int, out: Path, spec: dict, timeout: int = 600) -> list[dict]:

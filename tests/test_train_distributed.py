@@ -24,9 +24,6 @@ RUN = dict(data=str(REPO / "corpus" / "tinytales.txt"), max_seq_len=32, batch_si
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
     pytest.mark.usefixtures("tokenizer"),
-    # asks pytest-xdist for one worker; measured: with pytest 9.2 and pytest-xdist 3.8 it is not applied, both run
-    # the module fixtures (its torchrun jobs), so each runs once per worker.
-    pytest.mark.xdist_group("train_distributed"),
 ]
 
 
