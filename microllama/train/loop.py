@@ -341,9 +341,8 @@ class Trainer:
     def restore(self, state: ckpts.TrainState) -> None:
         if state.dcp is not None:  # saved by a data-parallel run, at any world size
             ckpts.load_sharded_weights(state.dcp, self.model, self.optimizer)
-        elif self.ranks.kind == "fsdp":
-            where = self.run_dir / ckpts.CHECKPOINT
-            raise ckpts.TrainCheckpointError(f"{where} was saved by one process: resume it so, or under ddp")
+        elif self.ranks.kind == "fsdp":  # saved by one process: its whole tensors, each rank keeping its shard
+            ckpts.load_whole_into_sharded(state, self.model, self.optimizer)
         else:
             self.model.load_state_dict(state.weights, strict=False)
             self.optimizer.load_state_dict(state.optimizer)
