@@ -213,3 +213,17 @@ def converted(t: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype
     out = torch.empty(t.shape, device=device, dtype=dtype or t.dtype)
     copy_releasing(out, t)
     return out
+
+
+class ReadTally:
+    """Bytes of checkpoint tensors this process has read out of their files (copied from a memory map, or
+    sliced by safetensors), counted by the readers: a test or benchmark reads `bytes` before and after."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def count(self, *tensors: torch.Tensor) -> None:
+        self.bytes += sum(t.nbytes for t in tensors)
+
+
+READS = ReadTally()

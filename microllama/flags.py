@@ -231,12 +231,15 @@ def _parse_value(name: str, annotation: Any, text: str) -> Any:
         if not math.isfinite(value):
             raise ValueError(f"--{name} must be a finite number, got {text!r}")
         return value
-    if annotation == list[str]:
+    if annotation in (list[str], list[int]):
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
             value = None
-        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-            raise ValueError(f'--{name} must be a non-empty JSON list of strings, such as \'["a", "b"]\', got {text!r}')
+        kind = typing.get_args(annotation)[0]
+        if not (isinstance(value, list) and value and all(type(v) is kind for v in value)):
+            example = '["a", "b"]' if kind is str else "[2, 4]"
+            what = "strings" if kind is str else "integers"
+            raise ValueError(f"--{name} must be a non-empty JSON list of {what}, such as '{example}', got {text!r}")
         return value
     raise TypeError(f"--{name}: no command-line parser for {annotation}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from microllama import cli, flags
-from tools import bench_decode, bench_load, record_goldens
+from tools import bench_decode, bench_fsdp_load, bench_load, record_goldens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,6 +50,8 @@ def test_script_runs_from_anywhere_with_one_line_errors(script, args, status, me
         (bench_load.COMMANDS, ["build", "out", "--name", "nope"], r"unknown model 'nope'"),
         (bench_load.COMMANDS, ["run", "--out", "out", "--dtypes", "bfloat16"], r"--dtypes must be a non-empty JSON"),
         (bench_load.COMMANDS, ["run"], r"script.py run needs OUT \(or --out\)"),
+        (bench_fsdp_load.COMMANDS, ["run", "--world_sizes", "[2, 4.5]"],
+         r"--world_sizes must be a non-empty JSON list of integers, such as '\[2, 4\]', got '\[2, 4\.5\]'"),
         (record_goldens.main, ["--wrold_size", "2"], r"unknown flag --wrold_size \(did you mean --world_size\?\)"),
         (record_goldens.main, ["--world_size", "two"], r"--world_size must be an integer, got 'two'"),
         (record_goldens.main, ["--ckpt_dir", "/nonexistent/ckpt"], r"checkpoint directory not found"),

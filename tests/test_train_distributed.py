@@ -1,17 +1,26 @@
 """Data-parallel training (microllama/distributed.py) against one process: DDP and FSDP2 at world size 2, started
-by torchrun on gloo (tests/train_worker.py, both runs in one launch), give one process's losses on the same global
+by torchrun on gloo (tests/train_worker.py, every run in one launch), give one process's losses on the same global
 batch within microllama.tolerances.DATA_PARALLEL_RTOL and its final weights within DATA_PARALLEL_WEIGHTS_ATOL; an
-FSDP2 run's torch.distributed.checkpoint save at world size 2 resumes in one process with the same losses."""
+FSDP2 run's torch.distributed.checkpoint save at world size 2 resumes in one process with the same losses, and a
+one process's save resumes under FSDP2 at 2 ranks.
+
+FSDP2 from the meta device (Checkpoint.load_sharded), checked in the same launch: each rank holds and reads only its
+share of every tensor, for Meta's layout in one file and in two shards and for Hugging Face's safetensors; its loss
+and gradient norm equal those of the old path (the whole model loaded, then fully_shard) bit for bit; a checkpoint
+missing a shard is refused in one line before any weight is read."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_torchrun
 
+from microllama.checkpoint.load import convert, open_checkpoint
 from microllama.checkpoint.meta_layout import load_pth
+from microllama.checkpoint.params import expected_shapes
 from microllama.tolerances import DATA_PARALLEL_RTOL, DATA_PARALLEL_WEIGHTS_ATOL
 from microllama.train.config import TrainConfig
 from microllama.train.loop import train
@@ -44,21 +53,39 @@ def max_weight_diff(a: Path, b: Path) -> float:
     return max(float((x[k] - y[k]).abs().max()) for k in x)
 
 
-def torchrun(world_size: int, configs: list[dict]) -> None:
-    """tests/train_worker.py on world_size gloo ranks of one thread each, training each config in turn."""
-    run_torchrun(world_size, "train_worker.py", json.dumps(configs))
+def torchrun(world_size: int, configs: list[dict], *loading_checks: str) -> None:
+    """tests/train_worker.py on world_size gloo ranks of one thread each, training each config in turn (after the
+    loading checks, given OUT and LOADS_JSON)."""
+    run_torchrun(world_size, "train_worker.py", json.dumps(configs), *loading_checks)
+
+
+def loading_spec(root: Path, tiny_ckpt: Path) -> dict:
+    """The checkpoints the loading checks read: tiny in Meta's layout in one file and in two shards, in Hugging
+    Face's; and, to be refused, the two-shard one without consolidated.01.pth."""
+    convert(tiny_ckpt, root / "meta2", "meta", shards=2)
+    convert(tiny_ckpt, root / "hf", "hf")
+    (root / "missing").mkdir()
+    for name in ("params.json", "consolidated.00.pth"):
+        shutil.copyfile(root / "meta2" / name, root / "missing" / name)
+    return {"layouts": {"meta1": str(tiny_ckpt), "meta2": str(root / "meta2"), "hf": str(root / "hf")},
+            "refused": {"missing": str(root / "missing")}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """One process, then at 2 ranks DDP (3 steps) and FSDP2 stopped after step 2 (saved with DCP), then that
-    FSDP2 run resumed in one process."""
+def runs(tmp_path_factory, tiny_ckpt):
+    """One process (3 steps, and another stopped after step 2), then at 2 ranks: the loading checks, DDP (3
+    steps), FSDP2 stopped after step 2 (saved with DCP) and the stopped one-process run resumed under FSDP2; then
+    that FSDP2 run resumed in one process."""
     root = tmp_path_factory.mktemp("dp")
-    dirs = {name: root / name for name in ("single", "ddp", "fsdp")}
+    dirs = {name: root / name for name in ("single", "ddp", "fsdp", "single-then-fsdp", "loads")}
     train(TrainConfig(out_dir=str(dirs["single"]), **RUN))
+    train(TrainConfig(out_dir=str(dirs["single-then-fsdp"]), stop_at=2, **RUN))
+    dirs["loads"].mkdir()
     configs = [{**RUN, "out_dir": str(dirs["ddp"]), "distributed": "ddp"},
-               {**RUN, "out_dir": str(dirs["fsdp"]), "distributed": "fsdp", "stop_at": 2}]  # fmt: skip
-    torchrun(2, configs)
+               {**RUN, "out_dir": str(dirs["fsdp"]), "distributed": "fsdp", "stop_at": 2},
+               {**RUN, "out_dir": str(dirs["single-then-fsdp"]), "distributed": "fsdp", "resume": True}]  # fmt: skip
+    torchrun(2, configs, str(dirs["loads"]), json.dumps(loading_spec(root, tiny_ckpt)))
+    dirs["seen"] = [json.loads((dirs["loads"] / f"rank{r}.json").read_text()) for r in range(2)]
     dirs["fsdp-at-2"] = steps(dirs["fsdp"])  # what the ranks logged before the resume
     dirs["saved"] = load_checkpoint(dirs["fsdp"])[0]
     dirs["saved_files"] = sorted(p.name for p in (dirs["fsdp"] / "checkpoint" / "dcp").iterdir())
@@ -86,6 +113,15 @@ def test_fsdp2_dcp_save_at_world_size_2_resumes_in_one_process_with_the_same_los
     assert max_weight_diff(runs["fsdp"], runs["single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
 
 
+def test_a_one_process_save_resumes_under_fsdp2_at_world_size_2_with_the_same_next_step_loss(runs):
+    """state.pth's whole weights and AdamW state go to the ranks' shards (set_state_dict, full state dicts): step 3
+    and the final held-out loss are one process's within DATA_PARALLEL_RTOL (steps 1 and 2 are its own)."""
+    resumed, single = steps(runs["single-then-fsdp"]), steps(runs["single"])
+    assert resumed[:3] == single[:3]  # the one-process steps, before the resume
+    assert_close_runs(resumed, single)
+    assert max_weight_diff(runs["single-then-fsdp"], runs["single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
+
+
 @pytest.mark.slow
 def test_fsdp2_run_to_the_end_at_world_size_2_exports_one_process_weights_from_rank_0(runs, tmp_path):
     """The whole weights gathered from the shards (get_model_state_dict, full) and written by rank 0 alone."""
@@ -107,3 +143,51 @@ def test_a_batch_the_ranks_cannot_split_and_a_non_full_mode_are_refused(monkeypa
     with pytest.raises(ValueError, match="launched by torchrun with 2 ranks: pass --distributed ddp or fsdp"):
         train(TrainConfig(out_dir=str(tmp_path / "c"), **RUN))
     assert not any(tmp_path.iterdir())
+
+
+def chunk_rows(rows: int, rank: int) -> tuple[int, int]:
+    """torch.chunk's split of dim 0, as FSDP2's Shard(0) makes it: (first row, row count) of rank."""
+    size = math.ceil(rows / 2)
+    first = min(rows, rank * size)
+    return first, min(rows, first + size) - first
+
+
+@pytest.mark.parametrize("layout", ["meta1", "meta2", "hf"])
+def test_each_rank_holds_and_reads_only_its_rows_of_every_tensor(runs, layout, tiny_ckpt):
+    """Local parameter elements: torch.chunk's share of every tensor, norms included (FSDP2 shards them too), and
+    the ranks' shares make the model once. Bytes read from the files: exactly those rows in the stored dtype
+    (bfloat16), plus, from two Meta shards, the norms compared whole in each (replicated there)."""
+    shapes = expected_shapes(open_checkpoint(tiny_ckpt).args)
+    norms = sum(math.prod(s) for k, s in shapes.items() if k.endswith("norm.weight"))
+    total = 0
+    for rank, ranks in enumerate(runs["seen"]):
+        got = ranks["layouts"][layout]
+        assert got["stored_dtype"] == "torch.bfloat16"
+        share = 0
+        for key, shape in shapes.items():
+            first, rows = chunk_rows(shape[0], rank)
+            assert (got["first_row"][key], got["local"][key]) == (first, [rows, *shape[1:]]), key
+            share += rows * math.prod(shape[1:])
+        replicated = 2 * norms if layout == "meta2" else 0  # shard 01's norms and shard 00's, compared
+        assert got["read"] == 2 * (share + replicated)
+        total += share
+    assert total == sum(math.prod(s) for s in shapes.values())
+
+
+@pytest.mark.parametrize("layout", ["meta1", "meta2", "hf"])
+def test_meta_device_loading_gives_the_whole_load_paths_loss_and_gradients_bit_for_bit(runs, layout):
+    """The same float32 values land in the same shards (compared with torch.equal), so one forward and backward
+    of the same batch gives the same loss and gradient norm as loading the whole model and then sharding it."""
+    for ranks in runs["seen"]:
+        got = ranks["layouts"][layout]
+        assert got["same_shards"]
+        assert got["new"] == got["old"]
+    assert len({ranks["layouts"][layout]["new"]["grad_norm"] for ranks in runs["seen"]}) == 1  # the whole gradient's
+
+
+def test_a_checkpoint_missing_a_shard_is_refused_in_one_line_before_any_weight_is_read(runs):
+    for ranks in runs["seen"]:
+        refused = ranks["refused"]["missing"]
+        missing = "consolidated.00.pth holds 1/2 of each split tensor: a checkpoint of 2 shards, 1 of them missing"
+        assert refused["error"].startswith("CheckpointError: ") and refused["error"].endswith(missing)
+        assert refused["lines"] == 1 and refused["read"] == 0

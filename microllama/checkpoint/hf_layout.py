@@ -16,10 +16,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..args import ModelArgs, RopeScaling, ffn_hidden_dim, is_finite, is_int
-from ..files import StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
+from ..files import READS, StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
 from ..quantize import is_quantized_key, quantize_weight
 from . import family
-from .meta_layout import rank_range, shard_dim, shard_shape
+from .meta_layout import Rows, rank_range, shard_dim, shard_shape
 from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -216,12 +216,17 @@ def read_hf(
     dtype: Optional[torch.dtype],
     part: tuple[int, int] = (0, 1),
     quantize: Optional[str] = None,
+    into: Optional[Rows] = None,
 ) -> StateDict:
     """Checked tensors in Meta's names from the safetensors files `paths`, in dtype (None: as stored) on
     device, memory-mapped as read: dense, or with part = (rank, n) only the slice of each split tensor that
-    rank holds under tensor parallelism at n ranks (Meta's split, meta_layout.shard_dim), sliced as it is read.
+    rank holds under tensor parallelism at n ranks (Meta's split, meta_layout.shard_dim), sliced as it is read,
+    or with `into` only the rows of every tensor an FSDP2 rank holds, copied into its local tensors (which the
+    result then holds; rows that split a head of wq or wk read that head whole, to undo its RoPE order).
     quantize: a format of microllama.quantize, in which the block linear layers' weights are quantized one by
     one as they are read."""
+    if into is not None and (quantize is not None or part != (0, 1)):
+        raise ValueError("FSDP2's rows are read whole-precision and alone: no quantize, no tensor-parallel part")
     expected = {hf_name(k): s for k, s in expected_shapes(args).items() if not (tied and k == "output.weight")}
     meta_names = {hf_name(k): k for k in expected_shapes(args)}
     state_dict: StateDict = {}
@@ -230,30 +235,62 @@ def read_hf(
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             check_shapes(shapes, {k: s for k, s in expected.items() if k in shapes}, path, "config.json")
             for key in shapes:
-                dim = shard_dim(meta_names[key])
-                if part == (0, 1) or dim is None:
+                meta, heads = meta_names[key], _rotary_heads(key, args)
+                dim = shard_dim(meta)
+                if into is not None:
+                    first, local = into[meta]
+                    tensor = _rows(f, key, first, first + local.shape[0], heads)  # counts what it reads
+                elif part == (0, 1) or dim is None:
                     tensor = f.get_tensor(key)
+                    READS.count(tensor)
                 else:
                     start, stop = rank_range(shapes[key][dim], part)
                     # A block of columns comes back as a view of whole rows: made contiguous, as a weight read
                     # whole is (a strided weight would take another matmul kernel, and other bits).
                     tensor = f.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)].contiguous()
+                    READS.count(tensor)
                 check_dtype(tensor.dtype, key, path)
+                if into is not None:
+                    state_dict[meta] = local.copy_(tensor)
+                    check_finite(local, key, path)
+                    continue
                 tensor = converted(tensor, device, dtype)
                 check_finite(tensor, key, path)
-                if key.endswith(("q_proj.weight", "k_proj.weight")):  # a rank's slice holds whole heads
-                    n = args.n_heads if key.endswith("q_proj.weight") else args.n_kv_heads
-                    tensor = permute_rotary(tensor, n // part[1], to_hf=False)
-                if quantize is not None and is_quantized_key(meta_names[key]):
-                    tensor = quantize_weight(tensor, quantize, meta_names[key])
-                state_dict[meta_names[key]] = tensor
+                if heads:  # a rank's slice holds whole heads
+                    tensor = permute_rotary(tensor, heads // part[1], to_hf=False)
+                if quantize is not None and is_quantized_key(meta):
+                    tensor = quantize_weight(tensor, quantize, meta)
+                state_dict[meta] = tensor
     source = paths[0].parent / (INDEX if len(paths) > 1 else "model.safetensors")
-    local = {hf_name(k): shard_shape(k, s, part[1]) for k, s in expected_shapes(args).items()}
+    local_shapes = {hf_name(k): shard_shape(k, s, part[1]) for k, s in expected_shapes(args).items()}
+    if into is not None:
+        local_shapes = {hf_name(k): tuple(into[k][1].shape) for k in expected_shapes(args)}
     check_shapes({hf_name(k): tuple(v.shape) for k, v in state_dict.items()},
-                 {k: local[k] for k in expected}, source, "config.json")  # fmt: skip
-    if tied:
+                 {k: local_shapes[k] for k in expected}, source, "config.json")  # fmt: skip
+    if tied and into is not None:  # the output's rows are the embedding's, of the same shape
+        state_dict["output.weight"] = into["output.weight"][1].copy_(state_dict["tok_embeddings.weight"])
+    elif tied:
         state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
     return state_dict
+
+
+def _rotary_heads(key: str, args: ModelArgs) -> int:
+    """The heads whose rows Hugging Face reorders in tensor `key` (wq: n_heads, wk: n_kv_heads), else 0."""
+    return args.n_heads if key.endswith("q_proj.weight") else args.n_kv_heads if key.endswith("k_proj.weight") else 0
+
+
+def _rows(f: Any, key: str, start: int, stop: int, heads: int) -> torch.Tensor:
+    """Rows [start, stop) of tensor `key` of the open safetensors file f, in Meta's order; for wq and wk (heads
+    > 0) read as the whole heads that hold them, their rows put back in Meta's RoPE order, then cut."""
+    if not heads or stop == start:
+        rows = f.get_slice(key)[start:stop]
+        READS.count(rows)
+        return rows
+    head_dim = f.get_slice(key).get_shape()[0] // heads
+    h0, h1 = start // head_dim, -(-stop // head_dim)
+    block = f.get_slice(key)[h0 * head_dim : h1 * head_dim]
+    READS.count(block)
+    return permute_rotary(block, h1 - h0, to_hf=False)[start - h0 * head_dim : stop - h0 * head_dim]
 
 
 def hf_state_dict(state_dict: StateDict, params: dict[str, Any], tied: bool) -> StateDict:

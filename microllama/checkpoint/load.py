@@ -13,11 +13,12 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
 from ..args import ModelArgs
+from ..distributed import data_parallel
 from ..distributed import tensor_parallel as parallel
 from ..distributed.launch import is_rank_0
 from ..files import StateDict, parse_dtype, read_json, state_dict_sha256
@@ -25,7 +26,7 @@ from ..model import Transformer
 from ..quantize import check_quantize, is_dense, is_quantized_key, quantize_weight
 from . import family, tiny
 from .hf_layout import hf_stored_bytes, read_config, read_hf, safetensors_files, save_hf
-from .meta_layout import meta_stored_bytes, read_meta, save_meta, shard_files
+from .meta_layout import Rows, meta_stored_bytes, read_meta, save_meta, shard_files
 from .params import CheckpointError, args_from_params
 
 __all__ = ["Checkpoint", "CheckpointError", "convert", "load_model", "open_checkpoint", "read_checkpoint"]
@@ -69,16 +70,18 @@ class Checkpoint:
         dtype: Optional[Union[str, torch.dtype]] = None,
         part: tuple[int, int] = (0, 1),
         quantize: Optional[str] = None,
+        into: Optional[Rows] = None,
     ) -> StateDict:
         """Checked tensors in Meta's names, in dtype (None: as stored) on device: dense, or with part = (rank, n)
-        the slices rank holds under tensor parallelism at n ranks, read without reading the rest. quantize: a
-        format of microllama.quantize, in which the block linear layers' weights are quantized one by one as
+        the slices rank holds under tensor parallelism at n ranks, read without reading the rest; or with
+        `into` (data_parallel.shard_rows) the rows an FSDP2 rank holds, copied into its local tensors. quantize:
+        a format of microllama.quantize, in which the block linear layers' weights are quantized one by one as
         they are read."""
         device, dtype = torch.device(device), None if dtype is None else parse_dtype(dtype)
         files = list(self._files())
         if self.layout == "meta":
-            return read_meta(files, self.args, device, dtype, self.config_file, part, quantize)
-        return read_hf(files, self.args, self.tied, device, dtype, part, quantize)
+            return read_meta(files, self.args, device, dtype, self.config_file, part, quantize, into)
+        return read_hf(files, self.args, self.tied, device, dtype, part, quantize, into)
 
     def load_model(
         self,
@@ -125,6 +128,28 @@ class Checkpoint:
         for p in model.parameters():
             if not is_dense(p):
                 p.requires_grad_(False)
+        return model.eval()
+
+    def load_sharded(
+        self,
+        shard: Callable[[Transformer], None],
+        max_seq_len: int = 2048,
+        device: Union[str, torch.device] = "cpu",
+        dtype: Union[str, torch.dtype] = torch.float32,
+        flash: bool = False,
+    ) -> Transformer:
+        """FSDP2 from the meta device (torchtitan's order): the Transformer built there in dtype, `shard` applies
+        fully_shard to it (Ranks.shard), then this rank's shards are allocated on device and filled with the rows
+        of each weight it holds, read from the memory-mapped files: no rank holds the whole model. Nothing else
+        is materialised (RoPE's table is computed on first use)."""
+        args, dtype = self.model_args(max_seq_len=max_seq_len, flash=flash), parse_dtype(dtype)
+        self._files()
+        with torch.device("meta"):
+            model = Transformer(args).to(dtype)
+        shard(model)
+        model.to_empty(device=device)
+        with torch.no_grad():
+            self.read_state_dict(device, dtype, into=data_parallel.shard_rows(model))
         return model.eval()
 
     def sha256(self) -> str:

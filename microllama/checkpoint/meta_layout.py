@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 import torch
 
 from ..args import ModelArgs
-from ..files import StateDict, atomic_dir, converted, copy_releasing, dtype_name, own_tensors, release_pages
+from ..files import READS, StateDict, atomic_dir, converted, copy_releasing, dtype_name, own_tensors, release_pages
 from ..quantize import is_dense, is_quantized_key, quantize_weight
 from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
 
@@ -122,6 +122,11 @@ def rank_range(size: int, part: tuple[int, int]) -> tuple[int, int]:
     return rank * size // n, (rank + 1) * size // n
 
 
+# FSDP2's rows: for each tensor, the first row this rank holds (dim 0) and its local tensor, which the reader
+# fills in place (see data_parallel.shard_rows).
+Rows = dict[str, tuple[int, torch.Tensor]]
+
+
 def read_meta(
     paths: list[Path],
     args: ModelArgs,
@@ -130,27 +135,33 @@ def read_meta(
     config: Path,
     part: tuple[int, int] = (0, 1),
     quantize: Optional[str] = None,
+    into: Optional[Rows] = None,
 ) -> StateDict:
     """The checked tensors of the shard files `paths`, in dtype (None: as stored) on device: dense, or with
-    part = (rank, n) only the slice of each split tensor that rank holds under tensor parallelism at n ranks.
-    quantize: a format of microllama.quantize, in which the block linear layers' weights are quantized one by
-    one as they are read, their mapped pages given back: host memory holds the quantized tensors and one
-    full-precision tensor more.
+    part = (rank, n) only the slice of each split tensor that rank holds under tensor parallelism at n ranks,
+    or with `into` only the rows of every tensor that an FSDP2 rank holds, copied into its local tensors (which
+    the result then holds). quantize: a format of microllama.quantize, in which the block linear layers' weights
+    are quantized one by one as they are read, their mapped pages given back: host memory holds the quantized
+    tensors and one full-precision tensor more.
 
-    Only the shards holding that slice are opened (n ranks over n shards: rank i opens consolidated.0i.pth
-    alone), memory-mapped, and each tensor is assembled from its pieces, whose pages are given back block by
-    block as they are copied: host memory holds the result and a block more. A tensor that is one piece needing
-    no conversion is used as mapped, without a copy."""
-    n, (rank, ranks) = len(paths), part
+    Only the shards holding the slices are opened (n ranks over n shards: rank i opens consolidated.0i.pth
+    alone), memory-mapped, and each tensor is assembled from its pieces (a row block of a column-parallel shard,
+    or the rows of each row-parallel shard: a block of columns), whose pages are given back block by block as
+    they are copied: host memory holds the result and a block more. A tensor that is one piece needing no
+    conversion is used as mapped, without a copy."""
+    if into is not None and (quantize is not None or part != (0, 1)):
+        raise ValueError("FSDP2's rows are read whole-precision and alone: no quantize, no tensor-parallel part")
+    n = len(paths)
     expected = expected_shapes(args)
     per_shard = {key: shard_shape(key, shape, n) for key, shape in expected.items()}
-    # Every split tensor is divided alike: shard s holds the fraction [s/n, (s+1)/n) of it, the rank [rank/ranks,
-    # (rank+1)/ranks), so the same shards overlap the rank's slice for every tensor.
-    opened = [s for s in range(n) if s * ranks < (rank + 1) * n and (s + 1) * ranks > rank * n]
+    wanted = {key: _wanted(key, shape, part, into) for key, shape in expected.items()}
+    # a rank whose slices are all empty (more FSDP ranks than rows) still opens the first shard, for its checks
+    opened = sorted({s for key in expected for s, _, _ in _pieces(key, expected[key], n, wanted[key])} - {None} or {0})
     shards = {s: load_pth(paths[s]) for s in opened}
     first, base = paths[opened[0]], shards[opened[0]]
     what = config.name if n == 1 else f"{config.name} split over {n} shards"
     for s, shard in shards.items():
+        _check_count(shard, expected, n, paths[s])
         check_shapes({k: tuple(v.shape) for k, v in shard.items()}, per_shard, paths[s], what)
         for key, t in shard.items():
             check_dtype(t.dtype, key, paths[s])
@@ -158,37 +169,77 @@ def read_meta(
                 raise CheckpointError(f"{paths[s]}: tensor {key!r} is {t.dtype}, but {base[key].dtype} in {first}")
     out: StateDict = {}
     for key, shape in expected.items():
-        dim = shard_dim(key)
-        read = []  # the mapped tensors out[key] is read from
-        if dim is None:
+        if shard_dim(key) is None:
             for s in opened[1:]:
                 if not torch.equal(shards[s][key], base[key]):
                     raise CheckpointError(f"{paths[s]}: replicated tensor {key!r} differs from the one in {first}")
-            out[key] = converted(base[key], device, dtype)  # as mapped when nothing changes
-            read.append(base[key])
-            for s in opened[1:]:  # replicated, equal to the first
-                release_pages(shards[s][key])
+                READS.count(shards[s][key], base[key])
+                release_pages(shards[s][key])  # replicated, equal to the first: compared, not kept
+        pieces = [(at, (base if s is None else shards[s])[key][index])
+                  for s, index, at in _pieces(key, shape, n, wanted[key])]  # fmt: skip
+        if into is None and len(pieces) == 1 and pieces[0][1].is_contiguous():
+            out[key] = converted(pieces[0][1], device, dtype)  # as mapped when nothing changes
+            copied = out[key].data_ptr() != pieces[0][1].data_ptr()
         else:
-            start, stop = rank_range(shape[dim], part)
-            size = per_shard[key][dim]  # of each shard
-            pieces = []  # (where in the rank's slice, the piece of shard s it takes)
-            for s in opened:
-                a, b = max(start, s * size), min(stop, (s + 1) * size)
-                pieces.append((a - start, shards[s][key].narrow(dim, a - s * size, b - a)))
-            read.extend(piece for _, piece in pieces)
-            if len(pieces) == 1 and pieces[0][1].is_contiguous():
-                out[key] = converted(pieces[0][1], device, dtype)  # as mapped when nothing changes
-            else:
-                local = shape[:dim] + (stop - start,) + shape[dim + 1 :]
-                out[key] = torch.empty(local, device=device, dtype=dtype or base[key].dtype)
-                for at, piece in pieces:
-                    copy_releasing(out[key].narrow(dim, at, piece.shape[dim]), piece)
+            local = tuple(i.stop - i.start for i in _box(shape, wanted[key]))
+            out[key] = into[key][1] if into else torch.empty(local, device=device, dtype=dtype or base[key].dtype)
+            for at, piece in pieces:
+                copy_releasing(out[key][at], piece)
+            copied = True
+        if copied:
+            READS.count(*(piece for _, piece in pieces))
         check_finite(out[key], key, first if len(opened) == 1 else first.parent)
         if quantize is not None and is_quantized_key(key):
             out[key] = quantize_weight(out[key], quantize, key)
-            for t in read:
-                release_pages(t)
+            for _, piece in pieces:
+                release_pages(piece)
     return out
+
+
+def _check_count(shard: StateDict, expected: dict[str, tuple[int, ...]], n: int, path: Path) -> None:
+    """A shard holding 1/k of the vocabulary, k a multiple of the n files found: shards are missing."""
+    rows, vocab = shard.get("tok_embeddings.weight", torch.empty(0)).shape[0], expected["tok_embeddings.weight"][0]
+    if rows and rows * n != vocab and vocab % rows == 0 and (vocab // rows) % n == 0:
+        k = vocab // rows
+        raise CheckpointError(
+            f"{path.parent}: {n} consolidated.*.pth file{'s' * (n > 1)}, but {path.name} holds 1/{k} of each split "
+            f"tensor: a checkpoint of {k} shards, {k - n} of them missing"
+        )
+
+
+def _wanted(key: str, shape: tuple[int, ...], part: tuple[int, int], into: Optional[Rows]) -> Optional[tuple]:
+    """(dim, start, stop): the slice of the dense tensor `key` to read; None for all of it."""
+    if into is not None:
+        first, local = into[key]
+        if tuple(local.shape[1:]) != shape[1:]:
+            raise ValueError(f"{key}: a local tensor of shape {tuple(local.shape)} cannot hold rows of {shape}")
+        return 0, first, first + local.shape[0]
+    dim = shard_dim(key)
+    return None if dim is None or part == (0, 1) else (dim, *rank_range(shape[dim], part))
+
+
+def _box(shape: tuple[int, ...], wanted: Optional[tuple]) -> list[slice]:
+    box = [slice(0, size) for size in shape]
+    if wanted is not None:
+        box[wanted[0]] = slice(wanted[1], wanted[2])
+    return box
+
+
+def _pieces(key: str, shape: tuple[int, ...], n: int, wanted: Optional[tuple]) -> list[tuple[int, tuple, tuple]]:
+    """The pieces the slice `wanted` of tensor `key` is read from: (shard, its index into the shard's tensor,
+    where it goes in the slice), one per shard that overlaps it. Shard s of a split tensor holds the block
+    [s * size, (s + 1) * size) of its split dim; a replicated one (shard None) is read from the first shard opened."""
+    box, dim = _box(shape, wanted), shard_dim(key)
+    if dim is None:
+        return [(None, tuple(box), tuple(slice(0, b.stop - b.start) for b in box))]
+    size, pieces = shape[dim] // n, []
+    for s in range(n):
+        a, b = max(box[dim].start, s * size), min(box[dim].stop, (s + 1) * size)
+        if b > a:
+            src, dst = list(box), [slice(0, x.stop - x.start) for x in box]
+            src[dim], dst[dim] = slice(a - s * size, b - s * size), slice(a - box[dim].start, b - box[dim].start)
+            pieces.append((s, tuple(src), tuple(dst)))
+    return pieces
 
 
 def save_meta(state_dict: StateDict, params: dict[str, Any], out_dir: Union[str, Path], n_shards: int = 1) -> Path:

@@ -26,6 +26,8 @@ from .launch import join_process_group, torchrun_world_size
 if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still trains in one process
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 KINDS = ("none", "ddp", "fsdp")
 
@@ -85,21 +87,28 @@ class Ranks:
         return value
 
     def wrap(self, model: Transformer, compute_dtype: torch.dtype, params: list[nn.Parameter]) -> list[nn.Parameter]:
-        """Nothing for one process; DDP, or FSDP2's fully_shard on each block and then the root, around model's
-        loss. FSDP keeps the weights (and AdamW's state) sharded in the model's dtype and computes in
-        compute_dtype (MixedPrecisionPolicy), reducing gradients in float32. Returns the trainable params as the
-        job holds them: FSDP's sharded parameters replace the model's."""
+        """Nothing for one process; DDP, or FSDP2 (`shard`, unless the model was sharded as it was built), around
+        model's loss. Returns the trainable params as the job holds them: FSDP's sharded parameters replace the
+        model's."""
         if self.kind == "none":
             self.loss_fn = model.loss
             return params
         if self.kind == "ddp":
             self.loss_fn = DistributedDataParallel(LossOf(model))
             return params
+        if self.loss_fn is None:
+            self.shard(model, compute_dtype)
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def shard(self, model: Transformer, compute_dtype: torch.dtype) -> None:
+        """FSDP2's fully_shard on each block, then on the root around model's loss: every weight split on dim 0
+        over the ranks, whole or on the meta device (then each rank fills its rows: shard_rows). FSDP keeps the
+        weights (and AdamW's state) sharded in the model's dtype and computes in compute_dtype
+        (MixedPrecisionPolicy), reducing gradients in float32."""
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in model.layers:
             fully_shard(layer, mp_policy=policy)
         self.loss_fn = fully_shard(LossOf(model), mp_policy=policy)
-        return [p for p in model.parameters() if p.requires_grad]
 
     def full_state_dict(self, model: Transformer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The whole weights in dtype: the model's own in one process; on rank 0's CPU (gathered from FSDP's
@@ -108,6 +117,21 @@ class Ranks:
             return {k: v.to(dtype) for k, v in model.state_dict().items()}
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {k: v.to(dtype) for k, v in get_model_state_dict(model, options=options).items()}
+
+
+def shard_rows(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
+    """For each parameter of a model sharded by fully_shard: the first row this rank holds and its local tensor
+    (FSDP2 splits dim 0 as torch.chunk does: ceil(rows / world size) each, the last ranks fewer or none), for a
+    reader to fill in place. Call under torch.no_grad()."""
+    rows = {}
+    for name, p in model.named_parameters():
+        if not isinstance(p, DTensor):
+            raise TypeError(f"{name} is not sharded: apply fully_shard first")
+        local = p.to_local()
+        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        assert tuple(shape) == tuple(local.shape), (name, shape, local.shape)
+        rows[name] = (offset[0], local)
+    return rows
 
 
 @contextlib.contextmanager

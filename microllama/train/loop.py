@@ -17,6 +17,7 @@ step, log, save), with features as switches on it.
 """
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -321,11 +322,14 @@ class Trainer:
                   f"rows of {cfg.max_seq_len} ({packing.tokens / (len(packing.rows) * cfg.max_seq_len):.0%} "
                   f"filled), {packing.n_split} split for being longer than a row; {len(self.eval_docs)} held out",
                   flush=True)  # fmt: skip
-        weights_dtype = torch.float32 if self.ranks.kind == "fsdp" else self.dtype
-        model = self.checkpoint.load_model(cfg.max_seq_len, 1, self.device, weights_dtype, cfg.flash,
-                                           quantize=cfg.quantize).train()  # fmt: skip
-        if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():
-            model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # a tied model trains untied
+        if self.ranks.kind == "fsdp":  # float32 weights, built on the meta device, sharded, each rank reading its rows
+            shard = functools.partial(self.ranks.shard, compute_dtype=self.dtype)
+            model = self.checkpoint.load_sharded(shard, cfg.max_seq_len, self.device, torch.float32, cfg.flash).train()
+        else:
+            model = self.checkpoint.load_model(cfg.max_seq_len, 1, self.device, self.dtype, cfg.flash,
+                                               quantize=cfg.quantize).train()  # fmt: skip
+            if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():  # (load_sharded: untied)
+                model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # trains untied
         model.activation_checkpointing = cfg.activation_checkpointing
         torch.manual_seed(cfg.seed)  # LoRA's initialisation, then dropout
         self.model, self.params = model, self.ranks.wrap(model, self.dtype, select_trainable(model, cfg))
@@ -337,9 +341,8 @@ class Trainer:
     def restore(self, state: ckpts.TrainState) -> None:
         if state.dcp is not None:  # saved by a data-parallel run, at any world size
             ckpts.load_sharded_weights(state.dcp, self.model, self.optimizer)
-        elif self.ranks.kind == "fsdp":
-            where = self.run_dir / ckpts.CHECKPOINT
-            raise ckpts.TrainCheckpointError(f"{where} was saved by one process: resume it so, or under ddp")
+        elif self.ranks.kind == "fsdp":  # saved by one process: its whole tensors, each rank keeping its shard
+            ckpts.load_whole_into_sharded(state, self.model, self.optimizer)
         else:
             self.model.load_state_dict(state.weights, strict=False)
             self.optimizer.load_state_dict(state.optimizer)

@@ -31,7 +31,7 @@ from .data import DataPosition
 
 if dist.is_available():
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 STATE_FORMAT = 1
 RECORD = "train_config.json"
@@ -119,6 +119,21 @@ def load_sharded_weights(path: Path, model: nn.Module, optimizer: torch.optim.Op
     state = {"model": weights, "optimizer": optim}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_whole_into_sharded(state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A one-process checkpoint's weights and AdamW state (whole tensors; AdamW's keyed by parameter index, in
+    the order of its groups) into a model and AdamW sharded by FSDP2: set_state_dict with full state dicts, each
+    rank keeping its own shard of every tensor. The optimizer must be built as the saved one was (make_optimizer
+    on the same trainable weights)."""
+    names = {p: name for name, p in model.named_parameters()}
+    saved_groups = state.optimizer["param_groups"]
+    fqn = {i: names[p] for group, saved in zip(optimizer.param_groups, saved_groups, strict=True)
+           for p, i in zip(group["params"], saved["params"], strict=True)}  # fmt: skip
+    optim = {"state": {fqn[i]: s for i, s in state.optimizer["state"].items()},
+             "param_groups": [{**g, "params": [fqn[i] for i in g["params"]]} for g in saved_groups]}  # fmt: skip
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_state_dict(model, optimizer, model_state_dict=state.weights, optim_state_dict=optim, options=options)
 
 
 def load_checkpoint(run_dir: Path) -> tuple[TrainState, dict[str, Any]]:
