@@ -1,7 +1,9 @@
 """Data-parallel training (microllama/distributed.py) against one process: DDP and FSDP2 at world size 2, started
-by torchrun on gloo (tests/train_worker.py, both runs in one launch), give one process's losses on the same global
-batch within microllama.tolerances.DATA_PARALLEL_RTOL and its final weights within DATA_PARALLEL_WEIGHTS_ATOL; an
-FSDP2 run's torch.distributed.checkpoint save at world size 2 resumes in one process with the same losses."""
+by torchrun on gloo (tests/train_worker.py, every run in one launch), give one process's losses on the same global
+batch within microllama.tolerances.DATA_PARALLEL_RTOL and its final weights within DATA_PARALLEL_WEIGHTS_ATOL, in
+every mode (full; lora with dropout, accumulation and activation checkpointing; norms with the chunked loss); an
+FSDP2 run's torch.distributed.checkpoint save at world size 2 resumes in one process with the same losses; the
+loss-curve golden's recipe at 2 ranks stays within DATA_PARALLEL_CURVE_RTOL of the golden."""
 
 import json
 import math
@@ -9,10 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_torchrun
+from conftest import platform_differs, run_torchrun
 
 from microllama.checkpoint.meta_layout import load_pth
-from microllama.tolerances import DATA_PARALLEL_RTOL, DATA_PARALLEL_WEIGHTS_ATOL
+from microllama.golden.loss_curve import RECIPE, compare, read_curve, read_golden, recipe_config_fields
+from microllama.tolerances import (
+    DATA_PARALLEL_CURVE_RTOL,
+    DATA_PARALLEL_RTOL,
+    DATA_PARALLEL_WEIGHTS_ATOL,
+    LOSS_CURVE_PLATFORM_RTOL,
+)
 from microllama.train.config import TrainConfig
 from microllama.train.loop import train
 from microllama.train.run_dir import load_checkpoint, read_metrics
@@ -21,6 +29,13 @@ REPO = Path(__file__).resolve().parents[1]
 # 3 steps of a global micro-batch of 2 rows of 32 tokens, one row per rank; held-out loss at the start and end.
 RUN = dict(data=str(REPO / "corpus" / "tinytales.txt"), max_seq_len=32, batch_size=2, max_steps=3, warmup_steps=1,
            eval_every=0, eval_rows=1, save_every=0)  # fmt: skip
+# The other modes, each with the switches that change how a step is computed: LoRA with dropout (each rank keeps its
+# rows of the whole batch's masks), 2 micro-batches per step and activation checkpointing; norms with the chunked
+# cross-entropy. Each is compared with the same settings in one process.
+MODES = {"lora": dict(RUN, mode="lora", lora_rank=4, lora_dropout=0.1, lora_targets=["wq", "wv", "w2"], grad_accum=2,
+                      activation_checkpointing=True),
+         "norms": dict(RUN, mode="norms", loss_chunk=8)}  # fmt: skip
+CURVE_GOLDEN = REPO / "goldens" / "losses" / "tiny-fp32-cpu-ws1.json"
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
     pytest.mark.usefixtures("tokenizer"),
@@ -38,8 +53,8 @@ def assert_close_runs(got: list[dict], expected: list[dict]) -> None:
             assert math.isclose(a[key], b[key], rel_tol=DATA_PARALLEL_RTOL, abs_tol=0), (a, b)
 
 
-def max_weight_diff(a: Path, b: Path) -> float:
-    x, y = load_pth(a / "final" / "consolidated.00.pth"), load_pth(b / "final" / "consolidated.00.pth")
+def max_weight_diff(a: Path, b: Path, file: str = "final/consolidated.00.pth") -> float:
+    x, y = load_pth(a / file), load_pth(b / file)
     assert x.keys() == y.keys() and all(x[k].dtype == y[k].dtype == torch.float32 for k in x)
     return max(float((x[k] - y[k]).abs().max()) for k in x)
 
@@ -51,13 +66,23 @@ def torchrun(world_size: int, configs: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process, then at 2 ranks DDP (3 steps) and FSDP2 stopped after step 2 (saved with DCP), then that
-    FSDP2 run resumed in one process."""
+    """One process (full, lora, norms), then in one launch at 2 ranks: DDP (3 steps) and FSDP2 stopped after step 2
+    (saved with DCP); lora and norms under DDP and FSDP2; the loss-curve recipe under DDP and FSDP2. Then the
+    stopped FSDP2 run resumed in one process."""
     root = tmp_path_factory.mktemp("dp")
     dirs = {name: root / name for name in ("single", "ddp", "fsdp")}
     train(TrainConfig(out_dir=str(dirs["single"]), **RUN))
     configs = [{**RUN, "out_dir": str(dirs["ddp"]), "distributed": "ddp"},
                {**RUN, "out_dir": str(dirs["fsdp"]), "distributed": "fsdp", "stop_at": 2}]  # fmt: skip
+    for mode, settings in MODES.items():
+        dirs[f"{mode}-single"] = root / f"{mode}-single"
+        train(TrainConfig(out_dir=str(dirs[f"{mode}-single"]), **settings))
+        for kind in ("ddp", "fsdp"):
+            dirs[f"{mode}-{kind}"] = root / f"{mode}-{kind}"
+            configs.append({**settings, "out_dir": str(dirs[f"{mode}-{kind}"]), "distributed": kind})
+    for kind in ("ddp", "fsdp"):
+        dirs[f"curve-{kind}"] = root / f"curve-{kind}"
+        configs.append(recipe_config_fields(RECIPE, REPO, dirs[f"curve-{kind}"], distributed=kind))
     torchrun(2, configs)
     dirs["fsdp-at-2"] = steps(dirs["fsdp"])  # what the ranks logged before the resume
     dirs["saved"] = load_checkpoint(dirs["fsdp"])[0]
@@ -97,9 +122,32 @@ def test_fsdp2_run_to_the_end_at_world_size_2_exports_one_process_weights_from_r
     ]  # fmt: skip
 
 
-def test_a_batch_the_ranks_cannot_split_and_a_non_full_mode_are_refused(monkeypatch, tmp_path):
-    with pytest.raises(ValueError, match="--distributed ddp trains --mode full only, got --mode lora"):
-        train(TrainConfig(out_dir=str(tmp_path / "a"), distributed="ddp", mode="lora", **RUN))
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_lora_and_norms_at_world_size_2_give_one_process_losses_and_merged_weights(runs, mode, kind):
+    """Losses, gradient norms and held-out losses of each step, the final weights (LoRA: merged, from the gathered
+    state dict) and LoRA's adapters: one process's, within the data-parallel tolerances."""
+    assert_close_runs(steps(runs[f"{mode}-{kind}"]), steps(runs[f"{mode}-single"]))
+    assert max_weight_diff(runs[f"{mode}-{kind}"], runs[f"{mode}-single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
+    if mode == "lora":
+        assert max_weight_diff(runs[f"{mode}-{kind}"], runs[f"{mode}-single"], "adapters.pth") <= (
+            DATA_PARALLEL_WEIGHTS_ATOL
+        )
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_loss_curve_recipe_at_world_size_2_stays_within_tolerance_of_the_golden(runs, kind):
+    """The golden was recorded in one process: 2 ranks add their gradients in another order, and on another
+    platform than the recording's the kernels differ too."""
+    golden = read_golden(CURVE_GOLDEN)
+    rtol = DATA_PARALLEL_CURVE_RTOL + (LOSS_CURVE_PLATFORM_RTOL if platform_differs(golden) else 0)
+    assert len(read_curve(runs[f"curve-{kind}"])) == len(golden.steps) == 20
+    assert compare(read_curve(runs[f"curve-{kind}"]), golden.steps, rtol) is None
+
+
+def test_a_batch_the_ranks_cannot_split_and_a_distributed_qlora_are_refused(monkeypatch, tmp_path):
+    with pytest.raises(ValueError, match="--quantize nf4 trains in one process only: --distributed ddp does not"):
+        train(TrainConfig(out_dir=str(tmp_path / "a"), distributed="ddp", mode="lora", quantize="nf4", **RUN))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="--batch_size 3 rows must split evenly over 2 ranks"):

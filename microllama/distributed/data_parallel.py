@@ -101,13 +101,13 @@ class Ranks:
         self.loss_fn = fully_shard(LossOf(model), mp_policy=policy)
         return [p for p in model.parameters() if p.requires_grad]
 
-    def full_state_dict(self, model: Transformer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The whole weights in dtype: the model's own in one process; on rank 0's CPU (gathered from FSDP's
-        shards) in a data-parallel job, empty on the other ranks, and every rank must call it."""
+    def full_state_dict(self, model: Transformer) -> dict[str, torch.Tensor]:
+        """The whole weights as the model holds them (LoRA's adapters beside their frozen weights): the model's
+        own in one process; on rank 0's CPU (gathered from FSDP's shards) in a data-parallel job, empty on the
+        other ranks, and every rank must call it."""
         if self.kind == "none":
-            return {k: v.to(dtype) for k, v in model.state_dict().items()}
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {k: v.to(dtype) for k, v in get_model_state_dict(model, options=options).items()}
+            return model.state_dict()
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 @contextlib.contextmanager

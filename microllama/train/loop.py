@@ -38,12 +38,12 @@ from ..checkpoint.tiny import cache_dir
 from ..distributed import data_parallel as distributed
 from ..files import atomic_dir, parse_dtype
 from ..model import Transformer
-from ..quantize import check_quantize, dequantize_model
+from ..quantize import check_quantize
 from ..tokenizer import Tokenizer
 from . import run_dir as ckpts
 from .config import TrainConfig
 from .data import Batch, Batches, Corpus, load_corpus, make_batch, pack, split_documents
-from .lora import adapter_state_dict, apply_lora, check_lora, merge_lora
+from .lora import adapter_state_dict, apply_lora, check_lora, merge_lora_state_dict
 
 
 class TrainingError(RuntimeError):
@@ -98,11 +98,14 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2**30
 
 
-def select_trainable(model: Transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """Set which weights train (mode full, lora or norms); returns them. Frozen weights keep their dtype."""
+def select_trainable(
+    model: Transformer, cfg: TrainConfig, rows_of: tuple[int, int] = (0, 1)
+) -> list[torch.nn.Parameter]:
+    """Set which weights train (mode full, lora or norms); returns them. Frozen weights keep their dtype.
+    rows_of: this process's (rank, world_size), for LoRA's dropout on its rows of the global batch."""
     if cfg.mode == "lora":
         return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                          parse_dtype(cfg.adapter_dtype))  # fmt: skip
+                          parse_dtype(cfg.adapter_dtype), rows_of)  # fmt: skip
     for name, p in model.named_parameters():
         p.requires_grad_(cfg.mode == "full" or name.endswith("norm.weight"))
     return [p for p in model.parameters() if p.requires_grad]
@@ -327,8 +330,10 @@ class Trainer:
         if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():
             model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # a tied model trains untied
         model.activation_checkpointing = cfg.activation_checkpointing
-        torch.manual_seed(cfg.seed)  # LoRA's initialisation, then dropout
-        self.model, self.params = model, self.ranks.wrap(model, self.dtype, select_trainable(model, cfg))
+        # LoRA's initialisation, then dropout: every rank draws the same (each the whole batch's dropout masks).
+        torch.manual_seed(cfg.seed)
+        trainable = select_trainable(model, cfg, (self.ranks.rank, self.ranks.world_size))
+        self.model, self.params = model, self.ranks.wrap(model, self.dtype, trainable)
         self.optimizer = make_optimizer(self.params, cfg, self.device)
         if self.state is not None:
             self.restore(self.state)
@@ -442,11 +447,13 @@ class Trainer:
         """At max_steps, the final weights (gathered from every rank, written by rank 0); the summary."""
         self.metrics.close()
         if self.step == self.cfg.max_steps:
-            adapters = adapter_state_dict(self.model)
-            # QLoRA: the layers without adapters are dequantized too, for a checkpoint in full precision.
-            whole = self.ranks.full_state_dict(dequantize_model(merge_lora(self.model)), self.dtype)  # every rank
+            whole = self.ranks.full_state_dict(self.model)  # every rank calls it; rank 0 gets the weights
             if self.ranks.is_rank_0:
-                export_final(whole, adapters, self.checkpoint, self.run_dir, self.record)
+                # Gathered first, then merged: FSDP's shards are whole tensors again before B A is folded into W.
+                # QLoRA: the layers without adapters are dequantized too, for a checkpoint in full precision.
+                merged = merge_lora_state_dict(whole, self.cfg.lora_alpha / self.cfg.lora_rank)
+                merged = {k: v.to(self.dtype) for k, v in merged.items()}
+                export_final(merged, adapter_state_dict(whole), self.checkpoint, self.run_dir, self.record)
         return self.summary()
 
     def summary(self) -> Summary:
