@@ -94,6 +94,9 @@ def runs(tmp_path_factory):
 def test_ddp_at_world_size_2_gives_one_process_losses_and_weights(runs):
     assert_close_runs(steps(runs["ddp"]), steps(runs["single"]))
     assert max_weight_diff(runs["ddp"], runs["single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
+    # tokens_per_s is the job's (the global batch); each rank computes half of it
+    lines = [m for m in read_metrics(runs["ddp"]) if "loss" in m]
+    assert all(m["tokens_per_s_per_rank"] == pytest.approx(m["tokens_per_s"] / 2, abs=0.1) for m in lines)
 
 
 def test_fsdp2_at_world_size_2_gives_one_process_losses(runs):

@@ -50,6 +50,7 @@ class TrainConfig:
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     stop_at: Optional[int] = None  # stop after this step, as if interrupted (a checkpoint is saved): --resume goes on
     tokenizer_path: Optional[str] = None  # tokenizer.model (default: beside the checkpoint, or llama-models')
+    tensorboard: Optional[str] = None  # also write each step's metrics here for TensorBoard (the tensorboard extra)
 
     def check(self) -> None:
         """ValueError naming the flag, for settings no run can take."""
@@ -87,5 +88,6 @@ class TrainConfig:
 
 
 # What may differ between a run and its resumption, none changing what is computed: the data is compared by
-# content (the corpus's key), not by the path that names it, and out_dir is where the checkpoint was found.
-RESUMABLE = ("resume", "stop_at", "data", "out_dir", "distributed")  # a data-parallel save resumes at any world size
+# content (the corpus's key), not by the path that names it, and out_dir is where the checkpoint was found; a
+# data-parallel save resumes at any world size; tensorboard is only where the metrics are copied.
+RESUMABLE = ("resume", "stop_at", "data", "out_dir", "distributed", "tensorboard")

@@ -44,6 +44,7 @@ from . import run_dir as ckpts
 from .config import TrainConfig
 from .data import Batch, Batches, Corpus, load_corpus, make_batch, pack, split_documents
 from .lora import adapter_state_dict, apply_lora, check_lora, merge_lora_state_dict
+from .metrics import TensorBoard, flops_per_token, peak_bf16_flops
 
 
 class TrainingError(RuntimeError):
@@ -294,6 +295,23 @@ class Trainer:
             self.read_history()
         self.finished = self.step == self.cfg.max_steps and (self.run_dir / ckpts.FINAL).is_dir()
         self.start_time, self.tokens, self.trained = time.perf_counter(), 0, 0  # start_time: reset by start
+        self.tensorboard: Optional[TensorBoard] = None  # opened by start, on rank 0
+        if cfg.tensorboard is not None:
+            TensorBoard.check_installed()
+        self.flops_per_token = flops_per_token(self.checkpoint.args, cfg.max_seq_len, cfg.mode == "full")
+        self.peak_flops = self.device_peak_flops()
+
+    def device_peak_flops(self) -> Optional[float]:
+        """The device's peak dense bfloat16 FLOP/s, for MFU: on CUDA in bfloat16, from the table; else None
+        (said once on CUDA)."""
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        peak = peak_bf16_flops(name) if self.dtype == torch.bfloat16 else None
+        if peak is None and self.ranks.is_rank_0:
+            why = f"{name} is not in" if self.dtype == torch.bfloat16 else f"{self.dtype} is not the bfloat16 of"
+            print(f"MFU omitted from the metrics: {why} microllama.train.metrics.PEAK_BF16_FLOPS", flush=True)
+        return peak
 
     def load_data(self) -> None:
         """Tokenized once into the cache (by rank 0, then read by the others), a held-out split, rows packed per
@@ -385,6 +403,8 @@ class Trainer:
             else:
                 ckpts.truncate_metrics(self.run_dir, self.step)
         self.metrics = open(self.run_dir / ckpts.METRICS if self.ranks.is_rank_0 else os.devnull, "a")
+        if self.cfg.tensorboard is not None and self.ranks.is_rank_0:
+            self.tensorboard = TensorBoard(Path(self.cfg.tensorboard))
         if self.eval_batches and self.step == 0:
             self.evaluate()
         self.start_time = time.perf_counter()
@@ -402,15 +422,24 @@ class Trainer:
         return loss, grad_norm
 
     def write_metrics(self, **values: Any) -> None:
+        """A line of metrics.jsonl, and the same scalars to TensorBoard with --tensorboard."""
         self.metrics.write(json.dumps(values) + "\n")
         self.metrics.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.write(values["step"], values)
 
     def log(self, micro_batches: list[Batch], loss: float, grad_norm: float) -> None:
-        """The step's line of metrics.jsonl, and the progress bar's."""
-        self.tokens += sum(b.tokens.numel() for b in micro_batches)
+        """The step's line of metrics.jsonl, and the progress bar's. tokens_per_s: the job's (every rank's rows of
+        the global batches, padding included) since this run started; tokens_per_s_per_rank: that over the ranks;
+        mfu (CUDA, bfloat16, a device in the table): model FLOPs per token times tokens_per_s_per_rank over the
+        device's peak (microllama.train.metrics)."""
+        self.tokens += sum(b.tokens.numel() for b in micro_batches)  # the global micro-batches'
         tokens_per_s, memory = self.tokens / (time.perf_counter() - self.start_time), peak_memory_gib(self.device)
+        per_rank = tokens_per_s / self.ranks.world_size
+        mfu = {} if self.peak_flops is None else {"mfu": round(per_rank * self.flops_per_token / self.peak_flops, 4)}
         self.write_metrics(step=self.step, loss=loss, lr=self.lr, grad_norm=grad_norm,
                            targets=sum(b.n_targets() for b in micro_batches), tokens_per_s=round(tokens_per_s, 1),
+                           tokens_per_s_per_rank=round(per_rank, 1), **mfu,
                            peak_memory_gib=round(memory, 3))  # fmt: skip
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                              mem=f"{memory:.2f}G")  # fmt: skip
@@ -446,6 +475,8 @@ class Trainer:
     def finish(self) -> Summary:
         """At max_steps, the final weights (gathered from every rank, written by rank 0); the summary."""
         self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.step == self.cfg.max_steps:
             whole = self.ranks.full_state_dict(self.model)  # every rank calls it; rank 0 gets the weights
             if self.ranks.is_rank_0:
