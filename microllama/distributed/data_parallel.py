@@ -93,7 +93,10 @@ class Ranks:
             self.loss_fn = model.loss
             return params
         if self.kind == "ddp":
-            self.loss_fn = DistributedDataParallel(LossOf(model))
+            # Every rank built the same model (one checkpoint; LoRA's adapters drawn from one seed), so DDP's start-up
+            # broadcast of rank 0's weights is not needed; it would also rewrite torchao's NF4Tensor (a QLoRA base),
+            # which measured off one process's after it. Frozen weights take no part in DDP's gradient buckets.
+            self.loss_fn = DistributedDataParallel(LossOf(model), init_sync=False)
             return params
         policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in model.layers:
