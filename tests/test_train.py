@@ -20,6 +20,7 @@ from microllama.generation import Llama
 from microllama.train import loop as trainer_module
 from microllama.train.config import TrainConfig
 from microllama.train.loop import TrainingError, lr_at, plot, train
+from microllama.train.lora import RowsDropout
 from microllama.train.metrics import flops_per_token, multiplying_params, peak_bf16_flops
 from microllama.train.run_dir import TrainCheckpointError, load_adapters, load_checkpoint, read_metrics
 
@@ -320,3 +321,16 @@ def test_tensorboard_without_its_package_is_one_line_before_anything_is_written(
                                            r"'microllama\[tensorboard\]'$"):  # fmt: skip
         train(TrainConfig(out_dir=str(tmp_path / "run"), tensorboard=str(tmp_path / "tb"), **SMALL))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_dropout_of_a_ranks_rows_is_one_process_dropout_of_those_rows(dtype):
+    """RowsDropout in one process is nn.Dropout bit for bit (on the CPU); rank 1 of 2, from the same generator state,
+    drops exactly what one process drops in its rows of the batch."""
+    x = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    outs = []
+    for dropout, rows in ((torch.nn.Dropout(0.1), x), (RowsDropout(0.1), x), (RowsDropout(0.1, 1, 2), x[2:])):
+        torch.manual_seed(1)
+        outs.append(dropout(rows))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1][2:], outs[2])
+    assert not torch.equal(outs[1][:2], outs[2])  # rank 0's rows are dropped otherwise than rank 1's
