@@ -296,6 +296,26 @@ def plot(run_dir: str) -> None:
     print(f"wrote {plot_run(run_dir)}")
 
 
+def compare_losses(a: str, b: str, rtol: Optional[float] = None) -> None:
+    """Compare the loss curves A and B (each a training run's directory or metrics.jsonl, or a loss-curve golden
+    such as goldens/losses/tiny-fp32-cpu-ws1.json) step by step: losses and gradient norms within rtol, relative
+    to B's (default: microllama.tolerances.LOSS_CURVE_RTOL; 0 asks for bit for bit). Names the first step that
+    parts, exit status 1 then."""
+    from .golden.loss_curve import compare, max_relative_difference, read_curve
+    from .tolerances import LOSS_CURVE_RTOL
+
+    rtol = LOSS_CURVE_RTOL if rtol is None else rtol
+    if not (rtol >= 0):
+        raise ValueError(f"--rtol must be 0 or more, got {rtol}")
+    curve_a, curve_b = read_curve(a), read_curve(b)
+    parting = compare(curve_a, curve_b, rtol)
+    if parting is not None:
+        print(f"A and B part at {parting.line(rtol)}")
+        sys.exit(1)
+    worst = max_relative_difference(curve_a, curve_b)
+    print(f"A and B agree over {len(curve_a)} steps within {rtol:.3g} relative (largest difference {worst:.3g})")
+
+
 COMMANDS = {
     "generate": generate,
     "make-tiny": make_tiny,
@@ -305,6 +325,7 @@ COMMANDS = {
     "chat": chat,
     "train": train,
     "plot": plot,
+    "compare-losses": compare_losses,
 }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from microllama.args import ModelArgs
 from microllama.checkpoint.load import open_checkpoint
 from microllama.checkpoint.meta_layout import load_pth
 from microllama.cli import main as cli_main
@@ -19,6 +20,8 @@ from microllama.generation import Llama
 from microllama.train import loop as trainer_module
 from microllama.train.config import TrainConfig
 from microllama.train.loop import TrainingError, lr_at, plot, train
+from microllama.train.lora import RowsDropout
+from microllama.train.metrics import flops_per_token, multiplying_params, peak_bf16_flops
 from microllama.train.run_dir import TrainCheckpointError, load_adapters, load_checkpoint, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +29,7 @@ CORPUS = str(ROOT / "corpus" / "tinytales.txt")
 # A few short steps of one 32-token row: the 128,256-entry output layer is most of the cost.
 SMALL = dict(data=CORPUS, max_seq_len=32, batch_size=1, max_steps=4, warmup_steps=1, eval_every=2, eval_rows=1,
              save_every=0)  # fmt: skip
-TIMING = ("tokens_per_s", "peak_memory_gib")
+TIMING = ("tokens_per_s", "tokens_per_s_per_rank", "mfu", "peak_memory_gib")
 
 pytestmark = pytest.mark.usefixtures("tokenizer")
 needs_torchao = pytest.mark.skipif(
@@ -279,3 +282,55 @@ def test_training_tools_check_arguments_before_work_with_one_line_errors(script,
                             cwd=tmp_path)  # fmt: skip
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"{script}: error: ") and re.search(message, result.stderr), result.stderr
+
+
+def test_model_flops_per_token_are_6n_plus_the_attention_term_counted_by_hand():
+    """dim 64, 2 layers, 4 heads of 16 (2 key/value heads), SwiGLU hidden int(2 * 256 / 3) = 170 rounded up to 192,
+    vocabulary 1,000. Per layer: wq, wo 64 x 64; wk, wv 64 x 32; w1, w2, w3 64 x 192; two norms of 64: 49,280. Two
+    layers, the final norm (64) and the output projection (1,000 x 64), the input embedding left out: N = 162,624.
+    At rows of 32 the attention term is 12 x 2 x 4 x 16 x 32 = 49,152."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=32)
+    assert multiplying_params(args) == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 192 + 2 * 64) + 64 + 1000 * 64
+    assert multiplying_params(args) == 162_624
+    assert flops_per_token(args, 32) == 6 * 162_624 + 49_152 == 1_024_896
+    assert flops_per_token(args, 32, weights_train=False) == 4 * 162_624 + 49_152  # lora, norms: no weight gradients
+    assert [peak_bf16_flops(n) for n in ("NVIDIA H200", "NVIDIA H100 PCIe", "NVIDIA H100 80GB HBM3",
+                                         "NVIDIA A100-SXM4-80GB", "NVIDIA L4")] == [989e12, 756e12, 989e12, 312e12,
+                                                                                   None]  # fmt: skip
+
+
+def test_metrics_hold_tokens_per_s_per_rank_and_tensorboard_gets_the_same_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="needs the tensorboard package (the tensorboard extra)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(TrainConfig(out_dir=str(run), tensorboard=str(tmp_path / "tb"), **{**SMALL, "max_steps": 2}))
+    lines = [m for m in read_metrics(run) if "loss" in m]
+    assert all(m["tokens_per_s_per_rank"] == m["tokens_per_s"] and "mfu" not in m for m in lines)  # 1 rank, CPU
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, pytest.approx(lines[0]["loss"])),
+                                                                   (2, pytest.approx(lines[1]["loss"]))]  # fmt: skip
+    assert [e.step for e in events.Scalars("eval_loss")] == [0, 2]
+
+
+def test_tensorboard_without_its_package_is_one_line_before_anything_is_written(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"^--tensorboard needs the tensorboard package: pip install "
+                                           r"'microllama\[tensorboard\]'$"):  # fmt: skip
+        train(TrainConfig(out_dir=str(tmp_path / "run"), tensorboard=str(tmp_path / "tb"), **SMALL))
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_dropout_of_a_ranks_rows_is_one_process_dropout_of_those_rows(dtype):
+    """RowsDropout in one process is nn.Dropout bit for bit (on the CPU); rank 1 of 2, from the same generator state,
+    drops exactly what one process drops in its rows of the batch."""
+    x = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(0)).to(dtype)
+    outs = []
+    for dropout, rows in ((torch.nn.Dropout(0.1), x), (RowsDropout(0.1), x), (RowsDropout(0.1, 1, 2), x[2:])):
+        torch.manual_seed(1)
+        outs.append(dropout(rows))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[1][2:], outs[2])
+    assert not torch.equal(outs[1][:2], outs[2])  # rank 0's rows are dropped otherwise than rank 1's

@@ -10,15 +10,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import platform_differs, recording_platform
+from conftest import platform_differs, recording_platform, run_main
 
 from microllama.cli import main as cli_main
 from microllama.golden import training_set as golden_format
 from microllama.golden import verify_training
+from microllama.golden.loss_curve import (
+    RECIPE,
+    compare,
+    max_relative_difference,
+    read_golden,
+    recipe_config_fields,
+    record_curve,
+)
 from microllama.golden.schema import GoldenError
 from microllama.golden.training_set import read_training_set, write_training_set
+from microllama.tolerances import LOSS_CURVE_PLATFORM_RTOL
+from microllama.train.config import TrainConfig
 from microllama.train.loop import make_optimizer as trainers_optimizer
-from microllama.train.loop import select_trainable
+from microllama.train.loop import select_trainable, train
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDENS = REPO / "goldens"
@@ -259,3 +269,51 @@ def test_verify_refuses_what_it_cannot_do_in_one_line(args, message, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+# The loss-curve golden (microllama.golden.loss_curve): RECIPE's 20 steps in one process, and the comparer.
+CURVE = GOLDENS / "losses" / "tiny-fp32-cpu-ws1.json"
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory, tokenizer):
+    """The golden's recipe run once in one process, at the recording's thread count."""
+    run_dir = tmp_path_factory.mktemp("curve") / "run"
+    return record_curve(REPO, run_dir, read_golden(CURVE).platform.threads), run_dir
+
+
+@pytest.mark.golden
+@pytest.mark.slow
+def test_one_process_reproduces_the_loss_curve_golden(recipe_run):
+    """Bit for bit on the recording's platform (every loss and gradient norm of 20 steps), within
+    LOSS_CURVE_PLATFORM_RTOL elsewhere (the AVX2 rerun checks that branch)."""
+    golden, (curve, _) = read_golden(CURVE), recipe_run
+    assert golden.recipe == RECIPE and len(golden.steps) == 20
+    rtol = 0.0 if recording_platform(golden) else LOSS_CURVE_PLATFORM_RTOL
+    assert compare(curve.steps, golden.steps, rtol) is None, max_relative_difference(curve.steps, golden.steps)
+    if recording_platform(golden):
+        assert curve.steps == golden.steps
+
+
+@pytest.mark.slow
+def test_compare_losses_names_the_first_step_a_planted_change_parts_at(recipe_run, tmp_path, capsys):
+    """A run of the recipe at twice the learning rate (3 of its 20 steps): step 1's loss and gradient norm are
+    computed before any update and agree; step 2 parts, named with exit status 1. A run against the golden (or the
+    golden against itself) agrees, exit status 0."""
+    _, run_dir = recipe_run
+    planted = tmp_path / "planted"
+    train(TrainConfig(**recipe_config_fields(RECIPE, REPO, planted, lr=2e-3, stop_at=3)))
+    capsys.readouterr()  # the run's own lines
+    status, out, _ = run_main(capsys, "compare-losses", str(planted), str(CURVE))
+    assert status == 1 and out.startswith("A and B part at step 2: loss "), out
+    cli_main(["compare-losses", str(run_dir / "metrics.jsonl"), str(CURVE)])  # returns: exit status 0
+    assert capsys.readouterr().out.startswith("A and B agree over 20 steps within 1.53e-05 relative")
+    cli_main(["compare-losses", str(CURVE), str(CURVE), "--rtol", "0"])
+    assert capsys.readouterr().out == "A and B agree over 20 steps within 0 relative (largest difference 0)\n"
+
+
+def test_compare_losses_refuses_what_is_not_a_curve_in_one_line(tmp_path, capsys):
+    status, _, err = run_main(capsys, "compare-losses", str(tmp_path), str(CURVE))
+    assert status == 1
+    assert err == (f"microllama: error: {tmp_path}: neither a loss-curve golden (.json) nor a run directory with "
+                   "metrics.jsonl\n")  # fmt: skip

@@ -94,7 +94,10 @@ class Ranks:
             self.loss_fn = model.loss
             return params
         if self.kind == "ddp":
-            self.loss_fn = DistributedDataParallel(LossOf(model))
+            # Every rank built the same model (one checkpoint; LoRA's adapters drawn from one seed), so DDP's start-up
+            # broadcast of rank 0's weights is not needed; it would also rewrite torchao's NF4Tensor (a QLoRA base),
+            # which measured off one process's after it. Frozen weights take no part in DDP's gradient buckets.
+            self.loss_fn = DistributedDataParallel(LossOf(model), init_sync=False)
             return params
         if self.loss_fn is None:
             self.shard(model, compute_dtype)
@@ -110,13 +113,13 @@ class Ranks:
             fully_shard(layer, mp_policy=policy)
         self.loss_fn = fully_shard(LossOf(model), mp_policy=policy)
 
-    def full_state_dict(self, model: Transformer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """The whole weights in dtype: the model's own in one process; on rank 0's CPU (gathered from FSDP's
-        shards) in a data-parallel job, empty on the other ranks, and every rank must call it."""
+    def full_state_dict(self, model: Transformer) -> dict[str, torch.Tensor]:
+        """The whole weights as the model holds them (LoRA's adapters beside their frozen weights): the model's
+        own in one process; on rank 0's CPU (gathered from FSDP's shards) in a data-parallel job, empty on the
+        other ranks, and every rank must call it."""
         if self.kind == "none":
-            return {k: v.to(dtype) for k, v in model.state_dict().items()}
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return {k: v.to(dtype) for k, v in get_model_state_dict(model, options=options).items()}
+            return model.state_dict()
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def shard_rows(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:

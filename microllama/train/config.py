@@ -50,6 +50,7 @@ class TrainConfig:
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     stop_at: Optional[int] = None  # stop after this step, as if interrupted (a checkpoint is saved): --resume goes on
     tokenizer_path: Optional[str] = None  # tokenizer.model (default: beside the checkpoint, or llama-models')
+    tensorboard: Optional[str] = None  # also write each step's metrics here for TensorBoard (the tensorboard extra)
 
     def check(self) -> None:
         """ValueError naming the flag, for settings no run can take."""
@@ -76,8 +77,11 @@ class TrainConfig:
             raise ValueError(f"--quantize trains nf4 (QLoRA: a frozen base in NF4), got {self.quantize!r}")
         if self.quantize is not None and self.mode != "lora":
             raise ValueError(f"--quantize nf4 is QLoRA: it trains --mode lora only, got --mode {self.mode}")
-        if self.distributed != "none" and self.mode != "full":
-            raise ValueError(f"--distributed {self.distributed} trains --mode full only, got --mode {self.mode}")
+        if self.distributed == "fsdp" and self.quantize is not None:
+            # FSDP2 splits torchao's NF4Tensor only along whole blocks of its second-level scales, which the tiny
+            # checkpoint's 64 x 64 weights (one such block each) do not split into; not built nor checked here yet.
+            raise ValueError(f"--quantize {self.quantize} is not sharded by --distributed fsdp yet (its NF4 base "
+                             "splits only along whole blocks of scales): use --distributed ddp")  # fmt: skip
         if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
             raise ValueError(f"--stop_at must be a step from 1 to --max_steps ({self.max_steps}), got {self.stop_at}")
 
@@ -86,5 +90,6 @@ class TrainConfig:
 
 
 # What may differ between a run and its resumption, none changing what is computed: the data is compared by
-# content (the corpus's key), not by the path that names it, and out_dir is where the checkpoint was found.
-RESUMABLE = ("resume", "stop_at", "data", "out_dir", "distributed")  # a data-parallel save resumes at any world size
+# content (the corpus's key), not by the path that names it, and out_dir is where the checkpoint was found; a
+# data-parallel save resumes at any world size; tensorboard is only where the metrics are copied.
+RESUMABLE = ("resume", "stop_at", "data", "out_dir", "distributed", "tensorboard")

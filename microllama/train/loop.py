@@ -17,7 +17,6 @@ step, log, save), with features as switches on it.
 """
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -39,12 +38,13 @@ from ..checkpoint.tiny import cache_dir
 from ..distributed import data_parallel as distributed
 from ..files import atomic_dir, parse_dtype
 from ..model import Transformer
-from ..quantize import check_quantize, dequantize_model
+from ..quantize import check_quantize
 from ..tokenizer import Tokenizer
 from . import run_dir as ckpts
 from .config import TrainConfig
 from .data import Batch, Batches, Corpus, load_corpus, make_batch, pack, split_documents
-from .lora import adapter_state_dict, apply_lora, check_lora, merge_lora
+from .lora import adapter_state_dict, apply_lora, check_lora, draw_sharded_adapters, merge_lora_state_dict
+from .metrics import TensorBoard, flops_per_token, peak_bf16_flops
 
 
 class TrainingError(RuntimeError):
@@ -99,11 +99,14 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 2**30
 
 
-def select_trainable(model: Transformer, cfg: TrainConfig) -> list[torch.nn.Parameter]:
-    """Set which weights train (mode full, lora or norms); returns them. Frozen weights keep their dtype."""
+def select_trainable(
+    model: Transformer, cfg: TrainConfig, rows_of: tuple[int, int] = (0, 1)
+) -> list[torch.nn.Parameter]:
+    """Set which weights train (mode full, lora or norms); returns them. Frozen weights keep their dtype.
+    rows_of: this process's (rank, world_size), for LoRA's dropout on its rows of the global batch."""
     if cfg.mode == "lora":
         return apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets,
-                          parse_dtype(cfg.adapter_dtype))  # fmt: skip
+                          parse_dtype(cfg.adapter_dtype), rows_of)  # fmt: skip
     for name, p in model.named_parameters():
         p.requires_grad_(cfg.mode == "full" or name.endswith("norm.weight"))
     return [p for p in model.parameters() if p.requires_grad]
@@ -292,6 +295,23 @@ class Trainer:
             self.read_history()
         self.finished = self.step == self.cfg.max_steps and (self.run_dir / ckpts.FINAL).is_dir()
         self.start_time, self.tokens, self.trained = time.perf_counter(), 0, 0  # start_time: reset by start
+        self.tensorboard: Optional[TensorBoard] = None  # opened by start, on rank 0
+        if cfg.tensorboard is not None:
+            TensorBoard.check_installed()
+        self.flops_per_token = flops_per_token(self.checkpoint.args, cfg.max_seq_len, cfg.mode == "full")
+        self.peak_flops = self.device_peak_flops()
+
+    def device_peak_flops(self) -> Optional[float]:
+        """The device's peak dense bfloat16 FLOP/s, for MFU: on CUDA in bfloat16, from the table; else None
+        (said once on CUDA)."""
+        if self.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.device)
+        peak = peak_bf16_flops(name) if self.dtype == torch.bfloat16 else None
+        if peak is None and self.ranks.is_rank_0:
+            why = f"{name} is not in" if self.dtype == torch.bfloat16 else f"{self.dtype} is not the bfloat16 of"
+            print(f"MFU omitted from the metrics: {why} microllama.train.metrics.PEAK_BF16_FLOPS", flush=True)
+        return peak
 
     def load_data(self) -> None:
         """Tokenized once into the cache (by rank 0, then read by the others), a held-out split, rows packed per
@@ -322,8 +342,13 @@ class Trainer:
                   f"rows of {cfg.max_seq_len} ({packing.tokens / (len(packing.rows) * cfg.max_seq_len):.0%} "
                   f"filled), {packing.n_split} split for being longer than a row; {len(self.eval_docs)} held out",
                   flush=True)  # fmt: skip
+        rows_of = (self.ranks.rank, self.ranks.world_size)
         if self.ranks.kind == "fsdp":  # float32 weights, built on the meta device, sharded, each rank reading its rows
-            shard = functools.partial(self.ranks.shard, compute_dtype=self.dtype)
+
+            def shard(model: Transformer) -> None:  # on the meta device: the adapters go in before fully_shard
+                select_trainable(model, cfg, rows_of)
+                self.ranks.shard(model, compute_dtype=self.dtype)
+
             model = self.checkpoint.load_sharded(shard, cfg.max_seq_len, self.device, torch.float32, cfg.flash).train()
         else:
             model = self.checkpoint.load_model(cfg.max_seq_len, 1, self.device, self.dtype, cfg.flash,
@@ -331,8 +356,16 @@ class Trainer:
             if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():  # (load_sharded: untied)
                 model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # trains untied
         model.activation_checkpointing = cfg.activation_checkpointing
-        torch.manual_seed(cfg.seed)  # LoRA's initialisation, then dropout
-        self.model, self.params = model, self.ranks.wrap(model, self.dtype, select_trainable(model, cfg))
+        # LoRA's initialisation, then dropout: every rank draws the same (each the whole batch's dropout masks).
+        torch.manual_seed(cfg.seed)
+        if self.ranks.kind != "fsdp":
+            trainable = select_trainable(model, cfg, rows_of)
+        else:  # chosen before sharding; fully_shard's parameters are what trains
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            if cfg.mode == "lora":  # drawn whole on every rank, as one process draws them; each keeps its rows
+                with torch.no_grad():
+                    draw_sharded_adapters(model, cfg.lora_targets, distributed.shard_rows(model))
+        self.model, self.params = model, self.ranks.wrap(model, self.dtype, trainable)
         self.optimizer = make_optimizer(self.params, cfg, self.device)
         if self.state is not None:
             self.restore(self.state)
@@ -383,6 +416,8 @@ class Trainer:
             else:
                 ckpts.truncate_metrics(self.run_dir, self.step)
         self.metrics = open(self.run_dir / ckpts.METRICS if self.ranks.is_rank_0 else os.devnull, "a")
+        if self.cfg.tensorboard is not None and self.ranks.is_rank_0:
+            self.tensorboard = TensorBoard(Path(self.cfg.tensorboard))
         if self.eval_batches and self.step == 0:
             self.evaluate()
         self.start_time = time.perf_counter()
@@ -400,15 +435,24 @@ class Trainer:
         return loss, grad_norm
 
     def write_metrics(self, **values: Any) -> None:
+        """A line of metrics.jsonl, and the same scalars to TensorBoard with --tensorboard."""
         self.metrics.write(json.dumps(values) + "\n")
         self.metrics.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.write(values["step"], values)
 
     def log(self, micro_batches: list[Batch], loss: float, grad_norm: float) -> None:
-        """The step's line of metrics.jsonl, and the progress bar's."""
-        self.tokens += sum(b.tokens.numel() for b in micro_batches)
+        """The step's line of metrics.jsonl, and the progress bar's. tokens_per_s: the job's (every rank's rows of
+        the global batches, padding included) since this run started; tokens_per_s_per_rank: that over the ranks;
+        mfu (CUDA, bfloat16, a device in the table): model FLOPs per token times tokens_per_s_per_rank over the
+        device's peak (microllama.train.metrics)."""
+        self.tokens += sum(b.tokens.numel() for b in micro_batches)  # the global micro-batches'
         tokens_per_s, memory = self.tokens / (time.perf_counter() - self.start_time), peak_memory_gib(self.device)
+        per_rank = tokens_per_s / self.ranks.world_size
+        mfu = {} if self.peak_flops is None else {"mfu": round(per_rank * self.flops_per_token / self.peak_flops, 4)}
         self.write_metrics(step=self.step, loss=loss, lr=self.lr, grad_norm=grad_norm,
                            targets=sum(b.n_targets() for b in micro_batches), tokens_per_s=round(tokens_per_s, 1),
+                           tokens_per_s_per_rank=round(per_rank, 1), **mfu,
                            peak_memory_gib=round(memory, 3))  # fmt: skip
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                              mem=f"{memory:.2f}G")  # fmt: skip
@@ -444,12 +488,16 @@ class Trainer:
     def finish(self) -> Summary:
         """At max_steps, the final weights (gathered from every rank, written by rank 0); the summary."""
         self.metrics.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         if self.step == self.cfg.max_steps:
-            adapters = adapter_state_dict(self.model)
-            # QLoRA: the layers without adapters are dequantized too, for a checkpoint in full precision.
-            whole = self.ranks.full_state_dict(dequantize_model(merge_lora(self.model)), self.dtype)  # every rank
+            whole = self.ranks.full_state_dict(self.model)  # every rank calls it; rank 0 gets the weights
             if self.ranks.is_rank_0:
-                export_final(whole, adapters, self.checkpoint, self.run_dir, self.record)
+                # Gathered first, then merged: FSDP's shards are whole tensors again before B A is folded into W.
+                # QLoRA: the layers without adapters are dequantized too, for a checkpoint in full precision.
+                merged = merge_lora_state_dict(whole, self.cfg.lora_alpha / self.cfg.lora_rank)
+                merged = {k: v.to(self.dtype) for k, v in merged.items()}
+                export_final(merged, adapter_state_dict(whole), self.checkpoint, self.run_dir, self.record)
         return self.summary()
 
     def summary(self) -> Summary:
