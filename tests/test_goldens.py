@@ -547,7 +547,12 @@ def test_planted_bug_diverges_first_at_its_capture_point(planted_ckpt, tokenizer
     else:
         assert [p.name for p in earlier if p.max_abs > LOGITS_ATOL[torch.float32]] == []
     assert not c.passed and "diverges from the recording, first at layers.0.ffn_norm" in c.failure
-    assert "first divergent capture point: layers.0.ffn_norm" in format_comparison(c)
+    # the completions and chat replies, which would differ too, are not generated: the report says why
+    assert c.stopped_at == "layers.0.ffn_norm" and c.completions_equal == {} and c.chat is None
+    report = format_comparison(c).splitlines()
+    assert "completions: not run: microllama already diverges at layers.0.ffn_norm" in report
+    assert "chat: not run: microllama already diverges at layers.0.ffn_norm" in report
+    assert "first divergent capture point: layers.0.ffn_norm" in report
 
 
 @pytest.mark.parametrize("platform", ["native", "foreign"])
@@ -624,6 +629,7 @@ def test_a_completion_differing_only_in_the_last_prompt_fails_verify_naming_it(
     assert not c.completions_equal["greedy"][last] and last not in c.completions_parted.get("greedy", {})
     assert all(e or i in c.completions_parted["greedy"] for i, e in enumerate(c.completions_equal["greedy"][:last]))
     assert c.first_divergent == "greedy completions" and not c.passed
+    assert c.stopped_at == "greedy completions" and c.chat is None  # the chat replies are not generated
 
 
 def test_tolerance_admits_a_model_s_own_completions_and_refuses_a_token_it_ranks_last():

@@ -79,7 +79,11 @@ class Comparison:
     # kind -> prompt -> the token where the completion parts from the recorded one, for completions that differ
     # where the tolerance allows (see tolerance_admits; only when the check is not bit-exact)
     completions_parted: dict[str, dict[int, int]]
-    chat: Optional[ChatCheck]  # None: the set records no chat
+    chat: Optional[ChatCheck]  # None: the set records no chat, or it was not run (stopped_at)
+    # What stopped the check before the end: the prompt ids or a capture point that diverged (completions and chat
+    # not run: with other inputs or other arithmetic, every one of them would differ), or the completions (chat
+    # not run). None: every check ran.
+    stopped_at: Optional[str] = None
 
     @property
     def first_divergent(self) -> Optional[str]:
@@ -405,7 +409,9 @@ def verify(
     with the recording's thread count, which decides the bits. progress: what it is doing, on stderr.
     tensor_parallel: under torchrun, the model sharded over the job's ranks (every rank calls verify).
     compile: check the compiled decode path (Llama.build(compile=True)) instead of the default one: capture
-    points and logits within tolerance, completions and chat replies exactly."""
+    points and logits within tolerance, completions and chat replies exactly.
+    The checks stop at the first that fails (Comparison.stopped_at): the prompt ids or a capture point, and the
+    completions and chat replies are not generated; the completions, and the chat replies are not."""
     if tensor_parallel and compile:
         raise GoldenError("--compile checks the compiled path in one process; it cannot be tensor-parallel")
     golden = read_set(golden_dir)
@@ -459,8 +465,11 @@ def _verify(
     decoder = llama.decoder if isinstance(llama.decoder, CompiledDecoder) else None
     points, sha_equal = check_forwards(golden, model, exact, progress, decoder)
     atol = None if exact else LOGITS_ATOL[m.torch_dtype]
-    completions_equal, completions_parted = check_completions(golden, llama, not_compared, progress, atol)
-    return Comparison(
+    # The checks run in the order of first_divergent and stop at the first that fails: what follows a divergence
+    # would differ too, and generating it is most of the time (a slip in layer 0 is named in seconds).
+    prompt_ids_equal = [llama.tokenizer.encode(p, bos=True, eos=False) for p in m.prompts] == golden.outputs.prompt_ids
+    first = "prompt ids (tokenizer)" if not prompt_ids_equal else next((p.name for p in points if p.diverges), None)
+    comparison = Comparison(
         golden=golden,
         ckpt_dir=ckpt.dir,
         checkpoint_matches=sha256 == m.checkpoint.sha256,
@@ -469,13 +478,22 @@ def _verify(
         mode=mode,
         points=points,
         logits_sha256_equal=sha_equal,
-        prompt_ids_equal=[llama.tokenizer.encode(p, bos=True, eos=False) for p in m.prompts]
-        == golden.outputs.prompt_ids,
-        completions_equal=completions_equal,
+        prompt_ids_equal=prompt_ids_equal,
+        completions_equal={},
         completions_not_compared=not_compared,
-        completions_parted=completions_parted,
-        chat=None if m.chat is None else check_chat(golden, llama, chat_not_compared, progress, atol),
+        completions_parted={},
+        chat=None,
+        stopped_at=first,
     )
+    if first is not None:
+        return comparison
+    completions_equal, completions_parted = check_completions(golden, llama, not_compared, progress, atol)
+    comparison = dataclasses.replace(
+        comparison, completions_equal=completions_equal, completions_parted=completions_parted
+    )
+    if comparison.first_divergent is not None or m.chat is None:
+        return dataclasses.replace(comparison, stopped_at=comparison.first_divergent)
+    return dataclasses.replace(comparison, chat=check_chat(golden, llama, chat_not_compared, progress, atol))
 
 
 def format_parted(parted: Mapping[int, int], noun: str) -> str:
@@ -529,12 +547,16 @@ def format_comparison(c: Comparison) -> str:
         f"logits sha256: {sum(c.logits_sha256_equal)}/{n} cases bit-identical",
         f"prompt ids: {'identical' if c.prompt_ids_equal else 'DIFFER'} ({len(m.prompts)} prompts)",
     ]
-    for kind, equal in c.completions_equal.items():
-        parted = format_parted(c.completions_parted.get(kind, {}), "prompt")
-        lines.append(f"{kind} completions: {sum(equal)}/{len(equal)} identical{parted}")
-    for kind, why in c.completions_not_compared.items():
-        lines.append(f"{kind} completions: not compared ({why})")
-    lines += format_chat(c.chat)
+    not_run = f"not run: microllama already diverges at {c.stopped_at}"
+    if c.completions_equal or c.stopped_at is None:
+        for kind, equal in c.completions_equal.items():
+            parted = format_parted(c.completions_parted.get(kind, {}), "prompt")
+            lines.append(f"{kind} completions: {sum(equal)}/{len(equal)} identical{parted}")
+        for kind, why in c.completions_not_compared.items():
+            lines.append(f"{kind} completions: not compared ({why})")
+    else:
+        lines.append(f"completions: {not_run}")
+    lines += [f"chat: {not_run}"] if c.chat is None and m.chat is not None else format_chat(c.chat)
     lines.append(f"first divergent capture point: {c.first_divergent or 'none'}")
     how = "bit-exact" if c.exact else "within tolerance"
     lines.append(f"verdict: FAIL: {c.failure}" if c.failure else f"verdict: pass ({how})")
