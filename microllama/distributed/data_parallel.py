@@ -150,6 +150,10 @@ class Ranks:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
     def whole(self, p: torch.Tensor) -> torch.Tensor:
         """p whole on every rank (FSDP2's shards gathered: every rank must call it); p itself if not sharded."""
         return p.full_tensor().detach() if isinstance(p, DTensor) else p.detach()

@@ -560,6 +560,7 @@ class Trainer:
                 error = e
             if not ranks.all_succeeded(error is None, self.device):  # every shard written before rank 0 renames
                 raise error or TrainingError(f"another rank failed to write its shard of {final}; it is as it was")
+        ranks.barrier()  # rank 0 has renamed it: every rank finds final in place
         if adapters and ranks.is_rank_0:
             ckpts.save_adapters(self.run_dir, adapters)
 
