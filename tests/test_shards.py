@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from microllama.checkpoint.load import CheckpointError, convert, load_model, read_checkpoint
-from microllama.checkpoint.meta_layout import load_pth, shard_dim
+from microllama.checkpoint.load import CheckpointError, convert, load_model, open_checkpoint, read_checkpoint
+from microllama.checkpoint.meta_layout import load_pth, shard_count, shard_dim
 from microllama.checkpoint.tiny import default_ckpt_dir
 
 # (config, shard count): "tiny" has 2 key/value heads, so 2 ranks at most; "tiny-kv4" has 4.
@@ -75,6 +75,13 @@ def test_merge_equals_metas_reshard_to_one_rank(sharded, name, n):
     for key in ours:
         assert metas[key].dtype == ours[key].dtype
         assert torch.equal(metas[key], ours[key]), key
+
+
+def test_shard_count_is_the_largest_divisor_of_the_world_size_that_meta_layout_allows():
+    """What an FSDP2 export at N ranks writes: tiny (4 heads, 2 kv heads) at most 2 shards, tiny-kv4 4."""
+    tiny, kv4 = open_checkpoint("tiny").args, open_checkpoint("tiny-kv4").args
+    assert [shard_count(tiny, n) for n in (1, 2, 3, 4, 6, 8)] == [1, 2, 1, 2, 2, 2]
+    assert [shard_count(kv4, n) for n in (2, 4, 8)] == [2, 4, 4]
 
 
 def test_shard_count_the_heads_do_not_divide_is_refused(tmp_path, tiny_ckpt):

@@ -9,7 +9,11 @@ DATA_PARALLEL_CURVE_RTOL of the golden.
 FSDP2 from the meta device (Checkpoint.load_sharded), checked in the same launch: each rank holds and reads only its
 share of every tensor, for Meta's layout in one file and in two shards and for Hugging Face's safetensors; its loss
 and gradient norm equal those of the old path (the whole model loaded, then fully_shard) bit for bit; a checkpoint
-missing a shard is refused in one line before any weight is read."""
+missing a shard is refused in one line before any weight is read.
+
+The final export of an FSDP2 run, also from that launch: every rank writes its Meta shard (consolidated.0r.pth, r <
+2) without the model gathered onto one rank, and the two shards read back (Llama.build, open_checkpoint) are the
+trained model gathered, bit for bit (full, and lora merged), within DATA_PARALLEL_WEIGHTS_ATOL of one process's."""
 
 import importlib.util
 import json
@@ -22,8 +26,9 @@ import torch
 from conftest import platform_differs, run_torchrun
 
 from microllama.checkpoint.load import convert, open_checkpoint
-from microllama.checkpoint.meta_layout import load_pth
+from microllama.checkpoint.meta_layout import load_pth, shard_shape
 from microllama.checkpoint.params import expected_shapes
+from microllama.generation import Llama
 from microllama.golden.loss_curve import RECIPE, compare, read_curve, read_golden, recipe_config_fields
 from microllama.tolerances import (
     DATA_PARALLEL_CURVE_RTOL,
@@ -33,6 +38,7 @@ from microllama.tolerances import (
 )
 from microllama.train.config import TrainConfig
 from microllama.train.loop import train
+from microllama.train.lora import merge_lora_state_dict
 from microllama.train.run_dir import load_checkpoint, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +72,10 @@ def assert_close_runs(got: list[dict], expected: list[dict]) -> None:
             assert math.isclose(a[key], b[key], rel_tol=DATA_PARALLEL_RTOL, abs_tol=0), (a, b)
 
 
-def max_weight_diff(a: Path, b: Path, file: str = "final/consolidated.00.pth") -> float:
-    x, y = load_pth(a / file), load_pth(b / file)
+def max_weight_diff(a: Path, b: Path, file: str = "final") -> float:
+    """Of the final weights (read as Llama.build reads them: one file or several shards), or of a .pth file."""
+    read = (lambda d: open_checkpoint(d).read_state_dict()) if file == "final" else load_pth
+    x, y = read(a / file), read(b / file)
     assert x.keys() == y.keys() and all(x[k].dtype == y[k].dtype == torch.float32 for k in x)
     return max(float((x[k] - y[k]).abs().max()) for k in x)
 
@@ -159,14 +167,68 @@ def test_a_one_process_save_resumes_under_fsdp2_at_world_size_2_with_the_same_ne
 
 
 @pytest.mark.slow
-def test_fsdp2_run_to_the_end_at_world_size_2_exports_one_process_weights_from_rank_0(runs, tmp_path):
-    """The whole weights gathered from the shards (get_model_state_dict, full) and written by rank 0 alone."""
+def test_fsdp2_run_to_the_end_at_world_size_2_exports_one_process_weights_in_two_shards(runs, tmp_path):
+    """Each rank writes its Meta shard of the weights; rank 0 the small files."""
     torchrun(2, [{**RUN, "out_dir": str(tmp_path / "fsdp"), "distributed": "fsdp"}])
     assert_close_runs(steps(tmp_path / "fsdp"), steps(runs["single"]))
     assert max_weight_diff(tmp_path / "fsdp", runs["single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
     assert sorted(p.name for p in (tmp_path / "fsdp" / "final").iterdir()) == [
-        "consolidated.00.pth", "params.json", "train_config.json"
+        "consolidated.00.pth", "consolidated.01.pth", "params.json", "train_config.json"
     ]  # fmt: skip
+
+
+# The FSDP2 runs of the launch that run to max_steps: full (resumed from one process's save) and lora.
+FSDP_TO_THE_END = {"full": "single-then-fsdp", "lora": "lora-fsdp"}
+LORA_SCALE = TrainConfig.lora_alpha / MODES["lora"]["lora_rank"]
+
+
+def trained_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model a data-parallel run's last DCP save holds (saved at max_steps, beside the export), gathered here
+    in one process, LoRA's adapters merged into their weights by merge_lora_state_dict."""
+    import torch.distributed.checkpoint as dcp
+
+    path = run_dir / "checkpoint" / "dcp"
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    weights = {k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
+               for k, m in saved.items() if k.startswith("model.")}  # fmt: skip
+    dcp.load({"model": weights}, checkpoint_id=path)
+    return merge_lora_state_dict(weights, LORA_SCALE)
+
+
+@pytest.mark.parametrize("mode", list(FSDP_TO_THE_END))
+def test_fsdp2_final_export_is_each_ranks_meta_shard_and_reads_back_as_the_trained_model(runs, mode, tiny_ckpt):
+    """Two Meta shards (rank r's tensors split as fairscale splits them at 2 ranks), which Llama.build reads back
+    as the trained model gathered whole, bit for bit: weights (LoRA folded block by block equals folding whole
+    tensors) and logits. Against one process: the tests above (DATA_PARALLEL_WEIGHTS_ATOL)."""
+    run, shapes = runs[FSDP_TO_THE_END[mode]], expected_shapes(open_checkpoint(tiny_ckpt).args)
+    final = run / "final"
+    assert sorted(p.name for p in final.iterdir()) == [
+        "consolidated.00.pth", "consolidated.01.pth", "params.json", "train_config.json"
+    ]  # fmt: skip
+    for rank in range(2):
+        shard = load_pth(final / f"consolidated.0{rank}.pth")
+        assert {k: tuple(v.shape) for k, v in shard.items()} == {k: shard_shape(k, s, 2) for k, s in shapes.items()}
+    exported, trained = open_checkpoint(final).read_state_dict(), trained_weights(run)
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+    tokens = torch.randint(0, 128256, (1, 9), generator=torch.Generator().manual_seed(0))
+    built = Llama.build(final, max_seq_len=16, max_batch_size=1).model(tokens)
+    assert torch.equal(built, open_checkpoint(tiny_ckpt).load_model(16, 1, state_dict=trained)(tokens))
+
+
+@pytest.mark.parametrize("mode", list(FSDP_TO_THE_END))
+def test_no_rank_holds_the_whole_model_while_exporting(runs, mode, tiny_ckpt):
+    """What each rank held at once (its Summary's export_held_bytes): its shard, the adapters (gathered whole) and
+    one block in flight (DTensor.redistribute's output: a Meta shard of one tensor), less than the model."""
+    run, shapes = runs[FSDP_TO_THE_END[mode]], expected_shapes(open_checkpoint(tiny_ckpt).args)
+    model_bytes = 4 * sum(math.prod(s) for s in shapes.values())  # float32
+    shard_bytes = 4 * sum(math.prod(shard_shape(k, s, 2)) for k, s in shapes.items())
+    largest_block = 4 * max(math.prod(shard_shape(k, s, 2)) for k, s in shapes.items())
+    adapter_bytes = sum(t.nbytes for t in load_pth(run / "adapters.pth").values()) if mode == "lora" else 0
+    for rank in range(2):
+        summary = json.loads((run / f"summary-rank{rank}.json").read_text())
+        assert summary["final_shards"] == 2
+        assert summary["export_held_bytes"] == shard_bytes + adapter_bytes + largest_block
+        assert summary["export_held_bytes"] < 0.8 * model_bytes
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

@@ -3,13 +3,15 @@
     torchrun --standalone --nproc_per_node N tests/train_worker.py CONFIGS_JSON [OUT LOADS_JSON]
 
 Runs microllama.train.loop.train on each TrainConfig (a JSON list of their fields) in turn, in one process group:
-one torchrun start for several runs. With OUT and LOADS_JSON, first the FSDP2 loading checks: for each checkpoint
-directory LOADS_JSON's "layouts" names, this rank builds the model on the meta device, shards it and reads its rows
-(Checkpoint.load_sharded), counting the bytes it reads (files.READS); then loads it the old way (whole, then
-fully_shard) and runs one forward and backward of the same batch through both, keeping the loss and the gradients'
-norm of each. A checkpoint that must be refused ("refused") records its error's first line and the bytes read
-before it. What this rank saw goes to OUT/rank{RANK}.json."""
+one torchrun start for several runs; each rank writes each run's Summary to its out_dir, summary-rank{RANK}.json.
+With OUT and LOADS_JSON, first the FSDP2 loading checks: for each checkpoint directory LOADS_JSON's "layouts" names,
+this rank builds the model on the meta device, shards it and reads its rows (Checkpoint.load_sharded), counting the
+bytes it reads (files.READS); then loads it the old way (whole, then fully_shard) and runs one forward and backward of
+the same batch through both, keeping the loss and the gradients' norm of each. A checkpoint that must be refused
+("refused") records its error's first line and the bytes read before it. What this rank saw goes to
+OUT/rank{RANK}.json."""
 
+import dataclasses
 import json
 import math
 import sys
@@ -77,4 +79,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 2:
         loading_checks(Path(sys.argv[2]), json.loads(sys.argv[3]))
     for fields in json.loads(sys.argv[1]):
-        train(TrainConfig(**fields))
+        summary = dataclasses.asdict(train(TrainConfig(**fields)))
+        out = Path(fields["out_dir"]) / f"summary-rank{dist.get_rank()}.json"
+        out.write_text(json.dumps(summary, default=str))

@@ -38,6 +38,14 @@ def shard_shape(key: str, shape: tuple[int, ...], n: int) -> tuple[int, ...]:
     return shape if dim is None else shape[:dim] + (shape[dim] // n,) + shape[dim + 1 :]
 
 
+def shard_count(args: ModelArgs, n: int) -> int:
+    """The most shards, at most n and dividing n, that Meta's layout can split this model into: a count that
+    divides the attention heads, the kv heads and every split dimension (n itself where the model allows it)."""
+    split = [shape[shard_dim(key)] for key, shape in expected_shapes(args).items() if shard_dim(key) is not None]
+    sizes = [args.n_heads, args.n_kv_heads, *split]
+    return max(k for k in range(1, n + 1) if n % k == 0 and all(size % k == 0 for size in sizes))
+
+
 def shard_files(ckpt_dir: Path, args: ModelArgs) -> list[Path]:
     """consolidated.00.pth ... in rank order, checked to be a set of shards Meta's tensor parallelism can
     have written: numbered from 00 without a gap, a count that divides the attention heads."""
@@ -242,6 +250,14 @@ def _pieces(key: str, shape: tuple[int, ...], n: int, wanted: Optional[tuple]) -
     return pieces
 
 
+def shard_name(rank: int) -> str:
+    return f"consolidated.{rank:02d}.pth"
+
+
+def write_params(out_dir: Path, params: dict[str, Any]) -> None:
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+
+
 def save_meta(state_dict: StateDict, params: dict[str, Any], out_dir: Union[str, Path], n_shards: int = 1) -> Path:
     """Write params.json and consolidated.NN.pth, the tensors split over n_shards tensor-parallel
     ranks exactly as fairscale splits them. out_dir must be absent or empty."""
@@ -252,11 +268,11 @@ def save_meta(state_dict: StateDict, params: dict[str, Any], out_dir: Union[str,
             "must be divisible by the shard count"
         )
     with atomic_dir(out_dir) as tmp:
-        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+        write_params(tmp, params)
         for rank in range(n_shards):
             shard = {
                 k: v if shard_dim(k) is None else v.chunk(n_shards, dim=shard_dim(k))[rank]
                 for k, v in state_dict.items()
             }
-            torch.save(own_tensors(shard), tmp / f"consolidated.{rank:02d}.pth")
+            torch.save(own_tensors(shard), tmp / shard_name(rank))
     return Path(out_dir)

@@ -26,7 +26,7 @@ from .launch import join_process_group, torchrun_world_size
 if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still trains in one process
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 KINDS = ("none", "ddp", "fsdp")
@@ -120,6 +120,43 @@ class Ranks:
         if self.kind == "none":
             return model.state_dict()
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def meta_block(self, p: torch.Tensor, dim: Optional[int], n_shards: int) -> Optional[torch.Tensor]:
+        """This rank's block of weight p as shard number `rank` of n_shards Meta shards holds it: split on dim
+        (meta_layout.shard_dim), or whole for dim None; None on a rank at or past n_shards. Every rank must call it.
+        At n_shards == world size, DTensor's redistribute moves FSDP2's dim-0 rows into that placement (an
+        all-to-all for dim 1) and no rank holds the whole tensor; at fewer shards, the whole tensor is gathered
+        (full_tensor) and cut, one tensor at a time."""
+        if isinstance(p, DTensor) and n_shards == self.world_size:
+            return p.redistribute(p.device_mesh, [Replicate() if dim is None else Shard(dim)]).to_local().detach()
+        whole = self.whole(p)
+        if self.rank >= n_shards:
+            return None
+        return whole if dim is None else whole.chunk(n_shards, dim)[self.rank].clone()
+
+    def from_rank_0(self, value: Any) -> Any:
+        """Rank 0's value (a picklable object) on every rank."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def all_succeeded(self, ok: bool, device: torch.device) -> bool:
+        """Whether every rank says ok (device: the process group's, for nccl); also a barrier."""
+        if self.world_size == 1:
+            return ok
+        flag = torch.tensor([int(ok)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def whole(self, p: torch.Tensor) -> torch.Tensor:
+        """p whole on every rank (FSDP2's shards gathered: every rank must call it); p itself if not sharded."""
+        return p.full_tensor().detach() if isinstance(p, DTensor) else p.detach()
 
 
 def shard_rows(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:

@@ -33,17 +33,26 @@ from tqdm.auto import tqdm
 
 from ..args import ModelArgs
 from ..checkpoint.load import Checkpoint, open_checkpoint
-from ..checkpoint.meta_layout import save_meta
+from ..checkpoint.meta_layout import rank_range, save_meta, shard_count, shard_dim, shard_name, write_params
+from ..checkpoint.params import expected_shapes
 from ..checkpoint.tiny import cache_dir
 from ..distributed import data_parallel as distributed
-from ..files import atomic_dir, parse_dtype
+from ..files import atomic_dir, own_tensors, parse_dtype
 from ..model import Transformer
 from ..quantize import check_quantize
 from ..tokenizer import Tokenizer
 from . import run_dir as ckpts
 from .config import TrainConfig
 from .data import Batch, Batches, Corpus, load_corpus, make_batch, pack, split_documents
-from .lora import adapter_state_dict, apply_lora, check_lora, draw_sharded_adapters, merge_lora_state_dict
+from .lora import (
+    adapter_state_dict,
+    apply_lora,
+    check_lora,
+    draw_sharded_adapters,
+    fold_shard,
+    is_adapter,
+    merge_lora_state_dict,
+)
 from .metrics import TensorBoard, flops_per_token, peak_bf16_flops
 
 
@@ -66,9 +75,12 @@ class Summary:
     first_eval_step: Optional[int]
     last_eval_step: Optional[int]
     final_dir: Optional[Path]
+    final_shards: int = 1  # consolidated.NN.pth files in final_dir
+    export_held_bytes: Optional[int] = None  # FSDP2: the most tensor bytes this rank held at once while exporting
 
     def line(self) -> str:
-        where = f"final weights in {self.final_dir} (Meta layout)"
+        shards = f", {self.final_shards} shards" if self.final_shards > 1 else ""
+        where = f"final weights in {self.final_dir} (Meta layout{shards})"
         if self.trained == 0:
             return f"already finished: step {self.steps} of {self.max_steps}; {where}"
         losses = [f"train loss {self.first_loss:.3f} -> {self.last_loss:.3f}"]
@@ -296,6 +308,7 @@ class Trainer:
         self.finished = self.step == self.cfg.max_steps and (self.run_dir / ckpts.FINAL).is_dir()
         self.start_time, self.tokens, self.trained = time.perf_counter(), 0, 0  # start_time: reset by start
         self.tensorboard: Optional[TensorBoard] = None  # opened by start, on rank 0
+        self.export_held_bytes: Optional[int] = None  # set by export_sharded
         if cfg.tensorboard is not None:
             TensorBoard.check_installed()
         self.flops_per_token = flops_per_token(self.checkpoint.args, cfg.max_seq_len, cfg.mode == "full")
@@ -490,7 +503,9 @@ class Trainer:
         self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        if self.step == self.cfg.max_steps:
+        if self.step == self.cfg.max_steps and self.ranks.kind == "fsdp":
+            self.export_sharded()
+        elif self.step == self.cfg.max_steps:
             whole = self.ranks.full_state_dict(self.model)  # every rank calls it; rank 0 gets the weights
             if self.ranks.is_rank_0:
                 # Gathered first, then merged: FSDP's shards are whole tensors again before B A is folded into W.
@@ -500,6 +515,55 @@ class Trainer:
                 export_final(merged, adapter_state_dict(whole), self.checkpoint, self.run_dir, self.record)
         return self.summary()
 
+    def export_sharded(self) -> None:
+        """FSDP2's final weights, written by every rank without gathering the model: Meta's shard i by rank i (a
+        world size Meta's layout cannot split the model into: the largest count that divides it and that Meta's
+        layout allows, each tensor gathered whole in turn), LoRA folded in block by block (the adapters, small,
+        gathered whole), params.json, the record and adapters.pth by rank 0. Atomic: rank 0 renames the directory
+        once every rank has written its shard; if any rank fails, run_dir/final is as it was."""
+        ranks, args, cfg = self.ranks, self.checkpoint.args, self.cfg
+        n = shard_count(args, ranks.world_size)
+        if n < ranks.world_size and ranks.is_rank_0:
+            print(f"final weights: Meta's layout cannot split this model (n_heads {args.n_heads}, n_kv_heads "
+                  f"{args.n_kv_heads}) into {ranks.world_size} shards; writing {n}, each tensor gathered whole in "
+                  "turn", flush=True)  # fmt: skip
+        params = dict(self.model.named_parameters())
+        adapters = {k: ranks.whole(p) for k, p in params.items() if is_adapter(k)}  # every rank, the same
+        shard, in_flight = {}, 0
+        with torch.no_grad():
+            for key, shape in expected_shapes(args).items():
+                dim = shard_dim(key)
+                block = ranks.meta_block(params[key], dim, n)  # every rank calls it: a collective
+                whole_bytes = params[key].numel() * params[key].element_size()
+                in_flight = max(in_flight, whole_bytes if n < ranks.world_size else block.nbytes)
+                if block is None:
+                    continue
+                prefix = key.removesuffix(".weight")
+                if f"{prefix}.lora_a" in adapters:
+                    rows = rank_range(shape[dim], (ranks.rank, n)) if dim is not None else (0, 0)
+                    block = fold_shard(block, adapters[f"{prefix}.lora_a"], adapters[f"{prefix}.lora_b"],
+                                       cfg.lora_alpha / cfg.lora_rank, dim, rows)  # fmt: skip
+                shard[key] = block.to(self.dtype)
+        self.export_held_bytes = (sum(t.nbytes for t in shard.values()) + sum(t.nbytes for t in adapters.values())
+                                  + in_flight)  # fmt: skip
+        final = self.run_dir / ckpts.FINAL
+        with atomic_dir(final, replace=True) if ranks.is_rank_0 else contextlib.nullcontext() as tmp:
+            tmp = ranks.from_rank_0(tmp)
+            error = None
+            try:
+                if shard:
+                    torch.save(own_tensors(shard), tmp / shard_name(ranks.rank))
+                if ranks.is_rank_0:
+                    write_params(tmp, self.checkpoint.params)
+                    ckpts.write_record(tmp, self.record)
+            except Exception as e:  # every rank must still reach all_succeeded
+                error = e
+            if not ranks.all_succeeded(error is None, self.device):  # every shard written before rank 0 renames
+                raise error or TrainingError(f"another rank failed to write its shard of {final}; it is as it was")
+        ranks.barrier()  # rank 0 has renamed it: every rank finds final in place
+        if adapters and ranks.is_rank_0:
+            ckpts.save_adapters(self.run_dir, adapters)
+
     def summary(self) -> Summary:
         seconds = time.perf_counter() - self.start_time
         (first_step, first_eval), (last_step, last_eval) = (self.eval_losses[0], self.eval_losses[-1]) \
@@ -508,7 +572,8 @@ class Trainer:
         final = self.run_dir / ckpts.FINAL if self.step == self.cfg.max_steps else None
         return Summary(self.step, self.cfg.max_steps, self.trained, seconds, self.tokens / max(seconds, 1e-9),
                        peak_memory_gib(self.device), first_loss, last_loss, first_eval, last_eval, first_step,
-                       last_step, final)  # fmt: skip
+                       last_step, final, len(list(final.glob("*.pth"))) if final else 1,
+                       self.export_held_bytes)  # fmt: skip
 
 
 def plot(run_dir: str) -> Path:

@@ -46,6 +46,18 @@ def fold(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale
     return (weight.float() + delta).to(weight.dtype)
 
 
+def fold_shard(block: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dim: int | None,
+               rows: tuple[int, int]) -> torch.Tensor:  # fmt: skip
+    """fold() on a block of W: its rows [start, stop) of dim 0 (only those rows of B count) or of dim 1 (only
+    those columns of A), the adapters whole; dim None: the whole W."""
+    part = slice(*rows)
+    if dim == 0:
+        lora_b = lora_b[part]
+    elif dim == 1:
+        lora_a = lora_a[:, part]
+    return fold(block, lora_a, lora_b, scale)
+
+
 class LoRALinear(nn.Module):
     """nn.Linear's frozen `weight` (same name, same dtype) with adapters lora_a, lora_b in adapter_dtype. Dropout
     on its input: of this rank's rows of a global batch split over world_size ranks (RowsDropout)."""
