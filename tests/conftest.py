@@ -91,8 +91,8 @@ QUICK_FILES = ["test_model.py", "test_parity.py", "test_generation.py", "test_to
                "test_prop_batching.py", "test_prop_gqa.py", "test_prop_kv_cache.py", "test_prop_rope_scaling.py",
                "test_prop_rotary.py", "test_prop_sizing_norms.py", "test_prop_tokenizer.py"]  # fmt: skip
 QUICK_TESTS = [
-    "test_goldens.py::test_microllama_reproduces_golden_set[tiny-fp32-cpu-ws1-native]",
-    "test_goldens.py::test_microllama_reproduces_golden_set[tiny-bf16-cpu-ws1-native]",
+    "test_goldens.py::test_microllama_reproduces_golden_set[tiny-fp32-cpu-ws1]",
+    "test_goldens.py::test_microllama_reproduces_golden_set[tiny-bf16-cpu-ws1]",
     "test_training_goldens.py::test_microllamas_trainer_reproduces_metas_fine_tune[train-tiny-fp32-cpu-ws1-native]",
     "test_checkpoint.py::test_package_import_graph_has_no_cycle_counting_imports_inside_functions",
     "test_checkpoint.py::test_rooms_import_downward_only_and_nothing_imports_the_command_line",

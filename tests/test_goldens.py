@@ -77,16 +77,15 @@ def test_committed_goldens_stay_under_10_mb_and_hold_no_pickles():
 # test_the_golden_checks_hold_on_an_avx2_cpu_too) their check changes branch. The others are checked within tolerance
 # on every CPU (recorded at world size 2 or 4, or on CUDA).
 BIT_EXACT_HERE = ["tiny-fp32-cpu-ws1", "tiny-bf16-cpu-ws1", "tiny-hd128-bf16-cpu-ws1"]
-# The tolerance branch on the recording's own machine too: two sets checked again as if on a foreign platform.
-FOREIGN = ["tiny-fp32-cpu-ws1", "tiny-bf16-cpu-ws1"]
+# The tolerance branch on the recording's own machine runs with real other arithmetic in
+# test_the_golden_checks_hold_on_an_avx2_cpu_too, and with the recording's own in the planted-slip tests below
+# (foreign_platform).
 
 
 @pytest.mark.parametrize(
-    ("name", "platform"),
-    [pytest.param(name, "native", marks=pytest.mark.golden if name in BIT_EXACT_HERE else ()) for name in SETS]
-    + [(name, "foreign") for name in FOREIGN],
+    "name", [pytest.param(name, marks=pytest.mark.golden if name in BIT_EXACT_HERE else ()) for name in SETS]
 )
-def test_microllama_reproduces_golden_set(name, platform, tokenizer, request):
+def test_microllama_reproduces_golden_set(name, tokenizer, tmp_path):
     """Exactly what verify's rule asks on this platform. Where it is the recording's (device, CPU ISA, torch
     build, world size 1): bit-identical (torch.equal per capture point, equal sha256 of the full logits) and
     every completion and chat reply identical. Elsewhere: capture points within microllama.tolerances.LOGITS_ATOL,
@@ -96,18 +95,22 @@ def test_microllama_reproduces_golden_set(name, platform, tokenizer, request):
     layers add partial sums in another order than dense matmuls. The CUDA sets, checked on a CPU, measure the
     distance between platforms: at most 1.3e-5 (float32) and 0.125 (bfloat16) on logits. The caller runs torch
     on one CPU thread: verify uses the recording's count (the count splits sums: one thread and two give other
-    bits) and gives the caller's back."""
-    if platform == "foreign":
-        request.getfixturevalue("foreign_platform")
+    bits) and gives the caller's back. A set Meta recorded at world size N from N shard files is checked on those
+    N files, which microllama merges into dense tensors in one process (their sha256 is the recording's)."""
+    m = golden_format.read_manifest(GOLDENS / name)
+    ckpt_dir = None
+    if (m.checkpoint.shards or 1) > 1:
+        ckpt_dir = tmp_path / f"mp{m.checkpoint.shards}"
+        cli_main(["convert", m.checkpoint.tiny, str(ckpt_dir), "--to", "meta", "--shards", str(m.checkpoint.shards)])
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        c = verify(GOLDENS / name)
+        c = verify(GOLDENS / name, ckpt_dir=ckpt_dir)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
     m, report = c.golden.manifest, format_comparison(c)
-    assert c.exact == (platform == "native" and recording_platform(m)), report
+    assert c.exact == recording_platform(m), report
     assert c.passed, report
     assert c.checkpoint_matches and c.prompt_ids_equal
     assert "greedy" in c.completions_equal  # greedy ids are compared on every platform
@@ -784,21 +787,6 @@ def test_record_goldens_checks_its_arguments_before_torchrun(args, message, tmp_
 
 @pytest.mark.reference
 @pytest.mark.slow
-def test_record_then_verify_round_trip_is_exact(tmp_path):
-    """Meta's code under torchrun (world size 1, one prompt, short long-range context, the chat dialogs) records
-    a set on this machine, whatever its CPU, and microllama matches it bit for bit. (A second recording giving
-    the committed bytes is checked on the full set by the record_goldens test below; writing a parsed set
-    again giving the same bytes, by test_committed_set_rewritten_from_its_parsed_values_is_byte_identical.)"""
-    quick = {"prompts": ["Clearly, the meaning of life is"], "long_context": 300, "max_gen_len": 4}
-    a = record.launch(tmp_path / "a", **quick)
-    assert "chat.json" in data_files(golden_format.read_manifest(a))
-    c = verify(a)
-    assert c.exact and c.passed and c.chat is not None
-    assert [p.name for p in c.points if p.max_abs != 0] == [] and all(c.logits_sha256_equal)
-
-
-@pytest.mark.reference
-@pytest.mark.slow
 def test_record_goldens_records_into_the_cache_and_checks_the_committed_set_too(tmp_path, monkeypatch, capsys):
     """The README's main job leaves the work tree as it is: the set goes to $MICROLLAMA_CACHE/goldens, and
     microllama is checked against it and against the committed set of the same name."""
@@ -889,15 +877,3 @@ def test_llama31_8b_greedy_completions_match_meta_published():
     prompts = [case["prompt"] for case in reference["cases"]]
     out = llama.text_completion(prompts, temperature=s["temperature"], max_gen_len=s["max_gen_len"])
     assert [c.generation for c in out] == [case["completion"] for case in reference["cases"]]
-
-
-@pytest.mark.parametrize(("name", "shards"), [("tiny-fp32-cpu-ws2", 2), ("tiny-kv4-fp32-cpu-ws4", 4)])
-def test_microllama_on_the_sharded_checkpoint_matches_metas_tensor_parallel_goldens(tmp_path, name, shards, tokenizer):
-    """Meta recorded these at world size N from N shard files; microllama merges the same N files into
-    dense tensors in one process and must match within tolerance, with identical completions."""
-    golden = read_set(GOLDENS / name)
-    assert golden.manifest.checkpoint.shards == shards
-    sharded = tmp_path / f"mp{shards}"
-    cli_main(["convert", golden.manifest.checkpoint.tiny, str(sharded), "--to", "meta", "--shards", str(shards)])
-    c = verify(GOLDENS / name, ckpt_dir=sharded)
-    assert c.checkpoint_matches and not c.exact and c.passed
