@@ -410,8 +410,8 @@ def verify(
     tensor_parallel: under torchrun, the model sharded over the job's ranks (every rank calls verify).
     compile: check the compiled decode path (Llama.build(compile=True)) instead of the default one: capture
     points and logits within tolerance, completions and chat replies exactly.
-    The checks stop at the first that fails (Comparison.stopped_at): the prompt ids or a capture point, and the
-    completions and chat replies are not generated; the completions, and the chat replies are not."""
+    The checks stop at the first that fails (Comparison.stopped_at): after the prompt ids or a capture point, the
+    completions and chat replies are not generated; after the completions, the chat replies are not."""
     if tensor_parallel and compile:
         raise GoldenError("--compile checks the compiled path in one process; it cannot be tensor-parallel")
     golden = read_set(golden_dir)
@@ -465,10 +465,6 @@ def _verify(
     decoder = llama.decoder if isinstance(llama.decoder, CompiledDecoder) else None
     points, sha_equal = check_forwards(golden, model, exact, progress, decoder)
     atol = None if exact else LOGITS_ATOL[m.torch_dtype]
-    # The checks run in the order of first_divergent and stop at the first that fails: what follows a divergence
-    # would differ too, and generating it is most of the time (a slip in layer 0 is named in seconds).
-    prompt_ids_equal = [llama.tokenizer.encode(p, bos=True, eos=False) for p in m.prompts] == golden.outputs.prompt_ids
-    first = "prompt ids (tokenizer)" if not prompt_ids_equal else next((p.name for p in points if p.diverges), None)
     comparison = Comparison(
         golden=golden,
         ckpt_dir=ckpt.dir,
@@ -478,20 +474,24 @@ def _verify(
         mode=mode,
         points=points,
         logits_sha256_equal=sha_equal,
-        prompt_ids_equal=prompt_ids_equal,
+        prompt_ids_equal=[llama.tokenizer.encode(p, bos=True, eos=False) for p in m.prompts]
+        == golden.outputs.prompt_ids,
         completions_equal={},
         completions_not_compared=not_compared,
         completions_parted={},
         chat=None,
-        stopped_at=first,
     )
-    if first is not None:
-        return comparison
+    # The checks run in the order of first_divergent and stop at the first that fails: what follows a divergence
+    # would differ too, and generating it is most of the time (a slip in layer 0 is named in seconds).
+    if comparison.first_divergent is not None:  # the prompt ids or a capture point
+        return dataclasses.replace(comparison, stopped_at=comparison.first_divergent)
     completions_equal, completions_parted = check_completions(golden, llama, not_compared, progress, atol)
     comparison = dataclasses.replace(
         comparison, completions_equal=completions_equal, completions_parted=completions_parted
     )
-    if comparison.first_divergent is not None or m.chat is None:
+    if m.chat is None:
+        return comparison
+    if comparison.first_divergent is not None:  # the completions
         return dataclasses.replace(comparison, stopped_at=comparison.first_divergent)
     return dataclasses.replace(comparison, chat=check_chat(golden, llama, chat_not_compared, progress, atol))
 
