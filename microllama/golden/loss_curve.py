@@ -116,17 +116,11 @@ def write_golden(path: Union[str, Path], curve: LossCurve) -> Path:
 
 
 def read_golden(path: Union[str, Path]) -> LossCurve:
-    """A loss-curve golden; GoldenError naming the file and what is wrong with it."""
+    """A loss-curve golden; GoldenError naming the file and the field that is wrong (schema.from_json)."""
     raw = read_json(Path(path), GoldenError)
     if not isinstance(raw, dict) or raw.get("kind") != LOSS_CURVE_KIND:
         raise GoldenError(f"{path}: not a loss-curve golden (kind {LOSS_CURVE_KIND!r})")
-    try:
-        steps = [Step(**s) for s in raw["steps"]]
-        platform = from_json(Platform, raw["platform"], Path(path), "platform")
-        return LossCurve(kind=raw["kind"], recipe=raw["recipe"], device=raw["device"], world_size=raw["world_size"],
-                         platform=platform, steps=steps)  # fmt: skip
-    except (KeyError, TypeError) as e:
-        raise GoldenError(f"{path}: not a loss-curve golden ({type(e).__name__}: {e})") from None
+    return from_json(LossCurve, raw, Path(path))
 
 
 def recipe_config_fields(recipe: dict[str, Any], repo: Path, out_dir: Union[str, Path], **changes: Any) -> dict:
