@@ -225,8 +225,6 @@ def read_hf(
     result then holds; rows that split a head of wq or wk read that head whole, to undo its RoPE order).
     quantize: a format of microllama.quantize, in which the block linear layers' weights are quantized one by
     one as they are read."""
-    if into is not None and (quantize is not None or part != (0, 1)):
-        raise ValueError("FSDP2's rows are read whole-precision and alone: no quantize, no tensor-parallel part")
     expected = {hf_name(k): s for k, s in expected_shapes(args).items() if not (tied and k == "output.weight")}
     meta_names = {hf_name(k): k for k in expected_shapes(args)}
     state_dict: StateDict = {}

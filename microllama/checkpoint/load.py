@@ -77,6 +77,8 @@ class Checkpoint:
         `into` (data_parallel.shard_rows) the rows an FSDP2 rank holds, copied into its local tensors. quantize:
         a format of microllama.quantize, in which the block linear layers' weights are quantized one by one as
         they are read."""
+        if into is not None and (quantize is not None or part != (0, 1)):
+            raise ValueError("FSDP2's rows are read whole-precision and alone: no quantize, no tensor-parallel part")
         device, dtype = torch.device(device), None if dtype is None else parse_dtype(dtype)
         files = list(self._files())
         if self.layout == "meta":

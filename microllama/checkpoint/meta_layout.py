@@ -53,7 +53,7 @@ def shard_files(ckpt_dir: Path, args: ModelArgs) -> list[Path]:
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: no consolidated.*.pth checkpoint files beside params.json")
     n = len(paths)
-    expected = [f"consolidated.{rank:02d}.pth" for rank in range(n)]
+    expected = [shard_name(rank) for rank in range(n)]
     if [p.name for p in paths] != expected:
         found = ", ".join(p.name for p in paths)
         raise CheckpointError(
@@ -157,8 +157,6 @@ def read_meta(
     or the rows of each row-parallel shard: a block of columns), whose pages are given back block by block as
     they are copied: host memory holds the result and a block more. A tensor that is one piece needing no
     conversion is used as mapped, without a copy."""
-    if into is not None and (quantize is not None or part != (0, 1)):
-        raise ValueError("FSDP2's rows are read whole-precision and alone: no quantize, no tensor-parallel part")
     n = len(paths)
     expected = expected_shapes(args)
     per_shard = {key: shard_shape(key, shape, n) for key, shape in expected.items()}
