@@ -16,7 +16,7 @@
 # cross-entropy against token i + 1, so the targets are the tokens shifted left by one. Documents are packed
 # end to end into rows of max_seq_len tokens (no padding wasted between them): each document is
 # `<|begin_of_text|>` text `<|end_of_text|>`, its positions restart at 0, attention stays inside it (a
-# block-causal mask, `docs/images/packed_mask.svg`), and its last token targets nothing, so no document is asked
+# block-causal mask, pictured below), and its last token targets nothing, so no document is asked
 # to guess the next one's first token. Ignored targets are -100, cross-entropy's `ignore_index`. A document
 # longer than a row is cut into pieces of max_seq_len tokens, each packed as a document of its own.
 #
@@ -24,9 +24,13 @@
 # backward, the gradient's global norm clipped to 1, an AdamW step at a learning rate that warms up linearly and
 # then follows a cosine down to min_lr.
 #
+# ![The attention mask of a packed row of 3 documents](../images/packed_mask.svg)
+#
 # The check: the loss-curve golden `goldens/losses/tiny-fp32-cpu-ws1.json`, 20 steps of this recipe recorded by
-# microllama's trainer (whose steps reproduce Meta's own training code bit for bit on the training golden sets,
-# `goldens/train-tiny-*`): your first steps' losses and gradient norms must be its numbers.
+# microllama's trainer, whose steps reproduce Meta's own model and AdamW bit for bit on the training golden sets
+# (`goldens/train-tiny-*`, 4 steps each): your first steps' losses and gradient norms must be its numbers.
+#
+# ![The loss-curve golden: 20 steps of the tiny model](../images/loss_curve.svg)
 
 # %%
 import math
@@ -94,7 +98,7 @@ for step, (loss, norm) in enumerate(zip(losses, norms, strict=True), 1):
 check_losses(losses, norms)
 
 # %% [markdown]
-# Your steps drawn over the golden's 20.
+# Your steps drawn over the golden's 20 (the picture above is `tools/make_figures.py`'s, from the same file).
 
 # %%
 import matplotlib.pyplot as plt  # noqa: E402 (the plot extra: pip install matplotlib)
