@@ -248,8 +248,9 @@ def check_losses(losses: Sequence[float], grad_norms: Optional[Sequence[float]] 
     parting = compare(mine, golden.steps[: len(mine)], rtol)
     what = f"loss curve, steps 1 to {len(mine)} ({'loss and grad_norm' if grad_norms is not None else 'loss'})"
     if parting is not None:
-        raise CheckFailed(f"{what}: PARTS from the golden {Path(curve).name} at {parting.line(rtol)}; "
-                          f"check: {line}")  # fmt: skip
+        rel = abs(parting.a - parting.b) / abs(parting.b)
+        raise CheckFailed(f"{what}: PARTS from the golden {Path(curve).name} at step {parting.step}: {parting.key} "
+                          f"{parting.a!r} (yours) vs {parting.b!r}, {rel:.3g} relative; check: {line}")  # fmt: skip
     print(f"{what}: {'identical to' if rtol == 0 else 'within tolerance of'} the golden {Path(curve).name}; "
           f"check: {line}")  # fmt: skip
     return True
