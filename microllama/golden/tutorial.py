@@ -182,7 +182,7 @@ def check_completion(tokens: Sequence[int], prompt: int = 0, kind: str = "greedy
     s, recorded = g.manifest.completions[kind], g.outputs.completions[kind]
     if not (isinstance(prompt, int) and 0 <= prompt < len(recorded)):
         raise ValueError(f"prompt {prompt!r}: the {kind} batch holds prompts 0 to {len(recorded) - 1}")
-    ids = list(g.outputs.prompt_ids[prompt])
+    ids = list(g.outputs.prompt_ids[g.manifest.prompts.index(s.prompts[prompt])])  # the batch's prompts are the set's
     got, want = [int(t) for t in tokens], recorded[prompt]
     _, (end,) = output_ends([len(ids)], s.max_gen_len, g.manifest.model.max_seq_len)
     stops = _stop_tokens()
