@@ -77,11 +77,11 @@ def model_figure(path: Path, name: str = "llama3.1-8b") -> Path:
 
     def box(x: float, y: float, w: float, text: str, shape: str, color: str) -> None:
         ax.add_patch(FancyBboxPatch((x - w / 2, y - 0.3), w, 0.6, boxstyle="round,pad=0.04", fc=color, ec="0.3"))
-        ax.text(x, y + 0.07, text, ha="center", va="center", fontsize=8.5)
-        ax.text(x, y - 0.17, shape, ha="center", va="center", fontsize=7, color="0.25")
+        ax.text(x, y + 0.09, text, ha="center", va="center", fontsize=8.5)
+        ax.text(x, y - 0.18, shape, ha="center", va="center", fontsize=7, color="0.25")
 
-    def arrow(x0: float, y0: float, x1: float, y1: float, **kw: object) -> None:
-        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=9, color="0.3", **kw))
+    def arrow(x0: float, y0: float, x1: float, y1: float, color: str = "0.3", **kw: object) -> None:
+        ax.add_patch(FancyArrowPatch((x0, y0), (x1, y1), arrowstyle="-|>", mutation_scale=9, color=color, **kw))
 
     ys = [11.2 - 2.55 * i for i in range(len(main))]
     for i, (text, shape) in enumerate(main):
@@ -98,6 +98,8 @@ def model_figure(path: Path, name: str = "llama3.1-8b") -> Path:
     ax.text(9.9, by[-1] - 0.62, "one TransformerBlock (pre-norm, residual)", ha="right", va="top", fontsize=8,
             color="#8a5a12")  # fmt: skip
     arrow(3.45, ys[2], 3.95, ys[2], ls=":")
+    for top, plus in ((0, 6), (6, 10)):  # the residual paths: a block's input, then h, added back in
+        arrow(9.7, by[top] + 0.12, 9.7, by[plus], connectionstyle="bar,fraction=-0.035", color="#3d6b22")
     ax.set_title(f"Llama 3.1 8B ({name}): dim {d}, {a.n_layers} layers, head_dim {hd}, vocabulary {v:,}; "
                  "b sequences of s tokens", fontsize=9.5)  # fmt: skip
     return _save(fig, path)
