@@ -1,6 +1,6 @@
 """Write the tutorial's exercise version: each notebook of docs/tutorial/ with its learner's cells (tagged "solution"
-in jupytext's percent format) cut to their functions' signatures and docstrings, each body a NotImplementedError
-that names the stage. The other cells, the checks among them, are kept as they are.
+in jupytext's percent format) cut to their functions' (and classes' methods') signatures and docstrings, each body a
+NotImplementedError that names the stage. The other cells, the checks among them, are kept as they are.
 
     python tools/make_exercises.py [--out docs/tutorial/exercises]
 """
@@ -34,19 +34,40 @@ def stage_name(source: str, path: Path) -> str:
     return f"{match[1]} ({path.stem[3:].replace('_', ' ')})"
 
 
+def _head(node: ast.AST, lines: list[str]) -> tuple[list[str], list[ast.stmt]]:
+    """A function's or class's lines up to its body (decorators, signature, docstring kept), and the body after
+    its docstring."""
+    first = node.body[0]
+    doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+    start = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+    return lines[start - 1 : first.end_lineno if doc else first.lineno - 1], node.body[1:] if doc else node.body
+
+
+def _stub_function(node: ast.FunctionDef, lines: list[str], stage: str, qualname: str) -> str:
+    keep, _ = _head(node, lines)
+    indent = " " * node.body[0].col_offset
+    return "\n".join([*keep, f'{indent}raise NotImplementedError("{stage}: {qualname} is yours to write")'])
+
+
 def _stub(cell: str, stage: str, path: Path) -> str:
-    """A solution cell's functions with their signatures and docstrings kept and their bodies a NotImplementedError."""
+    """A solution cell's functions, and classes' methods, with their signatures and docstrings kept and their bodies a
+    NotImplementedError naming the stage and the function (Class.method for a method)."""
     lines = cell.splitlines()[1:]  # the cell's code, without its `# %%` line
     stubs = []
     for node in ast.parse("\n".join(lines)).body:
-        if not isinstance(node, ast.FunctionDef):
-            raise ValueError(f"{path}: a solution cell holds only functions, found {type(node).__name__} on line "
-                             f"{node.lineno}")  # fmt: skip
-        first = node.body[0]
-        doc = isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-        keep = lines[node.lineno - 1 : first.end_lineno if doc else first.lineno - 1]
-        raise_line = f'{" " * first.col_offset}raise NotImplementedError("{stage}: {node.name} is yours to write")'
-        stubs.append("\n".join([*keep, raise_line]))
+        if isinstance(node, ast.FunctionDef):
+            stubs.append(_stub_function(node, lines, stage, node.name))
+        elif isinstance(node, ast.ClassDef):
+            keep, body = _head(node, lines)
+            methods = [m for m in body if isinstance(m, ast.FunctionDef)]
+            if len(methods) != len(body):
+                raise ValueError(f"{path}: class {node.name} in a solution cell holds only methods after its "
+                                 "docstring")  # fmt: skip
+            stubs.append("\n\n".join(["\n".join(keep)] + [_stub_function(m, lines, stage, f"{node.name}.{m.name}")
+                                                      for m in methods]))  # fmt: skip
+        else:
+            raise ValueError(f"{path}: a solution cell holds only functions and classes, found "
+                             f"{type(node).__name__} on line {node.lineno}")  # fmt: skip
     head = f"{EXERCISE}\n# Your turn: write these functions, then run the check below.\n"
     return head + "\n\n\n".join(stubs) + "\n\n\n"
 

@@ -21,6 +21,10 @@
 # wavelength 2 pi / freq is longer than original_context / low_freq_factor (8192) turns `factor` (8) times slower;
 # one shorter than original_context / high_freq_factor (2048) is kept; between the two bands the frequency moves
 # smoothly from one to the other.
+#
+# ![RoPE wavelengths of Llama 3.1 8B before and after scaling](../images/rope_wavelengths.svg)
+#
+# The picture (`tools/make_figures.py`) shows Llama 3.1 8B's 64 pairs (head_dim 128); the tiny model below has 8.
 
 # %%
 import math

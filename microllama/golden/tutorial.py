@@ -1,24 +1,37 @@
 """The tutorial's grader (docs/tutorial/): one piece of a learner's Llama checked against what Meta's reference
 computed at a capture point of a golden set, for one of its cases, with the rule `microllama verify` applies:
-bit-exact on the recording's platform, within microllama.tolerances.LOGITS_ATOL elsewhere.
+bit-exact on the recording's platform, within microllama.tolerances.LOGITS_ATOL elsewhere. Beside `check`, the
+generated ids (`check_completion`, `check_chat_prompt`, `check_reply`: identical, or parting only where the
+tolerance allows, as verify judges completions) and a training run's losses (`check_losses`, against the
+loss-curve golden by its rule).
 
     from microllama.golden.tutorial import check, recorded
     check("layers.0.attention_norm", my_rmsnorm(recorded("tok_embeddings")))
 """
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-from ..tolerances import LOGITS_ATOL
+from ..checkpoint.load import open_checkpoint
+from ..generation import output_ends
+from ..model import Transformer
+from ..tokenizer import Tokenizer
+from ..tolerances import LOGITS_ATOL, LOSS_CURVE_PLATFORM_RTOL
+from .capture import platform_fingerprint
 from .inference_set import LONG_RANGE, GoldenSet, Row, read_set
-from .verify import compare_arrays, comparison_mode
+from .loss_curve import compare, read_golden
+from .verify import compare_arrays, comparison_mode, parts_within_tolerance, recorded_checkpoint
 
+GOLDENS = Path(__file__).resolve().parents[2] / "goldens"
 # The set the tutorial checks against: Meta's tiny checkpoint in float32 on the CPU, one process.
-DEFAULT_SET = Path(__file__).resolve().parents[2] / "goldens" / "tiny-fp32-cpu-ws1"
+DEFAULT_SET = GOLDENS / "tiny-fp32-cpu-ws1"
+# The loss curve stage 08 reproduces: microllama's trainer on the recipe of microllama.golden.loss_curve.RECIPE.
+DEFAULT_CURVE = GOLDENS / "losses" / "tiny-fp32-cpu-ws1.json"
 
 # The tokenizer's stage: a case's token ids, as `verify` names that check.
 PROMPT_IDS = "prompt ids"
@@ -116,4 +129,128 @@ def check(point: str, actual: Union[torch.Tensor, Sequence[int]], case: Case = 0
         raise CheckFailed(f"{where}: DIVERGES from Meta's recording: max abs err {result.max_abs:.4g} (max rel err "
                           f"{result.max_rel:.4g}), worst at {result.worst}; check: {rule}{near}")  # fmt: skip
     print(f"{where}: ok, max abs err {result.max_abs:.4g}; check: {rule}")
+    return True
+
+
+@functools.cache
+def _model(path: Path) -> Transformer:
+    """The set's checkpoint as microllama's model in the set's dtype: what the tolerance's judgement runs on."""
+    g = _read(path)
+    m = g.manifest
+    return open_checkpoint(recorded_checkpoint(g)).load_model(m.model.max_seq_len, m.model.max_batch_size,
+                                                              dtype=m.torch_dtype)  # fmt: skip
+
+
+@functools.cache
+def _stop_tokens() -> list[int]:
+    """The ids generation stops at (<|end_of_text|>, <|eom_id|>, <|eot_id|>): the tokenizer read once."""
+    return Tokenizer().stop_tokens
+
+
+def _check_ids(g: GoldenSet, what: str, got: list[int], want: list[int], prompt: list[int],
+               ends: tuple[list[int], list[int]], temperature: float, top_p: float) -> bool:  # fmt: skip
+    """Generated ids against Meta's, as verify judges them: identical; or, where the check is not bit-exact, ids
+    that part from Meta's where a model within LOGITS_ATOL of microllama's could have made both (tolerance_admits).
+    ends: per generation (got, want), the ids one of which ended it (none: it ran out of length)."""
+    mode = comparison_mode(g, "cpu")
+    n = f"{len(got)} id{'s' if len(got) != 1 else ''}"
+    if got == want:
+        print(f"{what}: identical ({n}); check: {mode.line}")
+        return True
+    at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+    if not mode.exact:
+        atol = LOGITS_ATOL[g.manifest.torch_dtype]
+        stops = _stop_tokens()
+        if parts_within_tolerance(_model(g.path), prompt, (got, want), ends, stops, temperature, top_p,
+                                  atol) is not None:  # fmt: skip
+            print(f"{what}: parts from Meta's at token {at} where the tolerance allows; check: {mode.line} "
+                  f"(atol {atol:g})")  # fmt: skip
+            return True
+    raise CheckFailed(f"{what}: DIFFERS from Meta's at token {at} (yours {n}: {got[at : at + 4]}..., Meta's "
+                      f"{len(want)}: {want[at : at + 4]}...); check: {mode.line}")  # fmt: skip
+
+
+def check_completion(tokens: Sequence[int], prompt: int = 0, kind: str = "greedy",
+                     golden: Union[str, Path, None] = None) -> bool:  # fmt: skip
+    """Check a completion's ids (after the prompt, without the stop token) against the one Meta generated for
+    prompt number `prompt` in the set's batch of `kind` (greedy or top_p, with the manifest's settings: all of the
+    kind's prompts in one batch, a top-p batch seeded). Prints the pass and returns True; raises CheckFailed naming
+    the first token that differs."""
+    g = golden_set(golden)
+    if kind not in g.manifest.completions:
+        raise ValueError(f"kind {kind!r}: expected one of {', '.join(g.manifest.completions)}")
+    s, recorded = g.manifest.completions[kind], g.outputs.completions[kind]
+    if not (isinstance(prompt, int) and 0 <= prompt < len(recorded)):
+        raise ValueError(f"prompt {prompt!r}: the {kind} batch holds prompts 0 to {len(recorded) - 1}")
+    ids = list(g.outputs.prompt_ids[g.manifest.prompts.index(s.prompts[prompt])])  # the batch's prompts are the set's
+    got, want = [int(t) for t in tokens], recorded[prompt]
+    _, (end,) = output_ends([len(ids)], s.max_gen_len, g.manifest.model.max_seq_len)
+    stops = _stop_tokens()
+    ends = tuple(stops if len(ids) + len(c) < end else [] for c in (got, want))
+    return _check_ids(g, f"{kind} completion, prompt {prompt}", got, want, ids, ends, s.temperature, s.top_p)
+
+
+def _dialog(g: GoldenSet, dialog: int) -> None:
+    if g.chat is None:
+        raise ValueError(f"{g.path.name} records no chat")
+    if not (isinstance(dialog, int) and 0 <= dialog < len(g.chat.prompt_ids)):
+        raise ValueError(f"dialog {dialog!r}: expected a dialog number 0 to {len(g.chat.prompt_ids) - 1}")
+
+
+def check_chat_prompt(ids: Sequence[int], dialog: int = 0, golden: Union[str, Path, None] = None) -> bool:
+    """Check a dialog's prompt ids (BOS, every message, the open assistant header) against the ids Meta's
+    ChatFormat made for dialog number `dialog` of the set (golden_set().manifest.chat.dialogs)."""
+    g = golden_set(golden)
+    _dialog(g, dialog)
+    got, want = [int(t) for t in ids], g.chat.prompt_ids[dialog]
+    if got != want:
+        at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+        raise CheckFailed(f"chat prompt ids, dialog {dialog}: DIFFER from Meta's at token {at} ({len(got)} ids, "
+                          f"Meta's {len(want)}: {want[at : at + 4]}... from there)")  # fmt: skip
+    print(f"chat prompt ids, dialog {dialog}: identical ({len(got)} ids)")
+    return True
+
+
+def check_reply(tokens: Sequence[int], stop_token: Optional[int], dialog: int = 0, kind: str = "greedy",
+                golden: Union[str, Path, None] = None) -> bool:  # fmt: skip
+    """Check a chat reply (its ids without the stop token, and the stop token that ended it, None when none did)
+    against the reply Meta generated to dialog number `dialog` in the set's chat batch of `kind`."""
+    g = golden_set(golden)
+    _dialog(g, dialog)
+    if kind not in g.chat.replies:
+        raise ValueError(f"kind {kind!r}: expected one of {', '.join(g.chat.replies)}")
+    recorded, s = g.chat.replies[kind][dialog], g.manifest.chat.completions[kind]
+    what = f"chat {kind} reply, dialog {dialog}"
+    if stop_token != recorded.stop_token:
+        raise CheckFailed(f"{what}: stop token {stop_token}, Meta's {recorded.stop_token} "
+                          f"({recorded.stop_reason})")  # fmt: skip
+    ends = ([] if stop_token is None else [stop_token], [] if stop_token is None else [stop_token])
+    return _check_ids(g, what, [int(t) for t in tokens], recorded.tokens, g.chat.prompt_ids[dialog], ends,
+                      s.temperature, s.top_p)  # fmt: skip
+
+
+def check_losses(losses: Sequence[float], grad_norms: Optional[Sequence[float]] = None,
+                 curve: Union[str, Path] = DEFAULT_CURVE) -> bool:  # fmt: skip
+    """Check a training run's first steps (each step's loss, and its gradient norm before clipping when given)
+    against a loss-curve golden, by its rule: bit for bit on the recording's platform (CPU ISA, torch build and
+    thread count), within LOSS_CURVE_PLATFORM_RTOL relative elsewhere. Prints the pass; CheckFailed names the step."""
+    golden = read_golden(curve)
+    if not 1 <= len(losses) <= len(golden.steps):
+        raise ValueError(f"{len(losses)} losses: the curve holds steps 1 to {len(golden.steps)}")
+    if grad_norms is not None and len(grad_norms) != len(losses):
+        raise ValueError(f"{len(grad_norms)} gradient norms for {len(losses)} losses")
+    differ = platform_fingerprint("cpu").differences(golden.platform)
+    rtol = 0.0 if not differ else LOSS_CURVE_PLATFORM_RTOL
+    line = (f"tolerance: this platform differs from the recording's ({', '.join(differ)}) (rtol {rtol:g})" if differ
+            else "bit-exact: this platform matches the recording's")  # fmt: skip
+    mine = [dataclasses.replace(s, loss=float(loss), grad_norm=float(norm) if grad_norms is not None else s.grad_norm)
+            for s, loss, norm in zip(golden.steps, losses, grad_norms or losses, strict=False)]  # fmt: skip
+    parting = compare(mine, golden.steps[: len(mine)], rtol)
+    what = f"loss curve, steps 1 to {len(mine)} ({'loss and grad_norm' if grad_norms is not None else 'loss'})"
+    if parting is not None:
+        rel = abs(parting.a - parting.b) / abs(parting.b)
+        raise CheckFailed(f"{what}: PARTS from the golden {Path(curve).name} at step {parting.step}: {parting.key} "
+                          f"{parting.a!r} (yours) vs {parting.b!r}, {rel:.3g} relative; check: {line}")  # fmt: skip
+    print(f"{what}: {'identical to' if rtol == 0 else 'within tolerance of'} the golden {Path(curve).name}; "
+          f"check: {line}")  # fmt: skip
     return True
