@@ -80,7 +80,8 @@ def blocks(path: Path) -> list[Block]:
         if fence is None:
             i += 1
             continue
-        end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
+        assert end is not None, f"{path.relative_to(REPO)}:{i + 1}: a code block that is never closed"
         if fence.group(1) in SHELL_LANGUAGES:
             mark = MARK.fullmatch(lines[i - 1].strip()) if i else None
             found.append(Block(path, i + 1, tuple(commands(fence.group(1), lines[i + 1 : end], i + 2)),
