@@ -114,10 +114,11 @@ def pytest_configure(config):
         settings.load_profile("quick")
 
 
-# Modules whose tests share module-scoped jobs (torchrun runs, a converted model): pytest-xdist gives each to one
-# worker, so each job runs once. xdist's own xdist_group mark is not applied under pytest 9.2 (xdist 3.8 renames
-# item._nodeid, which pytest 9.2 no longer reads: measured, every torchrun job ran once per worker).
-ONE_WORKER_MODULES = ["test_tensor_parallel.py", "test_train_distributed.py", "test_hf.py"]
+# Modules whose tests share module-scoped jobs (torchrun runs, a converted model, the docs commands' one directory,
+# where a block uses what an earlier one made): pytest-xdist gives each to one worker, so each job runs once. xdist's
+# own xdist_group mark is not applied under pytest 9.2 (xdist 3.8 renames item._nodeid, which pytest 9.2 no longer
+# reads: measured, every torchrun job ran once per worker).
+ONE_WORKER_MODULES = ["test_tensor_parallel.py", "test_train_distributed.py", "test_hf.py", "test_docs.py"]
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, absent where it is not installed
