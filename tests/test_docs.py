@@ -121,7 +121,7 @@ RAN: dict[str, str] = {}  # a command's words and input -> the block that ran it
 
 def run(command: Command, where: str, cwd: Path, capsys, monkeypatch) -> tuple[int, str]:
     """Exit status and stderr of one command: `microllama ...` through the command line's main in this process,
-    `python tools/...` in a fresh interpreter, anything else (echo with a redirection) through bash."""
+    `python tools/...` and `python docs/tutorial/...` (a stage) in a fresh interpreter, anything else (echo with a redirection) through bash."""
     argv = shlex.split(command.text, comments=True)
     if argv[0] == "microllama":
         monkeypatch.setattr(sys, "stdin", io.StringIO(command.stdin))
@@ -131,7 +131,7 @@ def run(command: Command, where: str, cwd: Path, capsys, monkeypatch) -> tuple[i
         except SystemExit as exit_info:  # an error, or --help
             status = exit_info.code if isinstance(exit_info.code, int) else 0 if exit_info.code is None else 1
         return status, capsys.readouterr().err
-    if argv[0] == "python" and argv[1].startswith("tools/"):
+    if argv[0] == "python" and argv[1].startswith(("tools/", "docs/tutorial/")):
         done = subprocess.run([sys.executable, str(REPO / argv[1]), *argv[2:]], cwd=cwd, capture_output=True,
                               text=True)  # fmt: skip
         return done.returncode, done.stderr
