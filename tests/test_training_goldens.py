@@ -25,7 +25,7 @@ from microllama.golden.loss_curve import (
 )
 from microllama.golden.schema import GoldenError
 from microllama.golden.training_set import read_training_set, write_training_set
-from microllama.tolerances import LOSS_CURVE_PLATFORM_RTOL
+from microllama.tolerances import LOGITS_ATOL, LOSS_CURVE_PLATFORM_RTOL
 from microllama.train.config import TrainConfig
 from microllama.train.loop import make_optimizer as trainers_optimizer
 from microllama.train.loop import select_trainable, train
@@ -186,12 +186,15 @@ def test_final_weights_whose_sha256_differs_from_the_recording_fail_where_bit_ex
 
 @pytest.mark.golden
 def test_verify_command_checks_a_training_set(capsys):
-    cli_main(["verify", str(GOLDENS / "train-tiny-bf16-cpu-ws1")])
+    """The command's report in either branch. On the float32 set: the arithmetic is the same as the trainer test
+    above; under an AVX2 CPU's kernels a bfloat16 set's 4 steps take 4x as long, for no other check of the report."""
+    cli_main(["verify", str(GOLDENS / "train-tiny-fp32-cpu-ws1")])
     out = capsys.readouterr().out
-    if recording_platform(read_training_set(GOLDENS / "train-tiny-bf16-cpu-ws1").manifest):
+    if recording_platform(read_training_set(GOLDENS / "train-tiny-fp32-cpu-ws1").manifest):
         assert "verdict: pass (bit-exact)" in out and "first-step gradient norms: 21/21 parameters bit-identical" in out
     else:
-        assert "verdict: pass (within tolerance)" in out and "\nbounds: losses within 0.375 (absolute)" in out
+        atol = LOGITS_ATOL[torch.float32]
+        assert "verdict: pass (within tolerance)" in out and f"\nbounds: losses within {atol:.3g} (absolute)" in out
 
 
 def test_a_divergence_found_only_in_the_gradients_is_named_by_parameter_not_by_a_step(monkeypatch):
