@@ -169,8 +169,8 @@ def train_step(
     loss = torch.zeros((), device=micro_batches[0].tokens.device)
     for batch in micro_batches:
         micro_loss = step_loss(ranks, ranks.rows(batch), n_targets, cfg.loss_chunk)
-        # DDP and FSDP average the ranks' gradients: times world_size makes it their sum (times 1 is exact).
-        (micro_loss * ranks.world_size).backward()
+        # DDP and FSDP average the data ranks' gradients: times their count makes it their sum (times 1 is exact).
+        (micro_loss * ranks.dp_size).backward()
         loss += micro_loss.detach()
     loss = ranks.sum(loss).item()
     if not math.isfinite(loss):
@@ -178,9 +178,7 @@ def train_step(
         raise FloatingPointError(f"non-finite loss ({loss})")
     if inspect_gradients is not None:
         inspect_gradients()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: sharded norms
-    grad_norm = grad_norm.item()
+    grad_norm = ranks.clip_grad_norm(params, cfg.grad_clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
@@ -285,9 +283,10 @@ class Trainer:
         self.dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype
         if cfg.quantize is not None:
             check_quantize(cfg.quantize, self.device, self.dtype)  # torchao installed, before the data is read
-        self.ranks = distributed.join(cfg.distributed, cfg.batch_size, self.device)
         self.checkpoint = open_checkpoint(cfg.ckpt_dir)
-        check_attention_memory(cfg, self.checkpoint.args, cfg.batch_size // self.ranks.world_size, self.dtype)
+        self.ranks = distributed.join(cfg.distributed, cfg.batch_size, self.device, cfg.tensor_parallel,
+                                      self.checkpoint.args, self.checkpoint.source)  # fmt: skip
+        check_attention_memory(cfg, self.checkpoint.args, cfg.batch_size // self.ranks.dp_size, self.dtype)
         resumed = ckpts.load_checkpoint(self.run_dir) if cfg.resume else None
         if resumed is None and self.ranks.is_rank_0:
             ckpts.check_new_run_dir(self.run_dir)
@@ -355,20 +354,21 @@ class Trainer:
                   f"rows of {cfg.max_seq_len} ({packing.tokens / (len(packing.rows) * cfg.max_seq_len):.0%} "
                   f"filled), {packing.n_split} split for being longer than a row; {len(self.eval_docs)} held out",
                   flush=True)  # fmt: skip
-        rows_of = (self.ranks.rank, self.ranks.world_size)
-        if self.ranks.kind == "fsdp":  # float32 weights, built on the meta device, sharded, each rank reading its rows
+        rows_of = (self.ranks.dp_rank, self.ranks.dp_size)
+        if self.ranks.kind == "fsdp":  # float32 weights, built on the meta device, sharded, each rank reading its part
 
             def shard(model: Transformer) -> None:  # on the meta device: the adapters go in before fully_shard
                 select_trainable(model, cfg, rows_of)
-                self.ranks.shard(model, compute_dtype=self.dtype)
+                self.ranks.shard(model, self.dtype, cfg.activation_checkpointing)  # (on a 2-D mesh: TP first)
 
-            model = self.checkpoint.load_sharded(shard, cfg.max_seq_len, self.device, torch.float32, cfg.flash).train()
+            model = self.checkpoint.load_sharded(shard, cfg.max_seq_len, self.device, torch.float32, cfg.flash,
+                                                 self.ranks.tensor_part).train()  # fmt: skip
         else:
             model = self.checkpoint.load_model(cfg.max_seq_len, 1, self.device, self.dtype, cfg.flash,
                                                quantize=cfg.quantize).train()  # fmt: skip
             if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():  # (load_sharded: untied)
                 model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # trains untied
-        model.activation_checkpointing = cfg.activation_checkpointing
+            model.activation_checkpointing = cfg.activation_checkpointing
         # LoRA's initialisation, then dropout: every rank draws the same (each the whole batch's dropout masks).
         torch.manual_seed(cfg.seed)
         if self.ranks.kind != "fsdp":
@@ -516,17 +516,19 @@ class Trainer:
         return self.summary()
 
     def export_sharded(self) -> None:
-        """FSDP2's final weights, written by every rank without gathering the model: Meta's shard i by rank i (a
-        world size Meta's layout cannot split the model into: the largest count that divides it and that Meta's
-        layout allows, each tensor gathered whole in turn), LoRA folded in block by block (the adapters, small,
-        gathered whole), params.json, the record and adapters.pth by rank 0. Atomic: rank 0 renames the directory
+        """FSDP2's final weights, written by every rank without gathering the model: Meta's shard i by rank i (on
+        a 2-D mesh, by tensor-parallel rank i of the first data rank: K shards, its slices; a count Meta's layout
+        cannot split the model into: the largest count that divides it and that Meta's layout allows, each tensor
+        gathered whole in turn), LoRA folded in block by block (the adapters, small, gathered whole), params.json,
+        the record and adapters.pth by rank 0. Atomic: rank 0 renames the directory
         once every rank has written its shard; if any rank fails, run_dir/final is as it was."""
         ranks, args, cfg = self.ranks, self.checkpoint.args, self.cfg
-        n = shard_count(args, ranks.world_size)
-        if n < ranks.world_size and ranks.is_rank_0:
+        n = shard_count(args, ranks.meta_shards)  # on a 2-D mesh: K, the tensor-parallel slices
+        if n < ranks.meta_shards and ranks.is_rank_0:
             print(f"final weights: Meta's layout cannot split this model (n_heads {args.n_heads}, n_kv_heads "
-                  f"{args.n_kv_heads}) into {ranks.world_size} shards; writing {n}, each tensor gathered whole in "
+                  f"{args.n_kv_heads}) into {ranks.meta_shards} shards; writing {n}, each tensor gathered whole in "
                   "turn", flush=True)  # fmt: skip
+        index = ranks.meta_index(n)
         params = dict(self.model.named_parameters())
         adapters = {k: ranks.whole(p) for k, p in params.items() if is_adapter(k)}  # every rank, the same
         shard, in_flight = {}, 0
@@ -535,12 +537,13 @@ class Trainer:
                 dim = shard_dim(key)
                 block = ranks.meta_block(params[key], dim, n)  # every rank calls it: a collective
                 whole_bytes = params[key].numel() * params[key].element_size()
-                in_flight = max(in_flight, whole_bytes if n < ranks.world_size else block.nbytes)
+                gathered = n < ranks.meta_shards or dim is None  # the whole tensor, or one Meta shard of it
+                in_flight = max(in_flight, whole_bytes if gathered else whole_bytes // n)
                 if block is None:
                     continue
                 prefix = key.removesuffix(".weight")
                 if f"{prefix}.lora_a" in adapters:
-                    rows = rank_range(shape[dim], (ranks.rank, n)) if dim is not None else (0, 0)
+                    rows = rank_range(shape[dim], (index, n)) if dim is not None else (0, 0)
                     block = fold_shard(block, adapters[f"{prefix}.lora_a"], adapters[f"{prefix}.lora_b"],
                                        cfg.lora_alpha / cfg.lora_rank, dim, rows)  # fmt: skip
                 shard[key] = block.to(self.dtype)
@@ -552,7 +555,7 @@ class Trainer:
             error = None
             try:
                 if shard:
-                    torch.save(own_tensors(shard), tmp / shard_name(ranks.rank))
+                    torch.save(own_tensors(shard), tmp / shard_name(index))
                 if ranks.is_rank_0:
                     write_params(tmp, self.checkpoint.params)
                     ckpts.write_record(tmp, self.record)
