@@ -113,17 +113,19 @@ def loading_spec(root: Path, tiny_ckpt: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_ckpt):
     """One process (full, lora, norms; and full stopped after step 2); in one launch at 4 ranks as 2 x 2 (2-D): full
-    to the end with activation checkpointing, full stopped after step 2 (DCP), the loss-curve recipe's first
-    CURVE_2D_STEPS steps; then in one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2 stopped after step 2
-    (saved with DCP), the stopped one-process run and the stopped 2-D run resumed under FSDP2; lora and norms under
-    DDP and FSDP2; the loss-curve recipe under DDP and FSDP2. Then the stopped FSDP2 run resumed in one process."""
+    to the end with activation checkpointing, full stopped after step 2 (DCP), norms (chunked loss), the loss-curve
+    recipe's first CURVE_2D_STEPS steps; then in one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2
+    stopped after step 2 (saved with DCP), the stopped one-process run and the stopped 2-D run resumed under FSDP2;
+    lora and norms under DDP and FSDP2; the loss-curve recipe under DDP and FSDP2. Then the stopped FSDP2 run resumed
+    in one process."""
     root = tmp_path_factory.mktemp("dp")
-    names = ("single", "ddp", "fsdp", "single-then-fsdp", "loads", "2d", "2d-then-fsdp", "curve-2d")
+    names = ("single", "ddp", "fsdp", "single-then-fsdp", "loads", "2d", "2d-then-fsdp", "norms-2d", "curve-2d")
     dirs = {name: root / name for name in names}
     train(TrainConfig(out_dir=str(dirs["single"]), **RUN))
     train(TrainConfig(out_dir=str(dirs["single-then-fsdp"]), stop_at=2, **RUN))
     torchrun(4, [{**RUN, **TWO_D, "out_dir": str(dirs["2d"]), "activation_checkpointing": True},
                  {**RUN, **TWO_D, "out_dir": str(dirs["2d-then-fsdp"]), "stop_at": 2},
+                 {**MODES["norms"], **TWO_D, "out_dir": str(dirs["norms-2d"])},
                  recipe_config_fields(RECIPE, REPO, dirs["curve-2d"], stop_at=CURVE_2D_STEPS, **TWO_D)])  # fmt: skip
     dirs["2d-at-4"] = steps(dirs["2d-then-fsdp"])  # what the 2-D ranks logged before the resume
     dirs["2d-saved"] = load_checkpoint(dirs["2d-then-fsdp"])[0]
@@ -353,6 +355,13 @@ def test_2d_fsdp_x_tensor_parallel_at_2x2_gives_one_process_losses_and_weights(r
     assert all(m["tokens_per_s_per_rank"] == pytest.approx(m["tokens_per_s"] / 4, abs=0.1) for m in lines)
 
 
+def test_norms_at_2x2_give_one_process_losses_and_weights(runs):
+    """The norms' weights (left whole by the tensor-parallel plan, split over the data ranks by FSDP2) train, the
+    split weights frozen; the chunked loss on the gathered logits. Against one process with the same settings."""
+    assert_close_runs(steps(runs["norms-2d"]), steps(runs["norms-single"]), TENSOR_DATA_PARALLEL_RTOL)
+    assert max_weight_diff(runs["norms-2d"], runs["norms-single"]) <= TENSOR_DATA_PARALLEL_WEIGHTS_ATOL
+
+
 def test_2d_final_export_is_two_meta_shards_of_the_trained_model_without_gathering_it(runs, tiny_ckpt):
     """The tensor-parallel slices are Meta's split at 2: the first data rank's two tensor ranks write them (gathered
     over the data dim only), and they read back as the trained model (its last DCP save, gathered here) bit for
@@ -402,8 +411,9 @@ def test_loss_curve_recipe_at_2x2_stays_within_tolerance_of_the_golden(runs):
     [
         (dict(tensor_parallel=2, distributed="ddp"), "4", r"^--tensor_parallel 2 trains on a 2-D mesh, FSDP2 over the "
          r"data ranks: pass --distributed fsdp \(got --distributed ddp\)$"),
-        (dict(tensor_parallel=2, distributed="fsdp", mode="norms"), "4", r"^--tensor_parallel 2 trains --mode full "
-         r"only, got --mode norms: use --distributed fsdp without --tensor_parallel$"),
+        (dict(tensor_parallel=2, distributed="fsdp", mode="lora"), "4", r"^--tensor_parallel 2 trains --mode full "
+         r"or norms, got --mode lora \(its adapters have no tensor-parallel plan yet\): use --distributed fsdp "
+         r"without --tensor_parallel$"),
         (dict(tensor_parallel=0, distributed="fsdp"), "4", r"^--tensor_parallel must be at least 1, got 0$"),
         (dict(tensor_parallel=2, distributed="fsdp"), None, r"^--tensor_parallel 2 runs one process per rank under "
          r"torchrun: torchrun --nproc_per_node N -m microllama train \.\.\. --distributed fsdp --tensor_parallel 2, "

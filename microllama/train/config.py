@@ -49,7 +49,7 @@ class TrainConfig:
     distributed: str = "none"  # under torchrun: ddp or fsdp over its ranks (microllama.distributed.data_parallel)
     # With fsdp, K > 1 trains on a 2-D mesh of (world size / K) data x K tensor-parallel ranks: each block's layers
     # split over K ranks as tensor-parallel inference splits them, FSDP2 over the data ranks; --batch_size splits
-    # over the data ranks only. Mode full only.
+    # over the data ranks only. Modes full and norms.
     tensor_parallel: int = 1
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     stop_at: Optional[int] = None  # stop after this step, as if interrupted (a checkpoint is saved): --resume goes on
@@ -91,10 +91,11 @@ class TrainConfig:
         if self.tensor_parallel > 1 and self.distributed != "fsdp":
             raise ValueError(f"--tensor_parallel {self.tensor_parallel} trains on a 2-D mesh, FSDP2 over the data "
                              f"ranks: pass --distributed fsdp (got --distributed {self.distributed})")  # fmt: skip
-        if self.tensor_parallel > 1 and self.mode != "full":
-            # LoRA's adapters and the norms alone would need a tensor-parallel plan of their own; not built yet.
-            raise ValueError(f"--tensor_parallel {self.tensor_parallel} trains --mode full only, got --mode "
-                             f"{self.mode}: use --distributed fsdp without --tensor_parallel")  # fmt: skip
+        if self.tensor_parallel > 1 and self.mode == "lora":
+            # The plan splits nn.Linear layers; LoRA's adapted layers would need a plan of their own: not built yet.
+            raise ValueError(f"--tensor_parallel {self.tensor_parallel} trains --mode full or norms, got --mode lora "
+                             "(its adapters have no tensor-parallel plan yet): use --distributed fsdp without "
+                             "--tensor_parallel")  # fmt: skip
         if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
             raise ValueError(f"--stop_at must be a step from 1 to --max_steps ({self.max_steps}), got {self.stop_at}")
 
