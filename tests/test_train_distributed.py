@@ -31,6 +31,7 @@ import pytest
 import torch
 from conftest import platform_differs, run_torchrun
 
+from microllama.checkpoint.hf_layout import INDEX, file_owners, hf_file_name, hf_name
 from microllama.checkpoint.load import convert, open_checkpoint
 from microllama.checkpoint.meta_layout import load_pth, shard_shape
 from microllama.checkpoint.params import expected_shapes
@@ -112,20 +113,21 @@ def loading_spec(root: Path, tiny_ckpt: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_ckpt):
-    """One process (full, lora, norms; and full stopped after step 2); in one launch at 4 ranks as 2 x 2 (2-D): full
-    to the end with activation checkpointing, full stopped after step 2 (DCP), norms (chunked loss), the loss-curve
-    recipe's first CURVE_2D_STEPS steps; then in one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2
-    stopped after step 2 (saved with DCP), the stopped one-process run and the stopped 2-D run resumed under FSDP2;
-    lora and norms under DDP and FSDP2; the loss-curve recipe under DDP and FSDP2. Then the stopped FSDP2 run resumed
-    in one process."""
+    """One process (full, its final weights in Hugging Face's layout; lora, norms; and full stopped after step 2);
+    in one launch at 4 ranks as 2 x 2 (2-D): full to the end with activation checkpointing, full stopped after step
+    2 (DCP), norms (chunked loss; Hugging Face's layout), the loss-curve recipe's first CURVE_2D_STEPS steps; then in
+    one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2 stopped after step 2 (saved with DCP), the
+    stopped one-process run and the stopped 2-D run resumed under FSDP2; lora and norms under DDP and FSDP2, lora
+    under FSDP2 again exporting Hugging Face's layout; the loss-curve recipe under DDP and FSDP2. Then the stopped
+    FSDP2 run resumed in one process."""
     root = tmp_path_factory.mktemp("dp")
     names = ("single", "ddp", "fsdp", "single-then-fsdp", "loads", "2d", "2d-then-fsdp", "norms-2d", "curve-2d")
     dirs = {name: root / name for name in names}
-    train(TrainConfig(out_dir=str(dirs["single"]), **RUN))
+    train(TrainConfig(out_dir=str(dirs["single"]), export="hf", **RUN))
     train(TrainConfig(out_dir=str(dirs["single-then-fsdp"]), stop_at=2, **RUN))
     torchrun(4, [{**RUN, **TWO_D, "out_dir": str(dirs["2d"]), "activation_checkpointing": True},
                  {**RUN, **TWO_D, "out_dir": str(dirs["2d-then-fsdp"]), "stop_at": 2},
-                 {**MODES["norms"], **TWO_D, "out_dir": str(dirs["norms-2d"])},
+                 {**MODES["norms"], **TWO_D, "out_dir": str(dirs["norms-2d"]), "export": "hf"},
                  recipe_config_fields(RECIPE, REPO, dirs["curve-2d"], stop_at=CURVE_2D_STEPS, **TWO_D)])  # fmt: skip
     dirs["2d-at-4"] = steps(dirs["2d-then-fsdp"])  # what the 2-D ranks logged before the resume
     dirs["2d-saved"] = load_checkpoint(dirs["2d-then-fsdp"])[0]
@@ -141,6 +143,8 @@ def runs(tmp_path_factory, tiny_ckpt):
         for kind in ("ddp", "fsdp"):
             dirs[f"{mode}-{kind}"] = root / f"{mode}-{kind}"
             configs.append({**settings, "out_dir": str(dirs[f"{mode}-{kind}"]), "distributed": kind})
+    dirs["lora-fsdp-hf"] = root / "lora-fsdp-hf"
+    configs.append({**MODES["lora"], "out_dir": str(dirs["lora-fsdp-hf"]), "distributed": "fsdp", "export": "hf"})
     if HAVE_TORCHAO:
         dirs["qlora-single"], dirs["qlora-ddp"] = root / "qlora-single", root / "qlora-ddp"
         train(TrainConfig(out_dir=str(dirs["qlora-single"]), **QLORA))
@@ -442,3 +446,44 @@ def test_a_2d_run_that_cannot_work_is_refused_in_one_line_before_anything_is_wri
         train(TrainConfig(out_dir=str(tmp_path / "run"), **{**RUN, **settings}))
     assert len(str(error.value).splitlines()) == 1
     assert not any(tmp_path.iterdir()) and not torch.distributed.is_initialized()
+
+
+def test_one_process_hf_export_is_one_safetensors_file_of_its_trained_weights(runs):
+    """--export hf in one process: config.json and model.safetensors (save_hf, as convert writes), read back as
+    the weights its last checkpoint holds, bit for bit; against the ranks' Meta exports: the tests above."""
+    final = runs["single"] / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "train_config.json"]
+    exported, trained = open_checkpoint(final).read_state_dict(), load_checkpoint(runs["single"])[0].weights
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+
+
+# FSDP2 runs exporting Hugging Face's layout: run -> world size (lora at 2 ranks, norms at 2 x 2).
+HF_EXPORTS = {"lora-fsdp-hf": 2, "norms-2d": 4}
+
+
+@pytest.mark.parametrize("run", list(HF_EXPORTS))
+def test_fsdp2_hf_export_is_a_safetensors_file_per_rank_with_an_index_and_reads_back_as_the_trained_model(
+    runs, run, tiny_ckpt
+):
+    """Each tensor whole in one rank's file (hf_layout.file_owners), gathered whole in turn and kept by its owner
+    only (LoRA folded in); rank 0 writes config.json and the index. Read back (open_checkpoint, through the index)
+    it is the trained model gathered from the last DCP save, bit for bit. What each rank held at once: its own
+    tensors, the adapters and the largest tensor in flight (on the tiny checkpoint that is most of the model: its
+    embedding and output are 99% of it)."""
+    world, shapes = HF_EXPORTS[run], expected_shapes(open_checkpoint(tiny_ckpt).args)
+    final, files = runs[run] / "final", [hf_file_name(i, HF_EXPORTS[run]) for i in range(HF_EXPORTS[run])]
+    assert sorted(p.name for p in final.iterdir()) == sorted(["config.json", INDEX, "train_config.json", *files])
+    owners = file_owners(shapes, world)
+    index = json.loads((final / INDEX).read_text())
+    assert index["weight_map"] == {hf_name(k): files[owners[k]] for k in shapes}
+    assert index["metadata"]["total_size"] == 4 * sum(math.prod(s) for s in shapes.values())  # float32
+    exported, trained = open_checkpoint(final).read_state_dict(), trained_weights(runs[run])
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+    adapter_bytes = sum(t.nbytes for t in load_pth(runs[run] / "adapters.pth").values()) if "lora" in run else 0
+    for rank in range(world):
+        summary = json.loads((runs[run] / f"summary-rank{rank}.json").read_text())
+        own = 4 * sum(math.prod(s) for k, s in shapes.items() if owners[k] == rank)
+        assert summary["final_shards"] == world
+        assert summary["export_held_bytes"] == own + adapter_bytes + 4 * max(math.prod(s) for s in shapes.values())
+    if "lora" in run:
+        assert max_weight_diff(runs[run], runs["lora-single"]) <= DATA_PARALLEL_WEIGHTS_ATOL

@@ -51,6 +51,9 @@ class TrainConfig:
     # split over K ranks as tensor-parallel inference splits them, FSDP2 over the data ranks; --batch_size splits
     # over the data ranks only. Modes full and norms.
     tensor_parallel: int = 1
+    # The final weights' layout: meta (params.json, consolidated.NN.pth) or hf (config.json and safetensors: one
+    # file in one process or under ddp; under fsdp one file per rank, each tensor whole in one of them, and an index).
+    export: str = "meta"
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     stop_at: Optional[int] = None  # stop after this step, as if interrupted (a checkpoint is saved): --resume goes on
     tokenizer_path: Optional[str] = None  # tokenizer.model (default: beside the checkpoint, or llama-models')
@@ -86,6 +89,8 @@ class TrainConfig:
             # checkpoint's 64 x 64 weights (one such block each) do not split into; not built nor checked here yet.
             raise ValueError(f"--quantize {self.quantize} is not sharded by --distributed fsdp yet (its NF4 base "
                              "splits only along whole blocks of scales): use --distributed ddp")  # fmt: skip
+        if self.export not in ("meta", "hf"):
+            raise ValueError(f"--export must be meta or hf, got {self.export!r}")
         if self.tensor_parallel < 1:
             raise ValueError(f"--tensor_parallel must be at least 1, got {self.tensor_parallel}")
         if self.tensor_parallel > 1 and self.distributed != "fsdp":
@@ -106,5 +111,5 @@ class TrainConfig:
 # What may differ between a run and its resumption, none changing what is computed: the data is compared by
 # content (the corpus's key), not by the path that names it, and out_dir is where the checkpoint was found; a
 # data-parallel save (a 2-D one included) resumes at any world size and mesh; tensorboard is only where the
-# metrics are copied.
-RESUMABLE = ("resume", "stop_at", "data", "out_dir", "distributed", "tensor_parallel", "tensorboard")
+# metrics are copied; export is the final weights' layout only.
+RESUMABLE = ("resume", "stop_at", "data", "out_dir", "distributed", "tensor_parallel", "tensorboard", "export")
