@@ -50,10 +50,10 @@ class TrainConfig:
     # With fsdp, K > 1 trains on a 2-D mesh of (world size / K) data x K tensor-parallel ranks: each block's layers
     # split over K ranks as tensor-parallel inference splits them, FSDP2 over the data ranks; --batch_size splits
     # over the data ranks only. Modes full and norms.
-    tensor_parallel: int = 1
+    tensor_parallel: int = 1  # with fsdp: K ranks per tensor-parallel group (a mesh of world size / K x K)
     # The final weights' layout: meta (params.json, consolidated.NN.pth) or hf (config.json and safetensors: one
     # file in one process or under ddp; under fsdp one file per rank, each tensor whole in one of them, and an index).
-    export: str = "meta"
+    export: str = "meta"  # the final weights' layout: meta or hf (Hugging Face's safetensors)
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     stop_at: Optional[int] = None  # stop after this step, as if interrupted (a checkpoint is saved): --resume goes on
     tokenizer_path: Optional[str] = None  # tokenizer.model (default: beside the checkpoint, or llama-models')
