@@ -115,19 +115,21 @@ def loading_spec(root: Path, tiny_ckpt: Path) -> dict:
 def runs(tmp_path_factory, tiny_ckpt):
     """One process (full, its final weights in Hugging Face's layout; lora, norms; and full stopped after step 2);
     in one launch at 4 ranks as 2 x 2 (2-D): full to the end with activation checkpointing, full stopped after step
-    2 (DCP), norms (chunked loss; Hugging Face's layout), the loss-curve recipe's first CURVE_2D_STEPS steps; then in
-    one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2 stopped after step 2 (saved with DCP), the
-    stopped one-process run and the stopped 2-D run resumed under FSDP2; lora and norms under DDP and FSDP2, lora
-    under FSDP2 again exporting Hugging Face's layout; the loss-curve recipe under DDP and FSDP2. Then the stopped
-    FSDP2 run resumed in one process."""
+    2 (DCP), norms (chunked loss; read from and exported in Hugging Face's layout), the loss-curve recipe's first
+    CURVE_2D_STEPS steps; then in one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2 stopped after step
+    2 (saved with DCP), the stopped one-process run and the stopped 2-D run resumed under FSDP2; lora and norms under
+    DDP and FSDP2, lora under FSDP2 again exporting Hugging Face's layout; the loss-curve recipe under DDP and FSDP2.
+    Then the stopped FSDP2 run resumed in one process."""
     root = tmp_path_factory.mktemp("dp")
     names = ("single", "ddp", "fsdp", "single-then-fsdp", "loads", "2d", "2d-then-fsdp", "norms-2d", "curve-2d")
     dirs = {name: root / name for name in names}
     train(TrainConfig(out_dir=str(dirs["single"]), export="hf", **RUN))
     train(TrainConfig(out_dir=str(dirs["single-then-fsdp"]), stop_at=2, **RUN))
+    layouts = loading_spec(root, tiny_ckpt)  # tiny in Meta's layout (1 and 2 files) and Hugging Face's
     torchrun(4, [{**RUN, **TWO_D, "out_dir": str(dirs["2d"]), "activation_checkpointing": True},
                  {**RUN, **TWO_D, "out_dir": str(dirs["2d-then-fsdp"]), "stop_at": 2},
-                 {**MODES["norms"], **TWO_D, "out_dir": str(dirs["norms-2d"]), "export": "hf"},
+                 {**MODES["norms"], **TWO_D, "out_dir": str(dirs["norms-2d"]), "export": "hf",
+                  "ckpt_dir": layouts["layouts"]["hf"]},
                  recipe_config_fields(RECIPE, REPO, dirs["curve-2d"], stop_at=CURVE_2D_STEPS, **TWO_D)])  # fmt: skip
     dirs["2d-at-4"] = steps(dirs["2d-then-fsdp"])  # what the 2-D ranks logged before the resume
     dirs["2d-saved"] = load_checkpoint(dirs["2d-then-fsdp"])[0]
@@ -152,7 +154,7 @@ def runs(tmp_path_factory, tiny_ckpt):
     for kind in ("ddp", "fsdp"):
         dirs[f"curve-{kind}"] = root / f"curve-{kind}"
         configs.append(recipe_config_fields(RECIPE, REPO, dirs[f"curve-{kind}"], distributed=kind))
-    torchrun(2, configs, str(dirs["loads"]), json.dumps(loading_spec(root, tiny_ckpt)))
+    torchrun(2, configs, str(dirs["loads"]), json.dumps(layouts))
     dirs["seen"] = [json.loads((dirs["loads"] / f"rank{r}.json").read_text()) for r in range(2)]
     dirs["fsdp-at-2"] = steps(dirs["fsdp"])  # what the ranks logged before the resume
     dirs["saved"] = load_checkpoint(dirs["fsdp"])[0]
@@ -361,7 +363,9 @@ def test_2d_fsdp_x_tensor_parallel_at_2x2_gives_one_process_losses_and_weights(r
 
 def test_norms_at_2x2_give_one_process_losses_and_weights(runs):
     """The norms' weights (left whole by the tensor-parallel plan, split over the data ranks by FSDP2) train, the
-    split weights frozen; the chunked loss on the gathered logits. Against one process with the same settings."""
+    split weights frozen; the chunked loss on the gathered logits. Read from tiny in Hugging Face's layout (each
+    rank its tensor-parallel slice, wq and wk by whole heads out of their RoPE order). Against one process with the
+    same settings, from Meta's layout."""
     assert_close_runs(steps(runs["norms-2d"]), steps(runs["norms-single"]), TENSOR_DATA_PARALLEL_RTOL)
     assert max_weight_diff(runs["norms-2d"], runs["norms-single"]) <= TENSOR_DATA_PARALLEL_WEIGHTS_ATOL
 
