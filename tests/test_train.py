@@ -127,6 +127,7 @@ def test_an_out_dir_holding_another_run_is_refused_unless_resuming(tmp_path):
      (dict(mode="full", quantize="nf4"), "--quantize nf4 is QLoRA: it trains --mode lora only, got --mode full"),
      (dict(mode="lora", quantize="int8"), r"--quantize trains nf4 \(QLoRA: a frozen base in NF4\), got 'int8'"),
      (dict(stop_at=9), r"--stop_at must be a step from 1 to --max_steps \(4\)"),
+     (dict(export="safetensors"), "--export must be meta or hf, got 'safetensors'"),
      (dict(device="cuda"), "cuda"),
      (dict(eval_fraction=0.5, data=None), "too few to hold out"),
      (dict(max_seq_len=10_000_000), r"--max_seq_len 10000000: the attention of 1 rows of it .* needs at least "

@@ -13,7 +13,13 @@ missing a shard is refused in one line before any weight is read.
 
 The final export of an FSDP2 run, also from that launch: every rank writes its Meta shard (consolidated.0r.pth, r <
 2) without the model gathered onto one rank, and the two shards read back (Llama.build, open_checkpoint) are the
-trained model gathered, bit for bit (full, and lora merged), within DATA_PARALLEL_WEIGHTS_ATOL of one process's."""
+trained model gathered, bit for bit (full, and lora merged), within DATA_PARALLEL_WEIGHTS_ATOL of one process's.
+
+2-D, FSDP2 x tensor parallelism (--tensor_parallel 2) at 4 gloo ranks as 2 x 2, in one launch before the 2-rank one:
+losses, gradient norms and final weights within TENSOR_DATA_PARALLEL_RTOL / _WEIGHTS_ATOL of one process's, its
+export two Meta shards written by the first data rank's tensor ranks; its DCP save resumed under plain FSDP2 at 2
+ranks (in the 2-rank launch) with one process's next-step loss; the loss-curve recipe's first steps within
+DATA_PARALLEL_CURVE_RTOL of the golden. Its bad inputs are refused in one line before anything is written."""
 
 import importlib.util
 import json
@@ -25,6 +31,7 @@ import pytest
 import torch
 from conftest import platform_differs, run_torchrun
 
+from microllama.checkpoint.hf_layout import INDEX, file_owners, hf_file_name, hf_name
 from microllama.checkpoint.load import convert, open_checkpoint
 from microllama.checkpoint.meta_layout import load_pth, shard_shape
 from microllama.checkpoint.params import expected_shapes
@@ -35,6 +42,8 @@ from microllama.tolerances import (
     DATA_PARALLEL_RTOL,
     DATA_PARALLEL_WEIGHTS_ATOL,
     LOSS_CURVE_PLATFORM_RTOL,
+    TENSOR_DATA_PARALLEL_RTOL,
+    TENSOR_DATA_PARALLEL_WEIGHTS_ATOL,
 )
 from microllama.train.config import TrainConfig
 from microllama.train.loop import train
@@ -55,6 +64,10 @@ MODES = {"lora": dict(RUN, mode="lora", lora_rank=4, lora_dropout=0.1, lora_targ
 QLORA = dict(MODES["lora"], quantize="nf4")
 HAVE_TORCHAO = importlib.util.find_spec("torchao") is not None
 CURVE_GOLDEN = REPO / "goldens" / "losses" / "tiny-fp32-cpu-ws1.json"
+# 2-D: 2 data x 2 tensor-parallel ranks (tiny's 2 kv heads split over 2); the loss-curve recipe's first 10 of its 20
+# steps there (stop_at: the learning-rate schedule is the recipe's), to fit the suite's time.
+TWO_D = dict(distributed="fsdp", tensor_parallel=2)
+CURVE_2D_STEPS = 10
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
     pytest.mark.usefixtures("tokenizer"),
@@ -65,11 +78,11 @@ def steps(run_dir: Path) -> list[dict]:
     return [{k: m[k] for k in ("step", "loss", "grad_norm", "eval_loss") if k in m} for m in read_metrics(run_dir)]
 
 
-def assert_close_runs(got: list[dict], expected: list[dict]) -> None:
+def assert_close_runs(got: list[dict], expected: list[dict], rtol: float = DATA_PARALLEL_RTOL) -> None:
     assert [(m["step"], m.keys()) for m in got] == [(m["step"], m.keys()) for m in expected]
     for a, b in zip(got, expected, strict=True):
         for key in a.keys() - {"step"}:
-            assert math.isclose(a[key], b[key], rel_tol=DATA_PARALLEL_RTOL, abs_tol=0), (a, b)
+            assert math.isclose(a[key], b[key], rel_tol=rtol, abs_tol=0), (a, b)
 
 
 def max_weight_diff(a: Path, b: Path, file: str = "final") -> float:
@@ -100,24 +113,40 @@ def loading_spec(root: Path, tiny_ckpt: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_ckpt):
-    """One process (full, lora, norms; and full stopped after step 2), then in one launch at 2 ranks: the loading
-    checks, DDP (3 steps), FSDP2 stopped after step 2 (saved with DCP), the stopped one-process run resumed under
-    FSDP2; lora and norms under DDP and FSDP2; the loss-curve recipe under DDP and FSDP2. Then the stopped FSDP2 run
-    resumed in one process."""
+    """One process (full, its final weights in Hugging Face's layout; lora, norms; and full stopped after step 2);
+    in one launch at 4 ranks as 2 x 2 (2-D): full to the end with activation checkpointing, full stopped after step
+    2 (DCP), norms (chunked loss; read from and exported in Hugging Face's layout), the loss-curve recipe's first
+    CURVE_2D_STEPS steps; then in one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2 stopped after step
+    2 (saved with DCP), the stopped one-process run and the stopped 2-D run resumed under FSDP2; lora and norms under
+    DDP and FSDP2, lora under FSDP2 again exporting Hugging Face's layout; the loss-curve recipe under DDP and FSDP2.
+    Then the stopped FSDP2 run resumed in one process."""
     root = tmp_path_factory.mktemp("dp")
-    dirs = {name: root / name for name in ("single", "ddp", "fsdp", "single-then-fsdp", "loads")}
-    train(TrainConfig(out_dir=str(dirs["single"]), **RUN))
+    names = ("single", "ddp", "fsdp", "single-then-fsdp", "loads", "2d", "2d-then-fsdp", "norms-2d", "curve-2d")
+    dirs = {name: root / name for name in names}
+    train(TrainConfig(out_dir=str(dirs["single"]), export="hf", **RUN))
     train(TrainConfig(out_dir=str(dirs["single-then-fsdp"]), stop_at=2, **RUN))
+    layouts = loading_spec(root, tiny_ckpt)  # tiny in Meta's layout (1 and 2 files) and Hugging Face's
+    torchrun(4, [{**RUN, **TWO_D, "out_dir": str(dirs["2d"]), "activation_checkpointing": True},
+                 {**RUN, **TWO_D, "out_dir": str(dirs["2d-then-fsdp"]), "stop_at": 2},
+                 {**MODES["norms"], **TWO_D, "out_dir": str(dirs["norms-2d"]), "export": "hf",
+                  "ckpt_dir": layouts["layouts"]["hf"]},
+                 recipe_config_fields(RECIPE, REPO, dirs["curve-2d"], stop_at=CURVE_2D_STEPS, **TWO_D)])  # fmt: skip
+    dirs["2d-at-4"] = steps(dirs["2d-then-fsdp"])  # what the 2-D ranks logged before the resume
+    dirs["2d-saved"] = load_checkpoint(dirs["2d-then-fsdp"])[0]
+    dirs["2d-saved-files"] = sorted(p.name for p in (dirs["2d-then-fsdp"] / "checkpoint" / "dcp").iterdir())
     dirs["loads"].mkdir()
     configs = [{**RUN, "out_dir": str(dirs["ddp"]), "distributed": "ddp"},
                {**RUN, "out_dir": str(dirs["fsdp"]), "distributed": "fsdp", "stop_at": 2},
-               {**RUN, "out_dir": str(dirs["single-then-fsdp"]), "distributed": "fsdp", "resume": True}]  # fmt: skip
+               {**RUN, "out_dir": str(dirs["single-then-fsdp"]), "distributed": "fsdp", "resume": True},
+               {**RUN, "out_dir": str(dirs["2d-then-fsdp"]), "distributed": "fsdp", "resume": True}]  # fmt: skip
     for mode, settings in MODES.items():
         dirs[f"{mode}-single"] = root / f"{mode}-single"
         train(TrainConfig(out_dir=str(dirs[f"{mode}-single"]), **settings))
         for kind in ("ddp", "fsdp"):
             dirs[f"{mode}-{kind}"] = root / f"{mode}-{kind}"
             configs.append({**settings, "out_dir": str(dirs[f"{mode}-{kind}"]), "distributed": kind})
+    dirs["lora-fsdp-hf"] = root / "lora-fsdp-hf"
+    configs.append({**MODES["lora"], "out_dir": str(dirs["lora-fsdp-hf"]), "distributed": "fsdp", "export": "hf"})
     if HAVE_TORCHAO:
         dirs["qlora-single"], dirs["qlora-ddp"] = root / "qlora-single", root / "qlora-ddp"
         train(TrainConfig(out_dir=str(dirs["qlora-single"]), **QLORA))
@@ -125,7 +154,7 @@ def runs(tmp_path_factory, tiny_ckpt):
     for kind in ("ddp", "fsdp"):
         dirs[f"curve-{kind}"] = root / f"curve-{kind}"
         configs.append(recipe_config_fields(RECIPE, REPO, dirs[f"curve-{kind}"], distributed=kind))
-    torchrun(2, configs, str(dirs["loads"]), json.dumps(loading_spec(root, tiny_ckpt)))
+    torchrun(2, configs, str(dirs["loads"]), json.dumps(layouts))
     dirs["seen"] = [json.loads((dirs["loads"] / f"rank{r}.json").read_text()) for r in range(2)]
     dirs["fsdp-at-2"] = steps(dirs["fsdp"])  # what the ranks logged before the resume
     dirs["saved"] = load_checkpoint(dirs["fsdp"])[0]
@@ -321,3 +350,144 @@ def test_a_checkpoint_missing_a_shard_is_refused_in_one_line_before_any_weight_i
         missing = "consolidated.00.pth holds 1/2 of each split tensor: a checkpoint of 2 shards, 1 of them missing"
         assert refused["error"].startswith("CheckpointError: ") and refused["error"].endswith(missing)
         assert refused["lines"] == 1 and refused["read"] == 0
+
+
+def test_2d_fsdp_x_tensor_parallel_at_2x2_gives_one_process_losses_and_weights(runs):
+    """Activation checkpointing on (it recomputes each block's tensor-parallel collectives); losses, gradient norms
+    and held-out losses of each step, and the final weights, against one process without it."""
+    assert_close_runs(steps(runs["2d"]), steps(runs["single"]), TENSOR_DATA_PARALLEL_RTOL)
+    assert max_weight_diff(runs["2d"], runs["single"]) <= TENSOR_DATA_PARALLEL_WEIGHTS_ATOL
+    lines = [m for m in read_metrics(runs["2d"]) if "loss" in m]  # the job's 2 rows per step, over its 4 ranks
+    assert all(m["tokens_per_s_per_rank"] == pytest.approx(m["tokens_per_s"] / 4, abs=0.1) for m in lines)
+
+
+def test_norms_at_2x2_give_one_process_losses_and_weights(runs):
+    """The norms' weights (left whole by the tensor-parallel plan, split over the data ranks by FSDP2) train, the
+    split weights frozen; the chunked loss on the gathered logits. Read from tiny in Hugging Face's layout (each
+    rank its tensor-parallel slice, wq and wk by whole heads out of their RoPE order). Against one process with the
+    same settings, from Meta's layout."""
+    assert_close_runs(steps(runs["norms-2d"]), steps(runs["norms-single"]), TENSOR_DATA_PARALLEL_RTOL)
+    assert max_weight_diff(runs["norms-2d"], runs["norms-single"]) <= TENSOR_DATA_PARALLEL_WEIGHTS_ATOL
+
+
+def test_2d_final_export_is_two_meta_shards_of_the_trained_model_without_gathering_it(runs, tiny_ckpt):
+    """The tensor-parallel slices are Meta's split at 2: the first data rank's two tensor ranks write them (gathered
+    over the data dim only), and they read back as the trained model (its last DCP save, gathered here) bit for
+    bit. What each rank held at once: the first data rank's ranks their shard and one block in flight, the others
+    that block alone."""
+    run, shapes = runs["2d"], expected_shapes(open_checkpoint(tiny_ckpt).args)
+    final = run / "final"
+    assert sorted(p.name for p in final.iterdir()) == [
+        "consolidated.00.pth", "consolidated.01.pth", "params.json", "train_config.json"
+    ]  # fmt: skip
+    for rank in range(2):
+        shard = load_pth(final / f"consolidated.0{rank}.pth")
+        assert {k: tuple(v.shape) for k, v in shard.items()} == {k: shard_shape(k, s, 2) for k, s in shapes.items()}
+    exported, trained = open_checkpoint(final).read_state_dict(), trained_weights(run)
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+    model_bytes = 4 * sum(math.prod(s) for s in shapes.values())
+    shard_bytes = 4 * sum(math.prod(shard_shape(k, s, 2)) for k, s in shapes.items())
+    largest_block = 4 * max(math.prod(shard_shape(k, s, 2)) for k, s in shapes.items())
+    for rank in range(4):  # ranks 0 and 1: data rank 0, tensor ranks 0 and 1
+        summary = json.loads((run / f"summary-rank{rank}.json").read_text())
+        assert summary["final_shards"] == 2
+        assert summary["export_held_bytes"] == (shard_bytes if rank < 2 else 0) + largest_block < 0.8 * model_bytes
+
+
+def test_2d_dcp_save_resumes_under_fsdp2_at_2_ranks_with_the_same_next_step_loss(runs):
+    """Saved at step 2 by 4 ranks (2 x 2), read by 2 FSDP2 ranks (DCP reshards: mesh and world size differ): step 3
+    and the final held-out loss are one process's within the 2-D bounds (steps 1 and 2 are the 2-D run's own)."""
+    assert runs["2d-saved"].step == 2 and runs["2d-saved"].dcp is not None
+    assert runs["2d-saved-files"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
+    resumed, single = steps(runs["2d-then-fsdp"]), steps(runs["single"])
+    assert [m["step"] for m in runs["2d-at-4"]] == [0, 1, 2] and resumed[:3] == runs["2d-at-4"]
+    assert_close_runs(resumed, single, TENSOR_DATA_PARALLEL_RTOL)
+    assert max_weight_diff(runs["2d-then-fsdp"], runs["single"]) <= TENSOR_DATA_PARALLEL_WEIGHTS_ATOL
+
+
+def test_loss_curve_recipe_at_2x2_stays_within_tolerance_of_the_golden(runs):
+    """The recipe's first CURVE_2D_STEPS steps (its learning-rate schedule, stopped there) against the golden's."""
+    golden = read_golden(CURVE_GOLDEN)
+    rtol = DATA_PARALLEL_CURVE_RTOL + (LOSS_CURVE_PLATFORM_RTOL if platform_differs(golden) else 0)
+    curve = read_curve(runs["curve-2d"])
+    assert [s.step for s in curve] == list(range(1, CURVE_2D_STEPS + 1))
+    assert compare(curve, golden.steps[:CURVE_2D_STEPS], rtol) is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "world_size", "refused"),
+    [
+        (dict(tensor_parallel=2, distributed="ddp"), "4", r"^--tensor_parallel 2 trains on a 2-D mesh, FSDP2 over the "
+         r"data ranks: pass --distributed fsdp \(got --distributed ddp\)$"),
+        (dict(tensor_parallel=2, distributed="fsdp", mode="lora"), "4", r"^--tensor_parallel 2 trains --mode full "
+         r"or norms, got --mode lora \(its adapters have no tensor-parallel plan yet\): use --distributed fsdp "
+         r"without --tensor_parallel$"),
+        (dict(tensor_parallel=0, distributed="fsdp"), "4", r"^--tensor_parallel must be at least 1, got 0$"),
+        (dict(tensor_parallel=2, distributed="fsdp"), None, r"^--tensor_parallel 2 runs one process per rank under "
+         r"torchrun: torchrun --nproc_per_node N -m microllama train \.\.\. --distributed fsdp --tensor_parallel 2, "
+         r"N a multiple of 2$"),
+        (dict(tensor_parallel=3, distributed="fsdp"), "4", r"^--tensor_parallel 3 must divide the world size 4: the "
+         r"ranks form a mesh of data x 3 tensor-parallel ranks$"),
+        (dict(tensor_parallel=4, distributed="fsdp"), "4", r"^tensor parallelism over 4 ranks splits the heads, the "
+         r"feed-forward and the vocabulary into 4 equal blocks, but \S+params\.json has n_kv_heads 2: use a "
+         r"--tensor_parallel that divides n_heads 4 and n_kv_heads 2$"),
+        (dict(tensor_parallel=2, distributed="fsdp", batch_size=3), "4", r"^--batch_size 3 rows must split evenly "
+         r"over 2 data-parallel ranks \(4 ranks / --tensor_parallel 2\)$"),
+    ],
+)  # fmt: skip
+def test_a_2d_run_that_cannot_work_is_refused_in_one_line_before_anything_is_written(
+    monkeypatch, tmp_path, settings, world_size, refused
+):
+    """In this process, as torchrun's rank 0 of world_size ranks would see it (None: not under torchrun): the
+    refusal comes before the process group is joined."""
+    if world_size is not None:
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        monkeypatch.setenv("RANK", "0")
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match=refused) as error:
+        train(TrainConfig(out_dir=str(tmp_path / "run"), **{**RUN, **settings}))
+    assert len(str(error.value).splitlines()) == 1
+    assert not any(tmp_path.iterdir()) and not torch.distributed.is_initialized()
+
+
+def test_one_process_hf_export_is_one_safetensors_file_of_its_trained_weights(runs):
+    """--export hf in one process: config.json and model.safetensors (save_hf, as convert writes), read back as
+    the weights its last checkpoint holds, bit for bit; against the ranks' Meta exports: the tests above."""
+    final = runs["single"] / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["config.json", "model.safetensors", "train_config.json"]
+    exported, trained = open_checkpoint(final).read_state_dict(), load_checkpoint(runs["single"])[0].weights
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+
+
+# FSDP2 runs exporting Hugging Face's layout: run -> world size (lora at 2 ranks, norms at 2 x 2).
+HF_EXPORTS = {"lora-fsdp-hf": 2, "norms-2d": 4}
+
+
+@pytest.mark.parametrize("run", list(HF_EXPORTS))
+def test_fsdp2_hf_export_is_a_safetensors_file_per_rank_with_an_index_and_reads_back_as_the_trained_model(
+    runs, run, tiny_ckpt
+):
+    """Each tensor whole in one rank's file (hf_layout.file_owners), gathered whole in turn and kept by its owner
+    only (LoRA folded in); rank 0 writes config.json and the index. Read back (open_checkpoint, through the index)
+    it is the trained model gathered from the last DCP save, bit for bit. What each rank held at once: its own
+    tensors, the adapters and the largest tensor in flight (on the tiny checkpoint that is most of the model: its
+    embedding and output are 99% of it)."""
+    world, shapes = HF_EXPORTS[run], expected_shapes(open_checkpoint(tiny_ckpt).args)
+    final, files = runs[run] / "final", [hf_file_name(i, HF_EXPORTS[run]) for i in range(HF_EXPORTS[run])]
+    assert sorted(p.name for p in final.iterdir()) == sorted(["config.json", INDEX, "train_config.json", *files])
+    owners = file_owners(shapes, world)
+    index = json.loads((final / INDEX).read_text())
+    assert index["weight_map"] == {hf_name(k): files[owners[k]] for k in shapes}
+    assert index["metadata"]["total_size"] == 4 * sum(math.prod(s) for s in shapes.values())  # float32
+    exported, trained = open_checkpoint(final).read_state_dict(), trained_weights(runs[run])
+    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+    adapter_bytes = sum(t.nbytes for t in load_pth(runs[run] / "adapters.pth").values()) if "lora" in run else 0
+    for rank in range(world):
+        summary = json.loads((runs[run] / f"summary-rank{rank}.json").read_text())
+        own = 4 * sum(math.prod(s) for k, s in shapes.items() if owners[k] == rank)
+        assert summary["final_shards"] == world
+        assert summary["export_held_bytes"] == own + adapter_bytes + 4 * max(math.prod(s) for s in shapes.values())
+    if "lora" in run:
+        assert max_weight_diff(runs[run], runs["lora-single"]) <= DATA_PARALLEL_WEIGHTS_ATOL

@@ -8,6 +8,7 @@ j * head_dim/2 + i. Reading undoes that; both directions are pure row permutatio
 """
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -305,6 +306,10 @@ def hf_state_dict(state_dict: StateDict, params: dict[str, Any], tied: bool) -> 
     return tensors
 
 
+def write_config(out_dir: Path, params: dict[str, Any], tied: bool, dtype: torch.dtype) -> None:
+    (out_dir / "config.json").write_text(json.dumps(config_from_params(params, tied, dtype), indent=2) + "\n")
+
+
 def save_hf(
     state_dict: StateDict, params: dict[str, Any], out_dir: Union[str, Path], max_shard_bytes: Optional[int] = None
 ) -> Path:
@@ -319,15 +324,41 @@ def save_hf(
         groups[-1][key] = t
     dtype = state_dict["tok_embeddings.weight"].dtype
     with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config_from_params(params, tied, dtype), indent=2) + "\n")
+        write_config(tmp, params, tied, dtype)
         if len(groups) == 1:
             save_file(groups[0], tmp / "model.safetensors", metadata={"format": "pt"})
             return Path(out_dir)
         weight_map = {}
-        for i, group in enumerate(groups, 1):
-            name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        for i, group in enumerate(groups):
+            name = hf_file_name(i, len(groups))
             save_file(group, tmp / name, metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(group, name))
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        write_index(tmp, weight_map, sum(t.nbytes for t in tensors.values()))
     return Path(out_dir)
+
+
+def hf_file_name(i: int, n: int) -> str:
+    """The name of file i (from 0) of n safetensors files, as Hugging Face numbers them (from 1)."""
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_hf_file(state_dict: StateDict, params: dict[str, Any], path: Path) -> None:
+    """Meta-named tensors (some of a model's, whole, untied) into one safetensors file under Hugging Face's names."""
+    save_file(own_tensors(hf_state_dict(state_dict, params, tied=False)), path, metadata={"format": "pt"})
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    """model.safetensors.index.json: which file holds each tensor (by its Hugging Face name), and their bytes."""
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def file_owners(shapes: dict[str, tuple[int, ...]], n: int) -> dict[str, int]:
+    """Meta-named tensors -> which of min(n, their count) files holds each, whole: the largest first, each into the
+    file holding the fewest elements so far (the first of those), so that n ranks writing one file each hold about
+    1/n of the model."""
+    files, owners = [0] * min(n, len(shapes)), {}
+    for key in sorted(shapes, key=lambda k: -math.prod(shapes[k])):  # stable: Meta's order among equal sizes
+        owners[key] = files.index(min(files))
+        files[owners[key]] += math.prod(shapes[key])
+    return owners

@@ -139,11 +139,14 @@ class Checkpoint:
         device: Union[str, torch.device] = "cpu",
         dtype: Union[str, torch.dtype] = torch.float32,
         flash: bool = False,
+        part: tuple[int, int] = (0, 1),
     ) -> Transformer:
         """FSDP2 from the meta device (torchtitan's order): the Transformer built there in dtype, `shard` applies
         fully_shard to it (Ranks.shard), then this rank's shards are allocated on device and filled with the rows
         of each weight it holds, read from the memory-mapped files: no rank holds the whole model. Nothing else
-        is materialised (RoPE's table is computed on first use)."""
+        is materialised (RoPE's table is computed on first use). part: on a 2-D mesh (`shard` applied tensor
+        parallelism first), this rank's (rank, K) in its tensor-parallel group: its slice of each tensor is read
+        (1/K of each split one, as tensor-parallel inference reads it), then its FSDP2 rows of it kept."""
         args, dtype = self.model_args(max_seq_len=max_seq_len, flash=flash), parse_dtype(dtype)
         self._files()
         with torch.device("meta"):
@@ -151,7 +154,10 @@ class Checkpoint:
         shard(model)
         model.to_empty(device=device)
         with torch.no_grad():
-            self.read_state_dict(device, dtype, into=data_parallel.shard_rows(model))
+            if part == (0, 1):
+                self.read_state_dict(device, dtype, into=data_parallel.shard_rows(model))
+            else:
+                data_parallel.fill_from_parts(model, self.read_state_dict(device, dtype, part))
         return model.eval()
 
     def sha256(self) -> str:

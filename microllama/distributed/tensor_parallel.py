@@ -38,9 +38,10 @@ class TensorParallelError(ValueError):
     """A tensor-parallel request that cannot run: not under torchrun, or a world size the model cannot split."""
 
 
-def check_world_size(args: ModelArgs, world_size: int, source: str) -> None:
+def check_world_size(args: ModelArgs, world_size: int, source: str, flag: str = "a world size") -> None:
     """Raise TensorParallelError unless world_size ranks can split the model as Meta's layers do: the query
-    heads, the kv heads, the feed-forward's hidden features and the vocabulary into equal blocks."""
+    heads, the kv heads, the feed-forward's hidden features and the vocabulary into equal blocks. flag: what the
+    message asks to change."""
     hidden = ffn_hidden_dim(args.dim, args.multiple_of, args.ffn_dim_multiplier)
     sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "ffn hidden size": hidden,
              "vocab_size": args.vocab_size}  # fmt: skip
@@ -48,7 +49,7 @@ def check_world_size(args: ModelArgs, world_size: int, source: str) -> None:
     if bad:
         raise TensorParallelError(
             f"tensor parallelism over {world_size} ranks splits the heads, the feed-forward and the vocabulary "
-            f"into {world_size} equal blocks, but {source} has {', '.join(bad)}: use a world size that divides "
+            f"into {world_size} equal blocks, but {source} has {', '.join(bad)}: use {flag} that divides "
             f"n_heads {args.n_heads} and n_kv_heads {args.n_kv_heads}"
         )
 

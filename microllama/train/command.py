@@ -20,7 +20,7 @@ def _train_command() -> Command:
     command = config_command(TrainConfig, _train)
     command.__doc__ = (
         "Train or fine-tune from DATA (a .txt or .jsonl file, or a directory of them): --mode full|lora|norms, "
-        "checkpoints and metrics.jsonl in --out_dir, final weights in OUT_DIR/final (Meta layout)."
+        "checkpoints and metrics.jsonl in --out_dir, final weights in OUT_DIR/final (Meta layout, or --export hf)."
     ) + field_comments(TrainConfig)
     return command
 

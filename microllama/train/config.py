@@ -47,6 +47,13 @@ class TrainConfig:
     # Each rank takes its block of every micro-batch's rows (--batch_size stays the global micro-batch); fsdp keeps
     # float32 weights and computes in --dtype. A run saved at one world size resumes at any other.
     distributed: str = "none"  # under torchrun: ddp or fsdp over its ranks (microllama.distributed.data_parallel)
+    # With fsdp, K > 1 trains on a 2-D mesh of (world size / K) data x K tensor-parallel ranks: each block's layers
+    # split over K ranks as tensor-parallel inference splits them, FSDP2 over the data ranks; --batch_size splits
+    # over the data ranks only. Modes full and norms.
+    tensor_parallel: int = 1  # with fsdp: K ranks per tensor-parallel group (a mesh of world size / K x K)
+    # The final weights' layout: meta (params.json, consolidated.NN.pth) or hf (config.json and safetensors: one
+    # file in one process or under ddp; under fsdp one file per rank, each tensor whole in one of them, and an index).
+    export: str = "meta"  # the final weights' layout: meta or hf (Hugging Face's safetensors)
     resume: bool = False  # continue the run in out_dir from its last checkpoint
     stop_at: Optional[int] = None  # stop after this step, as if interrupted (a checkpoint is saved): --resume goes on
     tokenizer_path: Optional[str] = None  # tokenizer.model (default: beside the checkpoint, or llama-models')
@@ -82,6 +89,18 @@ class TrainConfig:
             # checkpoint's 64 x 64 weights (one such block each) do not split into; not built nor checked here yet.
             raise ValueError(f"--quantize {self.quantize} is not sharded by --distributed fsdp yet (its NF4 base "
                              "splits only along whole blocks of scales): use --distributed ddp")  # fmt: skip
+        if self.export not in ("meta", "hf"):
+            raise ValueError(f"--export must be meta or hf, got {self.export!r}")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"--tensor_parallel must be at least 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and self.distributed != "fsdp":
+            raise ValueError(f"--tensor_parallel {self.tensor_parallel} trains on a 2-D mesh, FSDP2 over the data "
+                             f"ranks: pass --distributed fsdp (got --distributed {self.distributed})")  # fmt: skip
+        if self.tensor_parallel > 1 and self.mode == "lora":
+            # The plan splits nn.Linear layers; LoRA's adapted layers would need a plan of their own: not built yet.
+            raise ValueError(f"--tensor_parallel {self.tensor_parallel} trains --mode full or norms, got --mode lora "
+                             "(its adapters have no tensor-parallel plan yet): use --distributed fsdp without "
+                             "--tensor_parallel")  # fmt: skip
         if self.stop_at is not None and not 1 <= self.stop_at <= self.max_steps:
             raise ValueError(f"--stop_at must be a step from 1 to --max_steps ({self.max_steps}), got {self.stop_at}")
 
@@ -91,5 +110,6 @@ class TrainConfig:
 
 # What may differ between a run and its resumption, none changing what is computed: the data is compared by
 # content (the corpus's key), not by the path that names it, and out_dir is where the checkpoint was found; a
-# data-parallel save resumes at any world size; tensorboard is only where the metrics are copied.
-RESUMABLE = ("resume", "stop_at", "data", "out_dir", "distributed", "tensorboard")
+# data-parallel save (a 2-D one included) resumes at any world size and mesh; tensorboard is only where the
+# metrics are copied; export is the final weights' layout only.
+RESUMABLE = ("resume", "stop_at", "data", "out_dir", "distributed", "tensor_parallel", "tensorboard", "export")

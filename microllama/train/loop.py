@@ -32,6 +32,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..args import ModelArgs
+from ..checkpoint.hf_layout import (
+    file_owners,
+    hf_file_name,
+    hf_name,
+    save_hf,
+    write_config,
+    write_hf_file,
+    write_index,
+)
 from ..checkpoint.load import Checkpoint, open_checkpoint
 from ..checkpoint.meta_layout import rank_range, save_meta, shard_count, shard_dim, shard_name, write_params
 from ..checkpoint.params import expected_shapes
@@ -75,12 +84,15 @@ class Summary:
     first_eval_step: Optional[int]
     last_eval_step: Optional[int]
     final_dir: Optional[Path]
-    final_shards: int = 1  # consolidated.NN.pth files in final_dir
+    final_shards: int = 1  # consolidated.NN.pth (or .safetensors) files in final_dir
+    final_layout: str = "meta"  # TrainConfig.export
     export_held_bytes: Optional[int] = None  # FSDP2: the most tensor bytes this rank held at once while exporting
 
     def line(self) -> str:
-        shards = f", {self.final_shards} shards" if self.final_shards > 1 else ""
-        where = f"final weights in {self.final_dir} (Meta layout{shards})"
+        shards = f", {self.final_shards} {'shards' if self.final_layout == 'meta' else 'files'}" \
+            if self.final_shards > 1 else ""  # fmt: skip
+        layout = "Meta layout" if self.final_layout == "meta" else "Hugging Face safetensors"
+        where = f"final weights in {self.final_dir} ({layout}{shards})"
         if self.trained == 0:
             return f"already finished: step {self.steps} of {self.max_steps}; {where}"
         losses = [f"train loss {self.first_loss:.3f} -> {self.last_loss:.3f}"]
@@ -169,8 +181,8 @@ def train_step(
     loss = torch.zeros((), device=micro_batches[0].tokens.device)
     for batch in micro_batches:
         micro_loss = step_loss(ranks, ranks.rows(batch), n_targets, cfg.loss_chunk)
-        # DDP and FSDP average the ranks' gradients: times world_size makes it their sum (times 1 is exact).
-        (micro_loss * ranks.world_size).backward()
+        # DDP and FSDP average the data ranks' gradients: times their count makes it their sum (times 1 is exact).
+        (micro_loss * ranks.dp_size).backward()
         loss += micro_loss.detach()
     loss = ranks.sum(loss).item()
     if not math.isfinite(loss):
@@ -178,9 +190,7 @@ def train_step(
         raise FloatingPointError(f"non-finite loss ({loss})")
     if inspect_gradients is not None:
         inspect_gradients()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: sharded norms
-    grad_norm = grad_norm.item()
+    grad_norm = ranks.clip_grad_norm(params, cfg.grad_clip or math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm
@@ -236,15 +246,15 @@ def run_record(cfg: TrainConfig, checkpoint: Checkpoint, corpus: Corpus, dtype: 
 
 def export_final(
     state_dict: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], checkpoint: Checkpoint, run_dir: Path,
-    record: dict[str, Any],
+    record: dict[str, Any], layout: str = "meta",
 ) -> Path:  # fmt: skip
-    """run_dir/final: the trained model's whole weights (adapters merged into them) in Meta's layout with the
-    run's record; and for LoRA the adapters alone, run_dir/adapters.pth (microllama.train.lora.load_adapters reads
-    them)."""
+    """run_dir/final: the trained model's whole weights (adapters merged into them) in Meta's layout (or Hugging
+    Face's, layout hf) with the run's record; and for LoRA the adapters alone, run_dir/adapters.pth
+    (microllama.train.lora.load_adapters reads them)."""
     if adapters:
         ckpts.save_adapters(run_dir, adapters)
     with atomic_dir(run_dir / ckpts.FINAL, replace=True) as tmp:
-        save_meta(state_dict, checkpoint.params, tmp)
+        (save_hf if layout == "hf" else save_meta)(state_dict, checkpoint.params, tmp)
         ckpts.write_record(tmp, record)
     return run_dir / ckpts.FINAL
 
@@ -285,9 +295,10 @@ class Trainer:
         self.dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype
         if cfg.quantize is not None:
             check_quantize(cfg.quantize, self.device, self.dtype)  # torchao installed, before the data is read
-        self.ranks = distributed.join(cfg.distributed, cfg.batch_size, self.device)
         self.checkpoint = open_checkpoint(cfg.ckpt_dir)
-        check_attention_memory(cfg, self.checkpoint.args, cfg.batch_size // self.ranks.world_size, self.dtype)
+        self.ranks = distributed.join(cfg.distributed, cfg.batch_size, self.device, cfg.tensor_parallel,
+                                      self.checkpoint.args, self.checkpoint.source)  # fmt: skip
+        check_attention_memory(cfg, self.checkpoint.args, cfg.batch_size // self.ranks.dp_size, self.dtype)
         resumed = ckpts.load_checkpoint(self.run_dir) if cfg.resume else None
         if resumed is None and self.ranks.is_rank_0:
             ckpts.check_new_run_dir(self.run_dir)
@@ -355,20 +366,21 @@ class Trainer:
                   f"rows of {cfg.max_seq_len} ({packing.tokens / (len(packing.rows) * cfg.max_seq_len):.0%} "
                   f"filled), {packing.n_split} split for being longer than a row; {len(self.eval_docs)} held out",
                   flush=True)  # fmt: skip
-        rows_of = (self.ranks.rank, self.ranks.world_size)
-        if self.ranks.kind == "fsdp":  # float32 weights, built on the meta device, sharded, each rank reading its rows
+        rows_of = (self.ranks.dp_rank, self.ranks.dp_size)
+        if self.ranks.kind == "fsdp":  # float32 weights, built on the meta device, sharded, each rank reading its part
 
             def shard(model: Transformer) -> None:  # on the meta device: the adapters go in before fully_shard
                 select_trainable(model, cfg, rows_of)
-                self.ranks.shard(model, compute_dtype=self.dtype)
+                self.ranks.shard(model, self.dtype, cfg.activation_checkpointing)  # (on a 2-D mesh: TP first)
 
-            model = self.checkpoint.load_sharded(shard, cfg.max_seq_len, self.device, torch.float32, cfg.flash).train()
+            model = self.checkpoint.load_sharded(shard, cfg.max_seq_len, self.device, torch.float32, cfg.flash,
+                                                 self.ranks.tensor_part).train()  # fmt: skip
         else:
             model = self.checkpoint.load_model(cfg.max_seq_len, 1, self.device, self.dtype, cfg.flash,
                                                quantize=cfg.quantize).train()  # fmt: skip
             if model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr():  # (load_sharded: untied)
                 model.output.weight = torch.nn.Parameter(model.output.weight.detach().clone())  # trains untied
-        model.activation_checkpointing = cfg.activation_checkpointing
+            model.activation_checkpointing = cfg.activation_checkpointing
         # LoRA's initialisation, then dropout: every rank draws the same (each the whole batch's dropout masks).
         torch.manual_seed(cfg.seed)
         if self.ranks.kind != "fsdp":
@@ -504,7 +516,7 @@ class Trainer:
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.step == self.cfg.max_steps and self.ranks.kind == "fsdp":
-            self.export_sharded()
+            self.export_hf_sharded() if self.cfg.export == "hf" else self.export_sharded()
         elif self.step == self.cfg.max_steps:
             whole = self.ranks.full_state_dict(self.model)  # every rank calls it; rank 0 gets the weights
             if self.ranks.is_rank_0:
@@ -512,21 +524,23 @@ class Trainer:
                 # QLoRA: the layers without adapters are dequantized too, for a checkpoint in full precision.
                 merged = merge_lora_state_dict(whole, self.cfg.lora_alpha / self.cfg.lora_rank)
                 merged = {k: v.to(self.dtype) for k, v in merged.items()}
-                export_final(merged, adapter_state_dict(whole), self.checkpoint, self.run_dir, self.record)
+                export_final(merged, adapter_state_dict(whole), self.checkpoint, self.run_dir, self.record,
+                             self.cfg.export)  # fmt: skip
         return self.summary()
 
     def export_sharded(self) -> None:
-        """FSDP2's final weights, written by every rank without gathering the model: Meta's shard i by rank i (a
-        world size Meta's layout cannot split the model into: the largest count that divides it and that Meta's
-        layout allows, each tensor gathered whole in turn), LoRA folded in block by block (the adapters, small,
-        gathered whole), params.json, the record and adapters.pth by rank 0. Atomic: rank 0 renames the directory
-        once every rank has written its shard; if any rank fails, run_dir/final is as it was."""
+        """FSDP2's final weights, written by every rank without gathering the model: Meta's shard i by rank i (on
+        a 2-D mesh, by tensor-parallel rank i of the first data rank: K shards, its slices; a count Meta's layout
+        cannot split the model into: the largest count that divides it and that Meta's layout allows, each tensor
+        gathered whole in turn), LoRA folded in block by block (the adapters, small, gathered whole), params.json,
+        the record and adapters.pth by rank 0 (write_final: atomic)."""
         ranks, args, cfg = self.ranks, self.checkpoint.args, self.cfg
-        n = shard_count(args, ranks.world_size)
-        if n < ranks.world_size and ranks.is_rank_0:
+        n = shard_count(args, ranks.meta_shards)  # on a 2-D mesh: K, the tensor-parallel slices
+        if n < ranks.meta_shards and ranks.is_rank_0:
             print(f"final weights: Meta's layout cannot split this model (n_heads {args.n_heads}, n_kv_heads "
-                  f"{args.n_kv_heads}) into {ranks.world_size} shards; writing {n}, each tensor gathered whole in "
+                  f"{args.n_kv_heads}) into {ranks.meta_shards} shards; writing {n}, each tensor gathered whole in "
                   "turn", flush=True)  # fmt: skip
+        index = ranks.meta_index(n)
         params = dict(self.model.named_parameters())
         adapters = {k: ranks.whole(p) for k, p in params.items() if is_adapter(k)}  # every rank, the same
         shard, in_flight = {}, 0
@@ -535,31 +549,79 @@ class Trainer:
                 dim = shard_dim(key)
                 block = ranks.meta_block(params[key], dim, n)  # every rank calls it: a collective
                 whole_bytes = params[key].numel() * params[key].element_size()
-                in_flight = max(in_flight, whole_bytes if n < ranks.world_size else block.nbytes)
+                gathered = n < ranks.meta_shards or dim is None  # the whole tensor, or one Meta shard of it
+                in_flight = max(in_flight, whole_bytes if gathered else whole_bytes // n)
                 if block is None:
                     continue
                 prefix = key.removesuffix(".weight")
                 if f"{prefix}.lora_a" in adapters:
-                    rows = rank_range(shape[dim], (ranks.rank, n)) if dim is not None else (0, 0)
+                    rows = rank_range(shape[dim], (index, n)) if dim is not None else (0, 0)
                     block = fold_shard(block, adapters[f"{prefix}.lora_a"], adapters[f"{prefix}.lora_b"],
                                        cfg.lora_alpha / cfg.lora_rank, dim, rows)  # fmt: skip
                 shard[key] = block.to(self.dtype)
         self.export_held_bytes = (sum(t.nbytes for t in shard.values()) + sum(t.nbytes for t in adapters.values())
                                   + in_flight)  # fmt: skip
-        final = self.run_dir / ckpts.FINAL
+
+        def write(tmp: Path) -> None:
+            if shard:
+                torch.save(own_tensors(shard), tmp / shard_name(index))
+            if ranks.is_rank_0:
+                write_params(tmp, self.checkpoint.params)
+
+        self.write_final(write, adapters)
+
+    def export_hf_sharded(self) -> None:
+        """--export hf under FSDP2: Hugging Face's safetensors, one file per rank (hf_layout.file_owners: each
+        tensor whole in one file, about 1/N of the model in each), written by every rank without gathering the
+        model: each tensor is gathered whole in turn (full_tensor, every rank) and kept by its file's rank only,
+        LoRA folded in; config.json (untied), the index, the record and adapters.pth by rank 0 (write_final)."""
+        ranks, args, cfg = self.ranks, self.checkpoint.args, self.cfg
+        shapes = expected_shapes(args)
+        owners = file_owners(shapes, ranks.world_size)
+        n_files = max(owners.values()) + 1
+        params = dict(self.model.named_parameters())
+        adapters = {k: ranks.whole(p) for k, p in params.items() if is_adapter(k)}  # every rank, the same
+        mine, in_flight = {}, 0
+        with torch.no_grad():
+            for key in shapes:
+                whole = ranks.whole(params[key])  # every rank calls it: a collective
+                in_flight = max(in_flight, whole.nbytes)
+                if owners[key] != ranks.rank:
+                    continue
+                prefix = key.removesuffix(".weight")
+                if f"{prefix}.lora_a" in adapters:
+                    whole = fold_shard(whole, adapters[f"{prefix}.lora_a"], adapters[f"{prefix}.lora_b"],
+                                       cfg.lora_alpha / cfg.lora_rank, None, (0, 0))  # fmt: skip
+                mine[key] = whole.to(self.dtype)
+        self.export_held_bytes = (sum(t.nbytes for t in mine.values()) + sum(t.nbytes for t in adapters.values())
+                                  + in_flight)  # fmt: skip
+
+        def write(tmp: Path) -> None:
+            if mine:
+                write_hf_file(mine, self.checkpoint.params, tmp / hf_file_name(ranks.rank, n_files))
+            if ranks.is_rank_0:
+                write_config(tmp, self.checkpoint.params, False, self.dtype)
+                weight_map = {hf_name(k): hf_file_name(owners[k], n_files) for k in shapes}
+                write_index(tmp, weight_map, self.dtype.itemsize * sum(math.prod(s) for s in shapes.values()))
+
+        self.write_final(write, adapters)
+
+    def write_final(self, write: Callable[[Path], None], adapters: dict[str, torch.Tensor]) -> None:
+        """run_dir/final written by every rank (write(directory): its own files; rank 0 also the record, then
+        adapters.pth beside it). Atomic: rank 0 renames the directory once every rank has written its part; if any
+        rank fails, run_dir/final is as it was."""
+        ranks, final = self.ranks, self.run_dir / ckpts.FINAL
         with atomic_dir(final, replace=True) if ranks.is_rank_0 else contextlib.nullcontext() as tmp:
             tmp = ranks.from_rank_0(tmp)
             error = None
             try:
-                if shard:
-                    torch.save(own_tensors(shard), tmp / shard_name(ranks.rank))
+                write(tmp)
                 if ranks.is_rank_0:
-                    write_params(tmp, self.checkpoint.params)
                     ckpts.write_record(tmp, self.record)
             except Exception as e:  # every rank must still reach all_succeeded
                 error = e
-            if not ranks.all_succeeded(error is None, self.device):  # every shard written before rank 0 renames
-                raise error or TrainingError(f"another rank failed to write its shard of {final}; it is as it was")
+            if not ranks.all_succeeded(error is None, self.device):  # every part written before rank 0 renames
+                raise error or TrainingError(f"another rank failed to write its part of {final}; it is as it was")
         ranks.barrier()  # rank 0 has renamed it: every rank finds final in place
         if adapters and ranks.is_rank_0:
             ckpts.save_adapters(self.run_dir, adapters)
@@ -570,10 +632,10 @@ class Trainer:
             if self.eval_losses else ((None, None), (None, None))  # fmt: skip
         first_loss, last_loss = (self.losses[0], self.losses[-1]) if self.losses else (None, None)
         final = self.run_dir / ckpts.FINAL if self.step == self.cfg.max_steps else None
+        files = len([f for f in final.glob("*") if f.suffix in (".pth", ".safetensors")]) if final else 1
         return Summary(self.step, self.cfg.max_steps, self.trained, seconds, self.tokens / max(seconds, 1e-9),
                        peak_memory_gib(self.device), first_loss, last_loss, first_eval, last_eval, first_step,
-                       last_step, final, len(list(final.glob("*.pth"))) if final else 1,
-                       self.export_held_bytes)  # fmt: skip
+                       last_step, final, files, self.cfg.export, self.export_held_bytes)  # fmt: skip
 
 
 def plot(run_dir: str) -> Path:
