@@ -35,6 +35,7 @@ from microllama.checkpoint.hf_layout import INDEX, file_owners, hf_file_name, hf
 from microllama.checkpoint.load import convert, open_checkpoint
 from microllama.checkpoint.meta_layout import load_pth, shard_shape
 from microllama.checkpoint.params import expected_shapes
+from microllama.distributed.launch import rank_device
 from microllama.generation import Llama
 from microllama.golden.loss_curve import RECIPE, compare, read_curve, read_golden, recipe_config_fields
 from microllama.tolerances import (
@@ -491,3 +492,15 @@ def test_fsdp2_hf_export_is_a_safetensors_file_per_rank_with_an_index_and_reads_
         assert summary["export_held_bytes"] == own + adapter_bytes + 4 * max(math.prod(s) for s in shapes.values())
     if "lora" in run:
         assert max_weight_diff(runs[run], runs["lora-single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
+
+
+def test_under_torchrun_a_bare_cuda_device_is_each_ranks_own_gpu(monkeypatch):
+    """Training and tensor-parallel inference take their device from rank_device: on a machine of 8 GPUs rank r of
+    `--device cuda` trains on cuda:LOCAL_RANK (made current, as nccl needs), not all 8 on cuda:0."""
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert rank_device("cuda") == torch.device("cuda", 3) and made_current == [torch.device("cuda", 3)]
+    assert rank_device("cuda:1") == torch.device("cuda", 1) and rank_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert rank_device("cuda") == torch.device("cuda") and len(made_current) == 1

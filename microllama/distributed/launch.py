@@ -17,6 +17,16 @@ def is_rank_0() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
+def rank_device(device: "torch.device | str") -> torch.device:
+    """This process's device. Under torchrun a bare CUDA device is the rank's own GPU, cuda:LOCAL_RANK, made current
+    (nccl needs it before the group is joined); a device with an index, or any other, is as given."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
 def join_process_group(device: torch.device) -> None:
     """Join the process group torchrun describes, unless this process has: nccl for CUDA devices, else gloo."""
     if not dist.is_initialized():

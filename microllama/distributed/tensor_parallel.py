@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh  # a stand-in class where t
 from ..args import ModelArgs, ffn_hidden_dim
 from ..files import StateDict
 from ..model import Transformer
-from .launch import join_process_group
+from .launch import join_process_group, rank_device
 
 if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still runs microllama on one device
     from torch.distributed.device_mesh import init_device_mesh
@@ -64,10 +64,7 @@ def device_mesh(device: Union[str, torch.device]) -> tuple[DeviceMesh, torch.dev
             "tensor_parallel=True runs one process per rank under torchrun: "
             "torchrun --nproc_per_node N -m microllama generate ..."
         )
-    device = torch.device(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    device = rank_device(device)
     join_process_group(device)
     return init_device_mesh(device.type, (dist.get_world_size(),)), device
 

@@ -46,6 +46,7 @@ from ..checkpoint.meta_layout import rank_range, save_meta, shard_count, shard_d
 from ..checkpoint.params import expected_shapes
 from ..checkpoint.tiny import cache_dir
 from ..distributed import data_parallel as distributed
+from ..distributed.launch import rank_device
 from ..files import atomic_dir, own_tensors, parse_dtype
 from ..model import Transformer
 from ..quantize import check_quantize
@@ -291,6 +292,7 @@ class Trainer:
         self.cfg, self.device, self.run_dir = cfg, torch.device(cfg.device), Path(cfg.out_dir)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        self.device = rank_device(self.device)  # under torchrun, each rank its own GPU (cuda:LOCAL_RANK)
         default_dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = parse_dtype(cfg.dtype) if cfg.dtype else default_dtype
         if cfg.quantize is not None:
