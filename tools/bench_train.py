@@ -15,14 +15,16 @@ the median over --steps timed steps after one warm-up step, in tokens (batch_siz
 Weights are random and drawn in the model's dtype on the device (no float32 copy of an 8B model).
 
 The step's own memory, apart from the process's (whose peak on the CPU also holds what building the model took,
-such as NF4's quantizer): `model` is what the process holds once the model is built (CPU: resident set; CUDA:
-allocated), `step peak` the most it holds during the timed steps (their peak is reset after the warm-up step:
-CPU through /proc/self/clear_refs, CUDA reset_peak_memory_stats), and `step adds` the difference: gradients,
+such as NF4's quantizer): `model` is what the process holds once the model is built (CPU: resident set, after
+glibc's malloc_trim gives back what building freed; CUDA: allocated), `step peak` the most it holds during the
+timed steps (their peak is reset after the warm-up step: CPU trimmed, then /proc/self/clear_refs; CUDA
+reset_peak_memory_stats), and `step adds` the difference: gradients,
 AdamW's state (made by the warm-up step), activations, logits and, under QLoRA, each NF4 weight dequantized.
 --repeats N runs every row N times in turn (lora, qlora, lora, qlora, ...), so that a machine's drift over the
 run falls on each mode alike.
 """
 
+import ctypes
 import functools
 import json
 import multiprocessing
@@ -48,8 +50,18 @@ def _clock(device: Any) -> float:
     return time.perf_counter()
 
 
+def _trim_heap() -> None:
+    """Give freed heap pages back to the kernel (glibc's malloc_trim), so that the resident set counts live memory
+    rather than what an earlier phase (NF4's quantizer, a warm-up step) freed and the allocator kept; elsewhere
+    nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _held(device: Any) -> int:
-    """Bytes this process holds now: CUDA's allocated memory, or the CPU's resident set."""
+    """Bytes this process holds now: CUDA's allocated memory, or the CPU's resident set (heap trimmed first)."""
     import torch
 
     from tools.bench_load import status_bytes
@@ -57,6 +69,7 @@ def _held(device: Any) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.memory_allocated(device)
+    _trim_heap()
     return status_bytes("VmRSS")
 
 
@@ -67,6 +80,7 @@ def _reset_peak(device: Any) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        _trim_heap()
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux 4.0 and later)
 
 
