@@ -16,7 +16,7 @@ from .compiled import CompiledDecoder
 from .distributed import tensor_parallel as parallel
 from .distributed.launch import torchrun_world_size
 from .files import parse_dtype
-from .memory import format_bytes
+from .memory import check_kv_cache, format_bytes
 from .model import Transformer
 from .quantize import check_quantize
 from .tokenizer import Tokenizer
@@ -100,7 +100,9 @@ class Llama:
         flash tolerances of the default path instead of bit-identical; not with tensor_parallel.
         prefill_chunk: prefill prompts that many positions at a time (see Llama).
         quantize: int8, nf4 or int4 (CUDA only), the weights of the blocks' linear layers quantized as they are
-        read (microllama.quantize; needs torchao, the quant extra); not with tensor_parallel or compile."""
+        read (microllama.quantize; needs torchao, the quant extra); not with tensor_parallel or compile.
+        A KV cache of max_batch_size x max_seq_len positions that cannot fit the device is refused (ValueError,
+        one line) before any weight is read."""
         if tensor_parallel and compile:
             raise ValueError("compile and tensor_parallel cannot be combined: the compiled path runs on one device")
         if quantize is not None and (tensor_parallel or compile):
@@ -118,6 +120,10 @@ class Llama:
         if tensor_parallel:
             parallel.check_world_size(checkpoint.args, torchrun_world_size(), checkpoint.source)
             mesh, device = parallel.device_mesh(device)
+        # The KV cache's size needs only the configuration: what cannot fit is refused before a weight is read.
+        args = checkpoint.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        check_kv_cache(args, max_batch_size, max_seq_len, dtype, device,
+                       None if mesh is None else args.n_kv_heads // mesh.size())  # fmt: skip
         tokenizer = Tokenizer(tokenizer_path, ckpt_dir=checkpoint.dir)
         if checkpoint.args.vocab_size != tokenizer.n_words:
             raise CheckpointError(

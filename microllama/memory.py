@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
+from .args import ModelArgs
+
 if TYPE_CHECKING:  # torch is imported where a device is asked about: `microllama info NAME` sizes without it
     import torch
 
@@ -67,16 +69,30 @@ def check_fits(what: str, nbytes: int, device: Union[str, "torch.device"], advic
                          f"{format_bytes(available)} available on {device}: {advice}")  # fmt: skip
 
 
-def check_kv_cache(model: "torch.nn.Module", max_batch_size: int, max_seq_len: int) -> int:
-    """The bytes of a KV cache of max_batch_size x max_seq_len positions for model (a model.Transformer: this rank's
-    kv heads under tensor parallelism); ValueError, one line and nothing allocated, unless the model takes that many
-    positions and its device has room for them."""
-    p = model.params
-    if not 0 < max_seq_len <= p.max_seq_len or max_batch_size < 1:
+def kv_cache_bytes(
+    args: ModelArgs, max_batch_size: int, max_seq_len: int, itemsize: int, n_kv_heads: Optional[int] = None
+) -> int:
+    """Keys and values of max_batch_size x max_seq_len positions in every layer, itemsize bytes each. n_kv_heads:
+    the kv heads one rank caches under tensor parallelism (default: the model's)."""
+    heads = args.n_kv_heads if n_kv_heads is None else n_kv_heads
+    return max_batch_size * max_seq_len * 2 * args.n_layers * heads * args.head_dim * itemsize
+
+
+def check_kv_cache(
+    args: ModelArgs,
+    max_batch_size: int,
+    max_seq_len: int,
+    dtype: "torch.dtype",
+    device: Union[str, "torch.device"],
+    n_kv_heads: Optional[int] = None,
+) -> int:
+    """The bytes of a KV cache of max_batch_size x max_seq_len positions in dtype on device for a model of args
+    (kv_cache_bytes); ValueError, one line and nothing allocated, unless the model takes that many positions
+    and the device has room for them. It needs only the configuration: generation asks before any weight loads."""
+    if not 0 < max_seq_len <= args.max_seq_len or max_batch_size < 1:
         raise ValueError(f"a KV cache of {max_batch_size} x {max_seq_len} positions; the model takes 1 to "
-                         f"max_seq_len {p.max_seq_len} positions and at least 1 sequence")  # fmt: skip
-    weight, per_position = model.output.weight, sum(2 * layer.attention.n_kv_heads for layer in model.layers)
-    nbytes = max_batch_size * max_seq_len * per_position * p.head_dim * weight.dtype.itemsize
-    check_fits(f"a KV cache of {max_batch_size} x {max_seq_len:,} positions in {str(weight.dtype)[6:]}", nbytes,
-               weight.device, "lower max_seq_len or max_batch_size")  # fmt: skip
+                         f"max_seq_len {args.max_seq_len} positions and at least 1 sequence")  # fmt: skip
+    nbytes = kv_cache_bytes(args, max_batch_size, max_seq_len, dtype.itemsize, n_kv_heads)
+    check_fits(f"a KV cache of {max_batch_size} x {max_seq_len:,} positions in {str(dtype).removeprefix('torch.')}",
+               nbytes, device, "lower max_seq_len or max_batch_size")  # fmt: skip
     return nbytes

@@ -291,7 +291,10 @@ class Transformer(nn.Module):
     def check_cache_fits(self, max_batch_size: int, max_seq_len: int) -> int:
         """The bytes of a KV cache of max_batch_size x max_seq_len positions; ValueError, one line and nothing
         allocated, unless the model and its device have room for it (memory.check_kv_cache)."""
-        return check_kv_cache(self, max_batch_size, max_seq_len)
+        weight = self.output.weight
+        # Each attention's own kv heads: under tensor parallelism a rank caches only its share.
+        return check_kv_cache(self.params, max_batch_size, max_seq_len, weight.dtype, weight.device,
+                              self.layers[0].attention.n_kv_heads)  # fmt: skip
 
     def setup_cache(self, max_batch_size: int, max_seq_len: int, kind: type[KVCache] = KVCache) -> None:
         """Allocate a KV cache (a `kind`) in every layer, in the model's dtype and on its device, for generation."""

@@ -7,6 +7,7 @@ import pytest
 from tools.bench_decode import benchmark, format_report
 from tools.bench_load import quant, tp
 from tools.bench_prefill import measure
+from tools.bench_train import run_row, step_ratios
 
 
 def test_decode_benchmark_runs_each_system_on_the_same_weights_and_compares_their_tokens():
@@ -56,3 +57,18 @@ def test_quantized_load_benchmark_reports_each_formats_peak_against_its_own_byte
     rows = capsys.readouterr().out.strip().splitlines()[2:]
     assert [row.split()[0] for row in rows] == ["bfloat16", "int8", "nf4"]
     assert all(float(row.split()[1]) > 0 and float(row.split()[3]) > 0 for row in rows)  # model GB, x model
+
+
+def test_train_benchmark_measures_a_lora_and_a_qlora_steps_memory_apart_from_the_models():
+    """In this process, tiny shapes, one timed step each: what the process holds once built, the step's peak (reset
+    after the warm-up step) and their difference, and the qlora / lora line of the two."""
+    pytest.importorskip("torchao", reason="needs torchao (the quant extra)")
+    row = dict(model="tiny", n_layers=None, device="cpu", dtype="float32", seq_len=16, batch_size=1, steps=1,
+               flash=False, threads=0, variant="plain")  # fmt: skip
+    results = [run_row(dict(row, mode=mode)) for mode in ("lora", "qlora")]
+    for r in results:
+        assert r["model_gib"] > 0 and r["step_peak_gib"] > 0 and r["tok_s"] > 0
+        assert r["step_adds_gib"] == pytest.approx(r["step_peak_gib"] - r["model_gib"])
+    (line,) = step_ratios(results)
+    assert re.fullmatch(r"qlora / lora \(plain, medians of 1 and 1\): step peak \d+\.\d\d / \d+\.\d\d GiB = "
+                        r"\d+\.\d\dx, step adds -?\d+\.\d\d / -?\d+\.\d\d GiB", line), line  # fmt: skip

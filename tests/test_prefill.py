@@ -13,6 +13,7 @@ from microllama import memory
 from microllama.args import ModelArgs
 from microllama.checkpoint.family import kv_cache_bytes_per_token
 from microllama.cli import main
+from microllama.files import READS
 from microllama.generation import Llama
 from microllama.model import Transformer
 from microllama.tolerances import LOGITS_ATOL
@@ -165,6 +166,27 @@ def test_generate_refuses_a_max_seq_len_whose_kv_cache_exceeds_memory_in_one_lin
     assert re.fullmatch(r"microllama: error: a KV cache of 4 x 100,000,000,000 positions in float32 takes 186\.3 "
                         r"TiB \(204,800,000,000,000 bytes\), more than the [\d.]+ [KMG]iB available on cpu: lower "
                         r"max_seq_len or max_batch_size\n", captured.err), captured.err  # fmt: skip
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_kv_cache_that_cannot_fit_is_refused_before_a_weight_is_read(
+    command, capsys, monkeypatch, tmp_path, tokenizer, tiny_ckpt, no_model
+):
+    """The size comes from params.json alone: generate and chat refuse in one line with 0 bytes of the checkpoint
+    read and load_model never called (no_model fails the test if it is)."""
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 100_000)  # the cache of 1 x 512: 256 KiB
+    dialogs = tmp_path / "dialogs.jsonl"
+    dialogs.write_text('[{"role": "user", "content": "Hello"}]\n')
+    given = ["--prompt", "Hello"] if command == "generate" else ["--dialogs", str(dialogs)]
+    read_before = READS.bytes
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *given, "--max_seq_len", "512"])
+    captured = capsys.readouterr()
+    assert READS.bytes == read_before and exit_info.value.code == 1 and captured.out == ""
+    assert captured.err == (
+        "microllama: error: a KV cache of 1 x 512 positions in float32 takes 256.0 KiB (262,144 "
+        "bytes), more than the 97.7 KiB available on cpu: lower max_seq_len or max_batch_size\n"
+    )
 
 
 def test_generate_says_the_kv_cache_size_and_completes_in_chunks(capsys, tiny_ckpt, tokenizer):

@@ -1,6 +1,7 @@
 """Weight-only quantization (microllama.quantize, torchao): each format's error bound on any weight, a quantized
 model against the dense model holding its dequantized weights, quantizing while loading against quantizing the
-loaded model, the bytes `info` states, the one-line errors, and QLoRA as LoRA on the dequantized base."""
+loaded model, the bytes `info` states, the one-line errors, QLoRA as LoRA on the dequantized base, and what
+quantizing a trained model costs (held-out loss, top-1 agreement, KL) within the bounds measured."""
 
 import importlib.util
 import re
@@ -29,8 +30,10 @@ from microllama.quantize import (
     quantize_weight,
     tensor_bytes,
 )
-from microllama.tolerances import INT8_LOGITS_ATOL
+from microllama.tolerances import INT8_LOGITS_ATOL, QUANTIZED_QUALITY
+from microllama.train.data import IGNORE_INDEX, Batch
 from microllama.train.lora import TARGETS, apply_lora, merge_lora
+from microllama.train.quality import compare, measure
 
 from strategies import SMALL_VOCAB, random_transformer
 
@@ -285,3 +288,41 @@ def test_qlora_is_lora_on_the_dequantized_base(dtype, args, seed, lora, data):
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(*adapters, strict=True))
     exports = [dequantize_model(merge_lora(model)).state_dict() for model in (qlora, twin)]
     assert all(torch.equal(exports[0][k], exports[1][k]) and is_dense(exports[0][k]) for k in exports[1])
+
+
+def test_quality_figures_are_the_loss_agreement_and_kl_computed_by_hand():
+    """compare's sums against float64 arithmetic written out, on two small random models (a planted difference) over
+    packed rows with ignored targets; a model against itself costs nothing."""
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=SMALL_VOCAB, multiple_of=8, max_seq_len=16)
+    dense, other = random_transformer(args, 0), random_transformer(args, 1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, SMALL_VOCAB, (2, 16), generator=g)
+    targets = torch.randint(0, SMALL_VOCAB, (2, 16), generator=g)
+    targets[0, 5], targets[1, 10:] = IGNORE_INDEX, IGNORE_INDEX
+    documents = torch.tensor([[0] * 8 + [1] * 8, [0] * 16])
+    batches = [Batch(tokens[:1], targets[:1], documents[:1]), Batch(tokens[1:], targets[1:], documents[1:])]
+    same, planted = compare(dense, {"same": dense, "planted": other}, batches)
+    keep = targets != IGNORE_INDEX
+    with torch.no_grad():
+        p, q = (torch.log_softmax(m(tokens, documents=documents)[keep].double(), -1) for m in (dense, other))
+    n = int(keep.sum())
+    assert (same.positions, same.loss, same.top1_agreement, same.mean_kl) == (n, same.dense_loss, 1.0, 0.0)
+    expected = (-p.gather(-1, targets[keep, None]).mean(), -q.gather(-1, targets[keep, None]).mean(),
+                (p.argmax(-1) == q.argmax(-1)).double().mean(), (p.exp() * (p - q)).sum(-1).mean())  # fmt: skip
+    got = (planted.dense_loss, planted.loss, planted.top1_agreement, planted.mean_kl)
+    assert planted.positions == n and planted.mean_kl > 0.01
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.stack(expected), rtol=1e-5, atol=0)
+
+
+@needs_torchao
+@pytest.mark.slow  # the shared trained_tiny run (its first use trains it), then 3 models over 496 positions
+def test_quantizing_a_trained_model_costs_no_more_than_measured(trained_tiny):
+    """int8 and nf4 against the dense model over 16 held-out rows of TRAINED_TINY's run: held-out loss, top-1
+    agreement and mean KL within QUANTIZED_QUALITY (tolerances.py has the figures measured); 4 bits lose more."""
+    results = {q.quantize: q for q in measure(trained_tiny, ["int8", "nf4"], rows=16)}
+    for name, q in results.items():
+        bound = QUANTIZED_QUALITY[name]
+        assert abs(q.loss_change) <= bound["loss_change"], q
+        assert q.top1_agreement >= bound["top1_agreement"], q
+        assert q.mean_kl <= bound["mean_kl"], q
+    assert results["int8"].mean_kl < results["nf4"].mean_kl

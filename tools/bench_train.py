@@ -5,14 +5,26 @@ cross-entropy: microllama.train.loop's own train_step on random weights and rand
     python tools/bench_train.py --model llama3.2-1b --n_layers 2 --seq_len 128 --batch_size 1
     python tools/bench_train.py --model llama3.1-8b --device cuda --seq_len 2048 --batch_size 1   # then 2
     python tools/bench_train.py --model llama3.2-1b --n_layers 2 --modes '["lora", "qlora"]' --dtype bfloat16
+    python tools/bench_train.py --model llama3.2-1b --n_layers 4 --seq_len 128 --batch_size 1 --dtype bfloat16 \
+        --modes '["lora", "qlora"]' --variants '["ckpt+chunk"]' --repeats 2 --steps 2
 
 Each row runs in a fresh process (spawned), so that its peak memory is its own: on CUDA the peak of
 torch.cuda.max_memory_allocated, on the CPU the process's peak resident set (which includes Python and
 torch themselves: the `baseline` row, a process that only imports torch and allocates the data). Speed is
 the median over --steps timed steps after one warm-up step, in tokens (batch_size x seq_len) per second.
 Weights are random and drawn in the model's dtype on the device (no float32 copy of an 8B model).
+
+The step's own memory, apart from the process's (whose peak on the CPU also holds what building the model took,
+such as NF4's quantizer): `model` is what the process holds once the model is built (CPU: resident set, after
+glibc's malloc_trim gives back what building freed; CUDA: allocated), `step peak` the most it holds during the
+timed steps (their peak is reset after the warm-up step: CPU trimmed, then /proc/self/clear_refs; CUDA
+reset_peak_memory_stats), and `step adds` the difference: gradients,
+AdamW's state (made by the warm-up step), activations, logits and, under QLoRA, each NF4 weight dequantized.
+--repeats N runs every row N times in turn (lora, qlora, lora, qlora, ...), so that a machine's drift over the
+run falls on each mode alike.
 """
 
+import ctypes
 import functools
 import json
 import multiprocessing
@@ -36,6 +48,51 @@ def _clock(device: Any) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the kernel (glibc's malloc_trim), so that the resident set counts live memory
+    rather than what an earlier phase (NF4's quantizer, a warm-up step) freed and the allocator kept; elsewhere
+    nothing."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _held(device: Any) -> int:
+    """Bytes this process holds now: CUDA's allocated memory, or the CPU's resident set (heap trimmed first)."""
+    import torch
+
+    from tools.bench_load import status_bytes
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    _trim_heap()
+    return status_bytes("VmRSS")
+
+
+def _reset_peak(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _trim_heap()
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux 4.0 and later)
+
+
+def _peak_since_reset(device: Any) -> int:
+    import torch
+
+    from tools.bench_load import status_bytes
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return status_bytes("VmHWM")
 
 
 def run_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -80,14 +137,19 @@ def run_row(row: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig(data="-", mode=mode, loss_chunk=chunk, lora_targets=["wq", "wv"], quantize=quantize)
     trainable = select_trainable(model, cfg)
     optimizer = make_optimizer(trainable, cfg, device)
+    model_bytes = _held(device)
     times = []
-    for _ in range(row["steps"] + 1):  # the first is a warm-up
+    for step in range(row["steps"] + 1):  # the first is a warm-up
+        if step == 1:
+            _reset_peak(device)
         start = _clock(device)
         train_step(model, trainable, optimizer, [batch], 1e-5, cfg)
         times.append(_clock(device) - start)
     tokens_per_step = row["batch_size"] * row["seq_len"]
+    step_peak = _peak_since_reset(device)
     return {**row, "tok_s": tokens_per_step / statistics.median(times[1:]), "peak_gib": peak_memory_gib(device),
-            "trainable": sum(p.numel() for p in trainable)}  # fmt: skip
+            "trainable": sum(p.numel() for p in trainable), "model_gib": model_bytes / 2**30,
+            "step_peak_gib": step_peak / 2**30, "step_adds_gib": (step_peak - model_bytes) / 2**30}  # fmt: skip
 
 
 def _child(row: dict[str, Any], queue: Any) -> None:
@@ -109,11 +171,12 @@ def benchmark(
     variants: Optional[list[str]] = None,
     flash: bool = False,
     threads: int = 0,
+    repeats: int = 1,
 ) -> list[dict[str, Any]]:
     """One row per mode (full, lora, norms; qlora: lora over a base whose blocks' linear layers are NF4, on request)
     and variant (plain; ckpt+chunk: activation checkpointing and a 1,024-position cross-entropy chunk), each in its
-    own process, after a baseline row."""
-    for name, count in {"seq_len": seq_len, "batch_size": batch_size, "steps": steps}.items():
+    own process, after a baseline row; all of them `repeats` times in turn."""
+    for name, count in {"seq_len": seq_len, "batch_size": batch_size, "steps": steps, "repeats": repeats}.items():
         if count < 1:
             raise ValueError(f"--{name} must be at least 1, got {count}")
     modes, variants = modes or ["full", "lora", "norms"], variants or list(VARIANTS)
@@ -130,7 +193,7 @@ def benchmark(
     base = dict(model=model, n_layers=n_layers, device=device, dtype=dtype, seq_len=seq_len, batch_size=batch_size,
                 steps=steps, flash=flash, threads=threads)  # fmt: skip
     rows = [dict(base, mode="baseline", variant="-")]
-    rows += [dict(base, mode=m, variant=v) for m in modes for v in variants]
+    rows += [dict(base, mode=m, variant=v) for _ in range(repeats) for m in modes for v in variants]
     context = multiprocessing.get_context("spawn")
     results = []
     for row in rows:
@@ -151,14 +214,34 @@ def main(**kwargs: Any) -> None:
     layers = f", {first['n_layers']} layers" if first["n_layers"] else ""
     print(f"{first['model']}{layers}, {first['dtype']}, {first['device']}, batch {first['batch_size']} x "
           f"{first['seq_len']} tokens")  # fmt: skip
-    print(f"{'mode':<9} {'variant':<11} {'trainable':>12} {'tokens/s':>10} {'peak GiB':>9}")
+    print(f"{'mode':<9} {'variant':<11} {'trainable':>12} {'tokens/s':>10} {'peak GiB':>9} {'model':>7} "
+          f"{'step peak':>9} {'step adds':>9}")  # fmt: skip
     for r in results:
         if "error" in r:
             print(f"{r['mode']:<9} {r['variant']:<11} {r['error']}")
             continue
         trainable = f"{r['trainable']:,}" if "trainable" in r else "-"
         speed = f"{r['tok_s']:,.0f}" if r["tok_s"] else "-"
-        print(f"{r['mode']:<9} {r['variant']:<11} {trainable:>12} {speed:>10} {r['peak_gib']:>9.2f}")
+        step = (f"{r['model_gib']:>7.2f} {r['step_peak_gib']:>9.2f} {r['step_adds_gib']:>9.2f}" if "model_gib" in r
+                else f"{'-':>7} {'-':>9} {'-':>9}")  # fmt: skip
+        print(f"{r['mode']:<9} {r['variant']:<11} {trainable:>12} {speed:>10} {r['peak_gib']:>9.2f} {step}")
+    for line in step_ratios(results):
+        print(line)
+
+
+def step_ratios(results: list[dict[str, Any]]) -> list[str]:
+    """For qlora beside lora (same variant), the ratio of their medians of step peak and of step adds."""
+    lines = []
+    for variant in dict.fromkeys(r["variant"] for r in results):
+        rows = {m: [r for r in results if r["mode"] == m and r["variant"] == variant and "model_gib" in r]
+                for m in ("lora", "qlora")}  # fmt: skip
+        if rows["lora"] and rows["qlora"]:
+            peak, adds = ({m: statistics.median(r[k] for r in rows[m]) for m in rows}
+                          for k in ("step_peak_gib", "step_adds_gib"))  # fmt: skip
+            lines.append(f"qlora / lora ({variant}, medians of {len(rows['qlora'])} and {len(rows['lora'])}): step "
+                         f"peak {peak['qlora']:.2f} / {peak['lora']:.2f} GiB = {peak['qlora'] / peak['lora']:.2f}x, "
+                         f"step adds {adds['qlora']:.2f} / {adds['lora']:.2f} GiB")  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":

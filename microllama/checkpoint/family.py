@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from ..args import ModelArgs, RopeScaling, ffn_hidden_dim
 from ..memory import format_bytes as _size
+from ..memory import kv_cache_bytes
 from ..quantize import FORMATS, is_quantized_key, quantized_weight_bytes
 
 CONTEXT = 131072  # every model of both families is published with a 128K context
@@ -126,7 +127,7 @@ def weight_bytes(args: ModelArgs, tied: bool = False, itemsize: int = 2, quantiz
 
 def kv_cache_bytes_per_token(args: ModelArgs, dtype: str = "bfloat16") -> int:
     """Keys and values of one position in every layer, in dtype (a key of DTYPE_BYTES)."""
-    return 2 * args.n_layers * args.n_kv_heads * args.head_dim * DTYPE_BYTES[dtype]
+    return kv_cache_bytes(args, 1, 1, DTYPE_BYTES[dtype])
 
 
 def describe(

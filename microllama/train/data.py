@@ -269,6 +269,15 @@ def make_batch(corpus: Corpus, rows: Sequence[Sequence[Segment]], seq_len: int, 
     return Batch(torch.from_numpy(tokens), torch.from_numpy(targets), torch.from_numpy(documents))
 
 
+def held_out_batches(
+    corpus: Corpus, eval_docs: Sequence[int], seq_len: int, batch_size: int, rows: Optional[int], pad_id: int
+) -> list[Batch]:
+    """The held-out documents packed into rows of seq_len, the first `rows` of them (None: all), in batches of
+    batch_size rows: what the trainer evaluates."""
+    packed = pack(corpus.lengths(), eval_docs, seq_len).rows[:rows]
+    return [make_batch(corpus, packed[i : i + batch_size], seq_len, pad_id) for i in range(0, len(packed), batch_size)]
+
+
 @dataclass
 class DataPosition:
     epoch: int = 0  # passes over the training documents begun

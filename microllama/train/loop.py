@@ -53,7 +53,7 @@ from ..quantize import check_quantize
 from ..tokenizer import Tokenizer
 from . import run_dir as ckpts
 from .config import TrainConfig
-from .data import Batch, Batches, Corpus, load_corpus, make_batch, pack, split_documents
+from .data import Batch, Batches, Corpus, held_out_batches, load_corpus, split_documents
 from .lora import (
     adapter_state_dict,
     apply_lora,
@@ -349,9 +349,8 @@ class Trainer:
         self.train_docs, self.eval_docs = split_documents(len(self.corpus), cfg.eval_fraction, cfg.seed)
         pad_id = self.tokenizer.pad_id
         self.batches = Batches(self.corpus, self.train_docs, cfg.max_seq_len, cfg.batch_size, cfg.seed, pad_id)
-        eval_rows = pack(self.corpus.lengths(), self.eval_docs, cfg.max_seq_len).rows[: cfg.eval_rows]
-        self.eval_batches = [make_batch(self.corpus, eval_rows[i : i + cfg.batch_size], cfg.max_seq_len, pad_id)
-                             for i in range(0, len(eval_rows), cfg.batch_size)]  # fmt: skip
+        self.eval_batches = held_out_batches(self.corpus, self.eval_docs, cfg.max_seq_len, cfg.batch_size,
+                                             cfg.eval_rows, pad_id)  # fmt: skip
 
     def read_history(self) -> None:
         """The losses of the steps the checkpoint holds, from the run's metrics.jsonl."""
