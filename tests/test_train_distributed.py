@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import platform_differs, run_torchrun
+from conftest import HAVE_REFERENCE, platform_differs, run_torchrun
 
 from microllama.checkpoint.hf_layout import INDEX, file_owners, hf_file_name, hf_name
 from microllama.checkpoint.load import convert, open_checkpoint
@@ -42,6 +42,7 @@ from microllama.tolerances import (
     DATA_PARALLEL_CURVE_RTOL,
     DATA_PARALLEL_RTOL,
     DATA_PARALLEL_WEIGHTS_ATOL,
+    LOGITS_ATOL,
     LOSS_CURVE_PLATFORM_RTOL,
     TENSOR_DATA_PARALLEL_RTOL,
     TENSOR_DATA_PARALLEL_WEIGHTS_ATOL,
@@ -119,8 +120,9 @@ def runs(tmp_path_factory, tiny_ckpt):
     2 (DCP), norms (chunked loss; read from and exported in Hugging Face's layout), the loss-curve recipe's first
     CURVE_2D_STEPS steps; then in one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2 stopped after step
     2 (saved with DCP), the stopped one-process run and the stopped 2-D run resumed under FSDP2; lora and norms under
-    DDP and FSDP2, lora under FSDP2 again exporting Hugging Face's layout; the loss-curve recipe under DDP and FSDP2.
-    Then the stopped FSDP2 run resumed in one process."""
+    DDP and FSDP2, lora under FSDP2 again exporting Hugging Face's layout; the loss-curve recipe under DDP and FSDP2;
+    last, Meta's own code at 2 ranks reading lora's FSDP2 export. Then the stopped FSDP2 run resumed in one
+    process."""
     root = tmp_path_factory.mktemp("dp")
     names = ("single", "ddp", "fsdp", "single-then-fsdp", "loads", "2d", "2d-then-fsdp", "norms-2d", "curve-2d")
     dirs = {name: root / name for name in names}
@@ -155,7 +157,8 @@ def runs(tmp_path_factory, tiny_ckpt):
     for kind in ("ddp", "fsdp"):
         dirs[f"curve-{kind}"] = root / f"curve-{kind}"
         configs.append(recipe_config_fields(RECIPE, REPO, dirs[f"curve-{kind}"], distributed=kind))
-    torchrun(2, configs, str(dirs["loads"]), json.dumps(layouts))
+    meta_export = [str(dirs["lora-fsdp"] / "final")] if HAVE_REFERENCE else []  # read last by Meta's code at 2 ranks
+    torchrun(2, configs, str(dirs["loads"]), json.dumps(layouts), *meta_export)
     dirs["seen"] = [json.loads((dirs["loads"] / f"rank{r}.json").read_text()) for r in range(2)]
     dirs["fsdp-at-2"] = steps(dirs["fsdp"])  # what the ranks logged before the resume
     dirs["saved"] = load_checkpoint(dirs["fsdp"])[0]
@@ -504,3 +507,20 @@ def test_under_torchrun_a_bare_cuda_device_is_each_ranks_own_gpu(monkeypatch):
     assert rank_device("cuda:1") == torch.device("cuda", 1) and rank_device("cpu") == torch.device("cpu")
     monkeypatch.delenv("LOCAL_RANK")
     assert rank_device("cuda") == torch.device("cuda") and len(made_current) == 1
+
+
+@pytest.mark.reference
+def test_a_meta_layout_export_at_world_size_2_loads_in_metas_own_code_with_the_same_logits(runs):
+    """lora trained under FSDP2 at 2 ranks, its adapters merged into the 2 shards each rank wrote: Meta's
+    Llama3.build at world size 2 (fairscale's layers, torch.load of consolidated.0r.pth on rank r) reads them, and
+    its logits equal microllama's tensor-parallel model's on the same files bit for bit (the same world size adds
+    the same partial sums), and the one-process model's within LOGITS_ATOL (Meta's row-parallel sums). Meta's
+    loader keeps bfloat16 weights: both microllama models round theirs through bfloat16 alike."""
+    got = torch.load(runs["loads"] / "meta-export.pt")
+    assert torch.equal(got["meta"], got["ours"]), (got["meta"] - got["ours"]).abs().max()
+    model = Llama.build(runs["lora-fsdp"] / "final", 64, 1).model
+    with torch.inference_mode():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+        dense = model(got["tokens"])
+    assert (dense - got["meta"]).abs().max() <= LOGITS_ATOL[torch.float32]

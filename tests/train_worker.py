@@ -1,6 +1,6 @@
 """One rank of the data-parallel training runs of tests/test_train_distributed.py, started by torchrun:
 
-    torchrun --standalone --nproc_per_node N tests/train_worker.py CONFIGS_JSON [OUT LOADS_JSON]
+    torchrun --standalone --nproc_per_node N tests/train_worker.py CONFIGS_JSON [OUT LOADS_JSON [META_EXPORT_DIR]]
 
 Runs microllama.train.loop.train on each TrainConfig (a JSON list of their fields) in turn, in one process group:
 one torchrun start for several runs; each rank writes each run's Summary to its out_dir, summary-rank{RANK}.json.
@@ -9,7 +9,8 @@ this rank builds the model on the meta device, shards it and reads its rows (Che
 bytes it reads (files.READS); then loads it the old way (whole, then fully_shard) and runs one forward and backward of
 the same batch through both, keeping the loss and the gradients' norm of each. A checkpoint that must be refused
 ("refused") records its error's first line and the bytes read before it. What this rank saw goes to
-OUT/rank{RANK}.json."""
+OUT/rank{RANK}.json. With META_EXPORT_DIR, last, Meta's own Llama3.build at this world size reads that run's final
+export (one consolidated.0r.pth per rank) beside microllama's tensor-parallel model: OUT/meta-export.pt."""
 
 import dataclasses
 import json
@@ -75,6 +76,27 @@ def loading_checks(out: Path, spec: dict) -> None:
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
 
 
+def meta_reads_export(export_dir: str, out: Path) -> None:
+    """Meta's Llama3.build (fairscale's layers) at this world size on a Meta-layout export the ranks wrote, and
+    microllama's tensor-parallel model on the same files: both models' logits of fixed tokens, from rank 0. Meta's
+    loader keeps bfloat16 weights (its default tensor type; reference_harness.meta_llama then runs them in float32),
+    so microllama's weights are rounded through bfloat16 as well: the same weights, the same world size."""
+    from microllama.generation import Llama
+    from reference_harness.meta import meta_llama
+
+    meta = meta_llama(export_dir, torch.float32, 64, 1, 1, "cpu", dist.get_world_size())
+    tokens = torch.randint(0, 128256, (1, 17), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        meta_logits = meta.model.forward(tokens, 0)
+        ours = Llama.build(export_dir, 64, 1, tensor_parallel=True).model
+        for p in ours.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            local.copy_(local.bfloat16().float())
+        ours_logits = ours(tokens)
+    if dist.get_rank() == 0:
+        torch.save({"tokens": tokens, "meta": meta_logits, "ours": ours_logits}, out / "meta-export.pt")
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 2:
         loading_checks(Path(sys.argv[2]), json.loads(sys.argv[3]))
@@ -82,3 +104,5 @@ if __name__ == "__main__":
         summary = dataclasses.asdict(train(TrainConfig(**fields)))
         out = Path(fields["out_dir"]) / f"summary-rank{dist.get_rank()}.json"
         out.write_text(json.dumps(summary, default=str))
+    if len(sys.argv) > 4:
+        meta_reads_export(sys.argv[4], Path(sys.argv[2]))
