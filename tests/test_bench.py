@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from tools.bench_decode import benchmark, format_report
+from tools.bench_decode import SYSTEMS, benchmark, format_report
 from tools.bench_load import quant, tp
 from tools.bench_prefill import measure
 from tools.bench_train import run_row, step_ratios
@@ -24,10 +24,15 @@ def test_decode_benchmark_runs_each_system_on_the_same_weights_and_compares_thei
 @pytest.mark.slow
 @pytest.mark.reference
 def test_decode_benchmark_side_by_side_with_compiled_paths_and_meta():
-    result = benchmark(model="tiny", prompt_len=8, gen_len=4, repeats=1)
+    """Every system but transformers-static-compile, whose cold compile took 21 s of the suite's 10 minutes for the
+    peer's own code (transformers' static cache and torch.compile, which the benchmark only calls): microllama's
+    compiled path, its step alone and the report's "vs compiled" column are microllama's and are run here."""
+    systems = [s for s in SYSTEMS if s != "transformers-static-compile"]
+    result = benchmark(model="tiny", prompt_len=8, gen_len=4, repeats=1, systems=systems)
     rows = {r["system"]: r for r in result["rows"]}
-    assert set(rows) == {"microllama", "microllama-flash", "microllama-compiled", "transformers",
-                         "transformers-static-compile", "meta"}  # fmt: skip
+    assert set(rows) == {"microllama", "microllama-flash", "microllama-compiled", "transformers", "meta"}
+    assert result["step_alone_s"] > 0
+    assert all(re.search(r" \d+\.\d\dx ", line) for line in format_report(result).splitlines()[2:7])  # vs compiled
     assert all(r["same_tokens"] for r in rows.values()), format_report(result)
     assert result["bound_tok_s"] > 0
 

@@ -121,7 +121,8 @@ RAN: dict[str, str] = {}  # a command's words and input -> the block that ran it
 
 def run(command: Command, where: str, cwd: Path, capsys, monkeypatch) -> tuple[int, str]:
     """Exit status and stderr of one command: `microllama ...` through the command line's main in this process,
-    `python tools/...` and `python docs/tutorial/...` (a stage) in a fresh interpreter, anything else (echo with a redirection) through bash."""
+    `python tools/...` and `python docs/tutorial/...` (a stage) in a fresh interpreter, anything else (echo with a
+    redirection) through bash."""
     argv = shlex.split(command.text, comments=True)
     if argv[0] == "microllama":
         monkeypatch.setattr(sys, "stdin", io.StringIO(command.stdin))

@@ -115,16 +115,27 @@ def loading_spec(root: Path, tiny_ckpt: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_ckpt):
-    """One process (full, its final weights in Hugging Face's layout; lora, norms; and full stopped after step 2);
-    in one launch at 4 ranks as 2 x 2 (2-D): full to the end with activation checkpointing, full stopped after step
-    2 (DCP), norms (chunked loss; read from and exported in Hugging Face's layout), the loss-curve recipe's first
+    """One process (full, its final weights in Hugging Face's layout; lora, norms; and full stopped after step 2); in
+    one launch at 4 ranks as 2 x 2 (2-D): full to the end with activation checkpointing, full stopped after step 2
+    (DCP), norms (chunked loss; read from and exported in Hugging Face's layout), the loss-curve recipe's first
     CURVE_2D_STEPS steps; then in one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2 stopped after step
-    2 (saved with DCP), the stopped one-process run and the stopped 2-D run resumed under FSDP2; lora and norms under
-    DDP and FSDP2, lora under FSDP2 again exporting Hugging Face's layout; the loss-curve recipe under DDP and FSDP2;
-    last, Meta's own code at 2 ranks reading lora's FSDP2 export. Then the stopped FSDP2 run resumed in one
-    process."""
+    2 (saved with DCP) and FSDP2 from step 0 to the end (its export), the stopped one-process run and the stopped
+    2-D run resumed under FSDP2; lora and norms under DDP and FSDP2, lora under FSDP2 again exporting Hugging Face's
+    layout; the loss-curve recipe under DDP and FSDP2; last, Meta's own code at 2 ranks reading lora's FSDP2 export.
+    Then the stopped FSDP2 run resumed in one process."""
     root = tmp_path_factory.mktemp("dp")
-    names = ("single", "ddp", "fsdp", "single-then-fsdp", "loads", "2d", "2d-then-fsdp", "norms-2d", "curve-2d")
+    names = (
+        "single",
+        "ddp",
+        "fsdp",
+        "fsdp-to-the-end",
+        "single-then-fsdp",
+        "loads",
+        "2d",
+        "2d-then-fsdp",
+        "norms-2d",
+        "curve-2d",
+    )
     dirs = {name: root / name for name in names}
     train(TrainConfig(out_dir=str(dirs["single"]), export="hf", **RUN))
     train(TrainConfig(out_dir=str(dirs["single-then-fsdp"]), stop_at=2, **RUN))
@@ -140,6 +151,7 @@ def runs(tmp_path_factory, tiny_ckpt):
     dirs["loads"].mkdir()
     configs = [{**RUN, "out_dir": str(dirs["ddp"]), "distributed": "ddp"},
                {**RUN, "out_dir": str(dirs["fsdp"]), "distributed": "fsdp", "stop_at": 2},
+               {**RUN, "out_dir": str(dirs["fsdp-to-the-end"]), "distributed": "fsdp"},
                {**RUN, "out_dir": str(dirs["single-then-fsdp"]), "distributed": "fsdp", "resume": True},
                {**RUN, "out_dir": str(dirs["2d-then-fsdp"]), "distributed": "fsdp", "resume": True}]  # fmt: skip
     for mode, settings in MODES.items():
@@ -199,13 +211,11 @@ def test_a_one_process_save_resumes_under_fsdp2_at_world_size_2_with_the_same_ne
     assert max_weight_diff(runs["single-then-fsdp"], runs["single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
 
 
-@pytest.mark.slow
-def test_fsdp2_run_to_the_end_at_world_size_2_exports_one_process_weights_in_two_shards(runs, tmp_path):
+def test_fsdp2_run_to_the_end_at_world_size_2_exports_one_process_weights_in_two_shards(runs):
     """Each rank writes its Meta shard of the weights; rank 0 the small files."""
-    torchrun(2, [{**RUN, "out_dir": str(tmp_path / "fsdp"), "distributed": "fsdp"}])
-    assert_close_runs(steps(tmp_path / "fsdp"), steps(runs["single"]))
-    assert max_weight_diff(tmp_path / "fsdp", runs["single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
-    assert sorted(p.name for p in (tmp_path / "fsdp" / "final").iterdir()) == [
+    assert_close_runs(steps(runs["fsdp-to-the-end"]), steps(runs["single"]))
+    assert max_weight_diff(runs["fsdp-to-the-end"], runs["single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
+    assert sorted(p.name for p in (runs["fsdp-to-the-end"] / "final").iterdir()) == [
         "consolidated.00.pth", "consolidated.01.pth", "params.json", "train_config.json"
     ]  # fmt: skip
 
