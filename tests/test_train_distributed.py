@@ -238,12 +238,9 @@ def trained_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return merge_lora_state_dict(weights, LORA_SCALE)
 
 
-@pytest.mark.parametrize("mode", list(FSDP_TO_THE_END))
-def test_fsdp2_final_export_is_each_ranks_meta_shard_and_reads_back_as_the_trained_model(runs, mode, tiny_ckpt):
-    """Two Meta shards (rank r's tensors split as fairscale splits them at 2 ranks), which Llama.build reads back
-    as the trained model gathered whole, bit for bit: weights (LoRA folded block by block equals folding whole
-    tensors) and logits. Against one process: the tests above (DATA_PARALLEL_WEIGHTS_ATOL)."""
-    run, shapes = runs[FSDP_TO_THE_END[mode]], expected_shapes(open_checkpoint(tiny_ckpt).args)
+def assert_two_meta_shards_of_the_trained_model(run: Path, shapes: dict) -> tuple[Path, dict[str, torch.Tensor]]:
+    """run's final export is 2 Meta shards, rank r's tensors split as fairscale splits them at 2 ranks, which read
+    back as the trained model (its last DCP save, gathered) bit for bit. Returns the export and that model."""
     final = run / "final"
     assert sorted(p.name for p in final.iterdir()) == [
         "consolidated.00.pth", "consolidated.01.pth", "params.json", "train_config.json"
@@ -253,6 +250,16 @@ def test_fsdp2_final_export_is_each_ranks_meta_shard_and_reads_back_as_the_train
         assert {k: tuple(v.shape) for k, v in shard.items()} == {k: shard_shape(k, s, 2) for k, s in shapes.items()}
     exported, trained = open_checkpoint(final).read_state_dict(), trained_weights(run)
     assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+    return final, trained
+
+
+@pytest.mark.parametrize("mode", list(FSDP_TO_THE_END))
+def test_fsdp2_final_export_is_each_ranks_meta_shard_and_reads_back_as_the_trained_model(runs, mode, tiny_ckpt):
+    """Two Meta shards (rank r's tensors split as fairscale splits them at 2 ranks), which Llama.build reads back
+    as the trained model gathered whole, bit for bit: weights (LoRA folded block by block equals folding whole
+    tensors) and logits. Against one process: the tests above (DATA_PARALLEL_WEIGHTS_ATOL)."""
+    run, shapes = runs[FSDP_TO_THE_END[mode]], expected_shapes(open_checkpoint(tiny_ckpt).args)
+    final, trained = assert_two_meta_shards_of_the_trained_model(run, shapes)
     tokens = torch.randint(0, 128256, (1, 9), generator=torch.Generator().manual_seed(0))
     built = Llama.build(final, max_seq_len=16, max_batch_size=1).model(tokens)
     assert torch.equal(built, open_checkpoint(tiny_ckpt).load_model(16, 1, state_dict=trained)(tokens))
@@ -390,15 +397,7 @@ def test_2d_final_export_is_two_meta_shards_of_the_trained_model_without_gatheri
     bit. What each rank held at once: the first data rank's ranks their shard and one block in flight, the others
     that block alone."""
     run, shapes = runs["2d"], expected_shapes(open_checkpoint(tiny_ckpt).args)
-    final = run / "final"
-    assert sorted(p.name for p in final.iterdir()) == [
-        "consolidated.00.pth", "consolidated.01.pth", "params.json", "train_config.json"
-    ]  # fmt: skip
-    for rank in range(2):
-        shard = load_pth(final / f"consolidated.0{rank}.pth")
-        assert {k: tuple(v.shape) for k, v in shard.items()} == {k: shard_shape(k, s, 2) for k, s in shapes.items()}
-    exported, trained = open_checkpoint(final).read_state_dict(), trained_weights(run)
-    assert exported.keys() == trained.keys() and all(torch.equal(exported[k], trained[k]) for k in exported)
+    assert_two_meta_shards_of_the_trained_model(run, shapes)
     model_bytes = 4 * sum(math.prod(s) for s in shapes.values())
     shard_bytes = 4 * sum(math.prod(shard_shape(k, s, 2)) for k, s in shapes.items())
     largest_block = 4 * max(math.prod(shard_shape(k, s, 2)) for k, s in shapes.items())

@@ -90,6 +90,11 @@ def recorded(point: str, case: Case = 0, golden: Union[str, Path, None] = None) 
     return torch.from_numpy(g.activations[point][row.first_row : row.first_row + row.n_rows].copy())
 
 
+def first_difference(got: Sequence[int], want: Sequence[int]) -> int:
+    """The first position where two id lists differ (the shorter one's length if one is the other's start)."""
+    return next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+
+
 def check(point: str, actual: Union[torch.Tensor, Sequence[int]], case: Case = 0,
           golden: Union[str, Path, None] = None) -> bool:  # fmt: skip
     """Check actual, a learner's activation at a capture point for case ((positions, dim), or with a batch dimension
@@ -101,7 +106,7 @@ def check(point: str, actual: Union[torch.Tensor, Sequence[int]], case: Case = 0
     if point == PROMPT_IDS:
         got, want = [int(t) for t in actual], prompt_ids(case, golden)
         if got != want:
-            at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+            at = first_difference(got, want)
             raise CheckFailed(f"{PROMPT_IDS} (tokenizer), {row.case}: DIFFER from Meta's at token {at} "
                               f"({len(got)} ids, Meta's {len(want)}: {want[:at + 3]}...)")  # fmt: skip
         print(f"{PROMPT_IDS} (tokenizer), {row.case}: identical ({len(got)} id{'s' if len(got) > 1 else ''})")
@@ -157,7 +162,7 @@ def _check_ids(g: GoldenSet, what: str, got: list[int], want: list[int], prompt:
     if got == want:
         print(f"{what}: identical ({n}); check: {mode.line}")
         return True
-    at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+    at = first_difference(got, want)
     if not mode.exact:
         atol = LOGITS_ATOL[g.manifest.torch_dtype]
         stops = _stop_tokens()
@@ -204,7 +209,7 @@ def check_chat_prompt(ids: Sequence[int], dialog: int = 0, golden: Union[str, Pa
     _dialog(g, dialog)
     got, want = [int(t) for t in ids], g.chat.prompt_ids[dialog]
     if got != want:
-        at = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+        at = first_difference(got, want)
         raise CheckFailed(f"chat prompt ids, dialog {dialog}: DIFFER from Meta's at token {at} ({len(got)} ids, "
                           f"Meta's {len(want)}: {want[at : at + 4]}... from there)")  # fmt: skip
     print(f"chat prompt ids, dialog {dialog}: identical ({len(got)} ids)")
