@@ -525,7 +525,7 @@ def test_a_meta_layout_export_at_world_size_2_loads_in_metas_own_code_with_the_s
     its logits equal microllama's tensor-parallel model's on the same files bit for bit (the same world size adds
     the same partial sums), and the one-process model's within LOGITS_ATOL (Meta's row-parallel sums). Meta's
     loader keeps bfloat16 weights: both microllama models round theirs through bfloat16 alike."""
-    got = torch.load(runs["loads"] / "meta-export.pt")
+    got = torch.load(runs["loads"] / "meta-export.pt", weights_only=True)
     assert torch.equal(got["meta"], got["ours"]), (got["meta"] - got["ours"]).abs().max()
     model = Llama.build(runs["lora-fsdp"] / "final", 64, 1).model
     with torch.inference_mode():

@@ -516,8 +516,10 @@ class Trainer:
         self.metrics.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        if self.step == self.cfg.max_steps and self.ranks.kind == "fsdp":
-            self.export_hf_sharded() if self.cfg.export == "hf" else self.export_sharded()
+        if self.step == self.cfg.max_steps and self.ranks.kind == "fsdp" and self.cfg.export == "hf":
+            self.export_hf_sharded()
+        elif self.step == self.cfg.max_steps and self.ranks.kind == "fsdp":
+            self.export_sharded()
         elif self.step == self.cfg.max_steps:
             whole = self.ranks.full_state_dict(self.model)  # every rank calls it; rank 0 gets the weights
             if self.ranks.is_rank_0:
