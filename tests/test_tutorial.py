@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import recording_platform
 
 from microllama.golden import tutorial
 from microllama.golden.capture import cpu_threads
@@ -148,9 +149,22 @@ def _notebooks(names):
 
 @pytest.mark.parametrize("name", _notebooks(NOTEBOOKS))
 def test_solution_notebook_passes_its_checks(name, capsys):
+    """Every stage runs to its end (a failed check raises), and each check it prints took verify's branch for this
+    platform: bit-exact where the recording's platform matches (then every difference is 0), within tolerance
+    elsewhere (an AVX2 CPU, another torch build)."""
     runpy.run_path(str(TUTORIAL / name), run_name="__main__")
     out = capsys.readouterr().out
-    assert "DIVERGES" not in out and (": ok, max abs err 0" in out or "identical" in out), out
+    checks = [line for line in out.splitlines() if "; check: " in line]
+    # token ids (equal on every platform), and stage 09's LoRA against microllama's own on this machine
+    identical = [line for line in out.splitlines() if "identical" in line]
+    assert checks or identical, out
+    for line in checks:
+        branch = line.split("; check: ", 1)[1]
+        assert branch.startswith(("bit-exact: ", "tolerance: ")), line
+        if branch.startswith("bit-exact: "):
+            assert ": ok, max abs err 0;" in line or ": identical" in line or "identical to the golden" in line, line
+    if recording_platform(tutorial.golden_set().manifest):  # where every golden check is bit for bit
+        assert all("; check: bit-exact: " in line for line in checks), out
 
 
 def test_committed_exercises_are_the_generated_ones():
