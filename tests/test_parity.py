@@ -66,12 +66,16 @@ def final_states_and_last_logits(model: torch.nn.Module, into: list, last: int) 
             handle.remove()
 
 
+# In float32 only: one 8,300-position forward is 8,300 x 8,300 attention scores per head, whose bfloat16 matmuls on a
+# CPU without AVX-512 took 80 s of the suite (emulated, about 16x slower than float32's). bfloat16 past 8,192
+# positions is checked against Meta's recordings by the long-range case of every bfloat16 golden set (tiny-bf16,
+# tiny-hd128-bf16: a 9,000-position prefill and the step at position 9,000), bit for bit on the recording's platform.
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_logits_bit_identical_to_meta_beyond_8192_positions(tiny_ckpt, dtype):
+def test_logits_bit_identical_to_meta_beyond_8192_positions(tiny_ckpt):
     """Past the original 8,192-token context, where Llama 3.1's RoPE scaling matters: the final hidden
     states of an 8,300-position forward at every position, its last 64 positions' logits, and a cached
     decode step at position 8,300."""
+    dtype = torch.float32
     n = 8300
     meta = meta_transformer(tiny_ckpt, dtype, max_seq_len=n + 1, max_batch_size=1)
     ours = load_model(tiny_ckpt, max_seq_len=n + 1, max_batch_size=1, dtype=dtype)
