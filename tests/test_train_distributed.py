@@ -39,6 +39,7 @@ from microllama.distributed.launch import rank_device
 from microllama.generation import Llama
 from microllama.golden.loss_curve import RECIPE, compare, read_curve, read_golden, recipe_config_fields
 from microllama.tolerances import (
+    DATA_PARALLEL_4_RANKS_RTOL,
     DATA_PARALLEL_CURVE_RTOL,
     DATA_PARALLEL_RTOL,
     DATA_PARALLEL_WEIGHTS_ATOL,
@@ -48,7 +49,7 @@ from microllama.tolerances import (
     TENSOR_DATA_PARALLEL_WEIGHTS_ATOL,
 )
 from microllama.train.config import TrainConfig
-from microllama.train.loop import train
+from microllama.train.loop import Trainer, train
 from microllama.train.lora import merge_lora_state_dict
 from microllama.train.run_dir import load_checkpoint, read_metrics
 
@@ -70,6 +71,11 @@ CURVE_GOLDEN = REPO / "goldens" / "losses" / "tiny-fp32-cpu-ws1.json"
 # steps there (stop_at: the learning-rate schedule is the recipe's), to fit the suite's time.
 TWO_D = dict(distributed="fsdp", tensor_parallel=2)
 CURVE_2D_STEPS = 10
+# A second shape: tiny-kv4 (dim 128, 8 heads, 4 kv heads, 448 feed-forward features), a global micro-batch of 4 rows:
+# FSDP2 over 4 ranks (one row each) in every mode, and 2-D at 2 x 2, against one process on the same batch.
+KV4 = dict(RUN, ckpt_dir="tiny-kv4", batch_size=4)
+KV4_MODES = {"full": KV4, "lora": dict(MODES["lora"], ckpt_dir="tiny-kv4", batch_size=4),
+             "norms": dict(MODES["norms"], ckpt_dir="tiny-kv4", batch_size=4)}  # fmt: skip
 pytestmark = [
     pytest.mark.skipif(not torch.distributed.is_available(), reason="needs torch.distributed"),
     pytest.mark.usefixtures("tokenizer"),
@@ -140,12 +146,22 @@ def runs(tmp_path_factory, tiny_ckpt):
     train(TrainConfig(out_dir=str(dirs["single"]), export="hf", **RUN))
     train(TrainConfig(out_dir=str(dirs["single-then-fsdp"]), stop_at=2, **RUN))
     layouts = loading_spec(root, tiny_ckpt)  # tiny in Meta's layout (1 and 2 files) and Hugging Face's
-    torchrun(4, [{**RUN, **TWO_D, "out_dir": str(dirs["2d"]), "activation_checkpointing": True},
-                 {**RUN, **TWO_D, "out_dir": str(dirs["2d-then-fsdp"]), "stop_at": 2},
-                 {**MODES["norms"], **TWO_D, "out_dir": str(dirs["norms-2d"]), "export": "hf",
-                  "ckpt_dir": layouts["layouts"]["hf"]},
-                 recipe_config_fields(RECIPE, REPO, dirs["curve-2d"], stop_at=CURVE_2D_STEPS, **TWO_D)])  # fmt: skip
+    four = [{**RUN, **TWO_D, "out_dir": str(dirs["2d"]), "activation_checkpointing": True},
+            {**RUN, **TWO_D, "out_dir": str(dirs["2d-then-fsdp"]), "stop_at": 2},
+            {**MODES["norms"], **TWO_D, "out_dir": str(dirs["norms-2d"]), "export": "hf",
+             "ckpt_dir": layouts["layouts"]["hf"]},
+            recipe_config_fields(RECIPE, REPO, dirs["curve-2d"], stop_at=CURVE_2D_STEPS, **TWO_D)]  # fmt: skip
+    for mode, settings in KV4_MODES.items():  # tiny-kv4: one process, FSDP2 at 4 ranks; full at 2 x 2 too
+        for run, changes in ((f"kv4-{mode}-single", {}), (f"kv4-{mode}-fsdp4", {"distributed": "fsdp"}),
+                             *([("kv4-full-2d", TWO_D)] if mode == "full" else [])):  # fmt: skip
+            dirs[run] = root / run
+            if changes:
+                four.append({**settings, **changes, "out_dir": str(dirs[run])})
+            else:
+                train(TrainConfig(out_dir=str(dirs[run]), **settings))
+    torchrun(4, four)
     dirs["2d-at-4"] = steps(dirs["2d-then-fsdp"])  # what the 2-D ranks logged before the resume
+    dirs["curve-2d-at-4"] = read_curve(dirs["curve-2d"])  # resumed at 2 ranks below, to the recipe's end
     dirs["2d-saved"] = load_checkpoint(dirs["2d-then-fsdp"])[0]
     dirs["2d-saved-files"] = sorted(p.name for p in (dirs["2d-then-fsdp"] / "checkpoint" / "dcp").iterdir())
     dirs["loads"].mkdir()
@@ -169,6 +185,8 @@ def runs(tmp_path_factory, tiny_ckpt):
     for kind in ("ddp", "fsdp"):
         dirs[f"curve-{kind}"] = root / f"curve-{kind}"
         configs.append(recipe_config_fields(RECIPE, REPO, dirs[f"curve-{kind}"], distributed=kind))
+    # the recipe stopped at 2 x 2 after CURVE_2D_STEPS, resumed by 2 FSDP2 ranks to its end
+    configs.append(recipe_config_fields(RECIPE, REPO, dirs["curve-2d"], distributed="fsdp", resume=True))
     meta_export = [str(dirs["lora-fsdp"] / "final")] if HAVE_REFERENCE else []  # read last by Meta's code at 2 ranks
     torchrun(2, configs, str(dirs["loads"]), json.dumps(layouts), *meta_export)
     dirs["seen"] = [json.loads((dirs["loads"] / f"rank{r}.json").read_text()) for r in range(2)]
@@ -218,6 +236,33 @@ def test_fsdp2_run_to_the_end_at_world_size_2_exports_one_process_weights_in_two
     assert sorted(p.name for p in (runs["fsdp-to-the-end"] / "final").iterdir()) == [
         "consolidated.00.pth", "consolidated.01.pth", "params.json", "train_config.json"
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", ["a rank's file missing", "a rank's file cut short", "metadata unreadable"])
+def test_resuming_a_sharded_save_that_is_not_whole_is_refused_in_one_line_before_the_model_is_built(
+    runs, tmp_path, damage, monkeypatch
+):
+    """DCP reads a whole save at any world size (the resumes above); a save it cannot read is refused when the
+    checkpoint is opened, naming the file, before any weight is loaded or the run directory is written."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["lora-fsdp"], run)
+    saved = run / "checkpoint" / "dcp"
+    if damage == "a rank's file missing":
+        (saved / "__1_0.distcp").unlink()
+        refused = r"is incomplete: __1_0\.distcp missing \(of the 2 files, one per rank that saved it"
+    elif damage == "a rank's file cut short":
+        data = (saved / "__0_0.distcp").read_bytes()
+        (saved / "__0_0.distcp").write_bytes(data[: len(data) // 2])
+        refused = rf"is incomplete: __0_0\.distcp holds {len(data) // 2:,} of its [\d,]+ bytes \(of the 2 files"
+    else:
+        (saved / ".metadata").write_bytes(b"not a pickle")
+        refused = r": not a readable torch\.distributed\.checkpoint save \("
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    monkeypatch.setattr(Trainer, "build", lambda self: pytest.fail("the model was built"))
+    with pytest.raises(ValueError, match=refused) as error:
+        train(TrainConfig(out_dir=str(run), resume=True, **MODES["lora"]))
+    assert len(str(error.value).splitlines()) == 1
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
 
 
 # The FSDP2 runs of the launch that run to max_steps: full (resumed from one process's save) and lora.
@@ -422,9 +467,34 @@ def test_loss_curve_recipe_at_2x2_stays_within_tolerance_of_the_golden(runs):
     """The recipe's first CURVE_2D_STEPS steps (its learning-rate schedule, stopped there) against the golden's."""
     golden = read_golden(CURVE_GOLDEN)
     rtol = DATA_PARALLEL_CURVE_RTOL + (LOSS_CURVE_PLATFORM_RTOL if platform_differs(golden) else 0)
-    curve = read_curve(runs["curve-2d"])
+    curve = runs["curve-2d-at-4"]
     assert [s.step for s in curve] == list(range(1, CURVE_2D_STEPS + 1))
     assert compare(curve, golden.steps[:CURVE_2D_STEPS], rtol) is None
+
+
+def test_loss_curve_recipe_stopped_at_2x2_and_resumed_by_2_fsdp2_ranks_stays_within_tolerance_of_the_golden(runs):
+    """Stop and resume at another world size and mesh: the recipe's first CURVE_2D_STEPS steps at 2 x 2, saved
+    (DCP, 4 files), the rest by 2 FSDP2 ranks; all 20 steps against the golden recorded in one process, the bound
+    of the data-parallel curves (the steps before the resume are the 2-D run's own)."""
+    golden = read_golden(CURVE_GOLDEN)
+    rtol = DATA_PARALLEL_CURVE_RTOL + (LOSS_CURVE_PLATFORM_RTOL if platform_differs(golden) else 0)
+    curve = read_curve(runs["curve-2d"])
+    assert [s.step for s in curve] == list(range(1, 21)) and curve[:CURVE_2D_STEPS] == runs["curve-2d-at-4"]
+    assert compare(curve, golden.steps, rtol) is None
+
+
+@pytest.mark.parametrize("mode", list(KV4_MODES))
+def test_fsdp2_at_4_ranks_on_a_second_shape_gives_one_process_losses_and_weights(runs, mode):
+    """tiny-kv4 (other widths than tiny's: dim 128, 8 heads of which 4 kv heads, 448 feed-forward features) at 4
+    FSDP2 ranks, one row each: every mode's losses, gradient norms and final weights against one process."""
+    assert_close_runs(steps(runs[f"kv4-{mode}-fsdp4"]), steps(runs[f"kv4-{mode}-single"]), DATA_PARALLEL_4_RANKS_RTOL)
+    assert max_weight_diff(runs[f"kv4-{mode}-fsdp4"], runs[f"kv4-{mode}-single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
+
+
+def test_2d_at_2x2_on_a_second_shape_gives_one_process_losses_and_weights(runs):
+    """tiny-kv4 at 2 data x 2 tensor-parallel ranks (2 kv heads per tensor rank)."""
+    assert_close_runs(steps(runs["kv4-full-2d"]), steps(runs["kv4-full-single"]), DATA_PARALLEL_4_RANKS_RTOL)
+    assert max_weight_diff(runs["kv4-full-2d"], runs["kv4-full-single"]) <= TENSOR_DATA_PARALLEL_WEIGHTS_ATOL
 
 
 @pytest.mark.parametrize(

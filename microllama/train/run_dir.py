@@ -150,6 +150,8 @@ def load_checkpoint(run_dir: Path) -> tuple[TrainState, dict[str, Any]]:
         raise TrainCheckpointError(f"{path}: not a readable training checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(payload, dict) or payload.get("format") != STATE_FORMAT:
         raise TrainCheckpointError(f"{path}: not a microllama training checkpoint of format {STATE_FORMAT}")
+    if payload.get("dcp"):
+        check_sharded_checkpoint(run_dir / CHECKPOINT / DCP)
     state = TrainState(
         step=payload["step"],
         weights=payload["weights"],
@@ -160,6 +162,33 @@ def load_checkpoint(run_dir: Path) -> tuple[TrainState, dict[str, Any]]:
         dcp=run_dir / CHECKPOINT / DCP if payload.get("dcp") else None,
     )
     return state, read_record(run_dir / CHECKPOINT)
+
+
+def check_sharded_checkpoint(path: Path) -> None:
+    """TrainCheckpointError in one line unless path holds a whole torch.distributed.checkpoint save: its .metadata
+    readable and every file it names there, as long as the metadata says. DCP reads a whole save into any mesh and
+    world size (it reshards as it reads); a save with a rank's file missing or cut short it would find only once
+    the model is built, deep in its reader."""
+    if not dist.is_available():
+        raise TrainCheckpointError(f"{path} was saved by a data-parallel run with torch.distributed.checkpoint, which "
+                                   "this torch build cannot read (torch.distributed is not available)")  # fmt: skip
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as e:  # absent, cut short or not DCP's: several types
+        raise TrainCheckpointError(f"{path}: not a readable torch.distributed.checkpoint save ({type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''})") from None  # fmt: skip
+    needs: dict[str, int] = {}  # file -> the bytes the metadata reads from it
+    for where in (metadata.storage_data or {}).values():
+        needs[where.relative_path] = max(needs.get(where.relative_path, 0), where.offset + where.length)
+    missing = [name for name in sorted(needs) if not (path / name).is_file()]
+    held = {name: (path / name).stat().st_size for name in needs if name not in missing}
+    short = [f"{name} holds {held[name]:,} of its {size:,} bytes" for name, size in sorted(needs.items())
+             if name in held and held[name] < size]  # fmt: skip
+    if missing or short:
+        what = [f"{', '.join(missing)} missing"] if missing else []
+        raise TrainCheckpointError(f"{path} is incomplete: {'; '.join(what + short)} (of the {len(needs)} files, one "
+                                   "per rank that saved it, its .metadata names): copy the checkpoint whole, or "
+                                   "start a new run in another --out_dir")  # fmt: skip
 
 
 def save_adapters(run_dir: Path, adapters: StateDict) -> Path:
