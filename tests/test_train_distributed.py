@@ -19,7 +19,11 @@ trained model gathered, bit for bit (full, and lora merged), within DATA_PARALLE
 losses, gradient norms and final weights within TENSOR_DATA_PARALLEL_RTOL / _WEIGHTS_ATOL of one process's, its
 export two Meta shards written by the first data rank's tensor ranks; its DCP save resumed under plain FSDP2 at 2
 ranks (in the 2-rank launch) with one process's next-step loss; the loss-curve recipe's first steps within
-DATA_PARALLEL_CURVE_RTOL of the golden. Its bad inputs are refused in one line before anything is written."""
+DATA_PARALLEL_CURVE_RTOL of the golden, and the rest resumed by 2 FSDP2 ranks. Its bad inputs are refused in one
+line before anything is written.
+
+A second shape in the same 4-rank launch: tiny-kv4 under FSDP2 at 4 ranks (full, lora, norms) and at 2 x 2, within
+DATA_PARALLEL_4_RANKS_RTOL of one process. A sharded save that is not whole is refused on --resume in one line."""
 
 import importlib.util
 import json
