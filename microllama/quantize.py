@@ -13,6 +13,12 @@ projection and the norms keep the model's dtype (README, Quantization, says why)
   and the rows to a multiple of 8): CUDA (compute capability 8.0 or newer) and bfloat16 only; not run in
   microllama's tests, which had no GPU.
 
+Under FSDP2 (QLoRA, `--distributed fsdp`) each rank holds 1/W of every NF4 weight: torchao's NF4Tensor splits
+along dim 0 into its rows' codes, their blocks' absmaxes and their groups' second-level scales, so every rank
+must hold whole groups of whole rows (check_nf4_split). The whole tensor is quantized first and then split
+(quantized_rows): double quantization subtracts the mean of the whole tensor's absmaxes, so quantizing a rank's
+rows alone would not give one process's bits.
+
 torchao is imported on first use, so microllama's core imports without it; torch too, so that the sizes
 (quantized_weight_bytes) serve `microllama info NAME`, which imports no torch.
 """
@@ -20,7 +26,8 @@ torchao is imported on first use, so microllama's core imports without it; torch
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Union
+import math
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 if TYPE_CHECKING:
     import torch
@@ -85,6 +92,30 @@ def nf4_scaler_block(numel: int) -> int:
     return next(s for s in range(min(NF4_SCALER_BLOCK, n_blocks), 0, -1) if n_blocks % s == 0)
 
 
+def nf4_layout(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(blocks, absmaxes per scaler block, scaler blocks) of the NF4 form of a weight of this shape."""
+    numel = math.prod(shape)
+    blocks, scaler_block = numel // NF4_BLOCK, nf4_scaler_block(numel)
+    return blocks, scaler_block, blocks // scaler_block
+
+
+def check_nf4_split(shapes: dict[str, tuple[int, ...]], world_size: int, source: str) -> None:
+    """ValueError (one line) naming the first quantized weight of `shapes` (Meta's keys, as params.json gives
+    them) whose NF4 form FSDP2 cannot split over world_size ranks: each rank must hold an equal share of its rows
+    and whole scaler blocks (its rows' blocks of NF4_BLOCK weights then follow)."""
+    layouts = {k: nf4_layout(s) for k, s in shapes.items() if is_quantized_key(k)}
+    splits = math.gcd(*(math.gcd(shapes[k][0], groups) for k, (_, _, groups) in layouts.items()))
+    which = (f"world sizes dividing {splits} split all of this model's: use one, or --distributed ddp" if splits > 1
+             else "no world size above 1 splits all of this model's: use --distributed ddp")  # fmt: skip
+    for key, (blocks, scaler_block, groups) in layouts.items():
+        rows, cols = shapes[key]
+        if rows % world_size or groups % world_size:
+            raise ValueError(f"--quantize nf4 cannot be sharded by --distributed fsdp over {world_size} ranks: "
+                             f"{key} ({rows} x {cols}, {source}) is {blocks} blocks of {NF4_BLOCK} weights in "
+                             f"{groups} scaler block{'s' * (groups != 1)} of {scaler_block} absmaxes, and each rank "
+                             f"must hold whole scaler blocks of whole rows ({which})")  # fmt: skip
+
+
 def quantize_weight(w: torch.Tensor, quantize: str, key: str = "weight") -> torch.Tensor:
     """The (out_features, in_features) weight w in format `quantize`, on w's device; its dtype (what it
     dequantizes to) is w's."""
@@ -99,13 +130,28 @@ def quantize_weight(w: torch.Tensor, quantize: str, key: str = "weight") -> torc
     return ao.Int4TilePackedTo4dTensor.from_hp(w.contiguous(), [1, INT4_GROUP])
 
 
-def quantize_model(model: nn.Module, quantize: str) -> nn.Module:
-    """Quantize, in place, the weights of model's block linear layers (QUANTIZED_LAYERS) that are still dense."""
+def quantized_rows(q: torch.Tensor, first: int, rows: int) -> torch.Tensor:
+    """Rows [first, first + rows) of the quantized weight q, as FSDP2's split of dim 0 makes them (first a multiple
+    of rows): for NF4 those rows' codes, their blocks' absmaxes and their groups' scales, with the whole tensor's
+    mean absmax and table."""
+    import torch
+
+    part = q.split(rows)[first // rows]  # views of q's inner tensors
+    own = torch.empty_like(part)  # copied out, so that q's are freed (NF4Tensor's clone would quantize again)
+    own.copy_(part)
+    return own
+
+
+def quantize_model(model: nn.Module, quantize: str, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Quantize, in place, the weights of model's block linear layers (QUANTIZED_LAYERS) that are still dense, as
+    converted to dtype (None: their own), the dtype they then dequantize to. On the meta device it gives the
+    quantized tensors' layout, without values (FSDP2 splits it)."""
     from torch import nn
 
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and is_quantized_key(f"{name}.weight") and is_dense(module.weight):
-            module.weight = nn.Parameter(quantize_weight(module.weight.detach(), quantize, name), requires_grad=False)
+            w = module.weight.detach() if dtype is None else module.weight.detach().to(dtype)
+            module.weight = nn.Parameter(quantize_weight(w, quantize, name), requires_grad=False)
     return model
 
 
@@ -133,13 +179,24 @@ def is_dense(t: torch.Tensor) -> bool:
     return not type(t).__module__.startswith("torchao.")
 
 
+def is_quantized(t: torch.Tensor) -> bool:
+    """One of torchao's quantized tensors, or a DTensor whose local shard is one (FSDP2's of QLoRA's NF4 base)."""
+    return not is_dense(_local(t))
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """The bytes a tensor holds: a quantized one's codes, scales and tables (its inner tensors, as torch's
-    subclass protocol lists them), a dense one's elements."""
+    subclass protocol lists them), a dense one's elements; of a DTensor, this rank's local shard's."""
+    t = _local(t)
     if is_dense(t):
         return t.nbytes
     names, _ = t.__tensor_flatten__()
     return sum(tensor_bytes(getattr(t, name)) for name in names if getattr(t, name) is not None)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (FSDP2's or tensor parallelism's); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def quantized_weight_bytes(shape: tuple[int, int], quantize: str, itemsize: int = 2) -> int:
@@ -152,7 +209,7 @@ def quantized_weight_bytes(shape: tuple[int, int], quantize: str, itemsize: int 
     if quantize == "nf4":
         # 4-bit codes; an int8 absmax per block; per group of absmaxes a scale in dtype; their mean and the
         # 16-entry table in dtype.
-        n_blocks = numel // NF4_BLOCK
-        return numel // 2 + n_blocks + (n_blocks // nf4_scaler_block(numel) + 1 + 16) * itemsize
+        blocks, _, groups = nf4_layout(shape)
+        return numel // 2 + blocks + (groups + 1 + 16) * itemsize
     rows, cols = -(-rows // 8) * 8, -(-cols // 1024) * 1024  # tinygemm's padding
     return rows * cols // 2 + rows * (cols // INT4_GROUP) * 2 * 2  # 4-bit codes; a bfloat16 scale and zero per group

@@ -17,9 +17,12 @@ from hypothesis import strategies as st
 from microllama.args import ModelArgs
 from microllama.checkpoint import family
 from microllama.checkpoint.load import Checkpoint, convert, load_model, open_checkpoint
+from microllama.checkpoint.params import expected_shapes
 from microllama.cli import main
 from microllama.quantize import (
     NF4_BLOCK,
+    NF4_SCALER_BLOCK,
+    check_nf4_split,
     check_quantize,
     dequantize_model,
     dequantize_weight,
@@ -28,6 +31,7 @@ from microllama.quantize import (
     nf4_scaler_block,
     quantize_model,
     quantize_weight,
+    quantized_rows,
     tensor_bytes,
 )
 from microllama.tolerances import INT8_LOGITS_ATOL, QUANTIZED_QUALITY
@@ -90,6 +94,42 @@ def test_nf4_weight_dequantizes_within_half_the_largest_table_gap_of_its_blocks_
     bound = absmax * gap / 2 + spread / 128 + 4 * eps * (absmax + spread + absmax.mean())
     err = (dequantize_weight(q).float().reshape(-1, NF4_BLOCK) - blocks).abs().amax(1)
     assert (err <= bound).all(), (err - bound).max()
+
+
+@needs_torchao
+@given(st.sampled_from([1, 2, 4]), st.integers(1, 3), st.sampled_from([1, 2, 8]), st.sampled_from(DTYPES), magnitudes,
+       seeds)  # fmt: skip
+def test_an_nf4_weights_rows_as_fsdp2_splits_them_dequantize_to_the_whole_ones_bit_for_bit(
+    world_size, m, c, dtype, magnitude, seed
+):
+    """quantized_rows (QLoRA under FSDP2): the whole weight quantized, then cut into world_size blocks of rows, each
+    holding m whole scaler blocks of 256 absmaxes: each block is its rows' codes and scales, with the whole's mean
+    absmax, and dequantizes to its rows of the whole's dequantized weight, bit for bit."""
+    cols = NF4_BLOCK * c
+    rows = world_size * m * NF4_SCALER_BLOCK * NF4_BLOCK // cols
+    w = random_weight(rows, cols, magnitude, seed, dtype)
+    whole = quantize_weight(w, "nf4")
+    check_nf4_split({"layers.0.attention.wq.weight": (rows, cols)}, world_size, "a test")
+    n = rows // world_size
+    for rank in range(world_size):
+        part = quantized_rows(whole, rank * n, n)
+        assert part.shape == (n, cols) and part.dtype == dtype
+        assert part.quantized_data.numel() == n * cols // 2 and part.quantization_factor.numel() == m
+        assert torch.equal(part.scaler_mean, whole.scaler_mean)
+        assert torch.equal(dequantize_weight(part), dequantize_weight(whole)[rank * n : (rank + 1) * n])
+
+
+@pytest.mark.parametrize(("name", "splits"), [("llama3.1-8b", 256), ("llama3.1-70b", 512), ("llama3.2-1b", 64)])
+def test_a_published_models_nf4_weights_split_over_the_fsdp2_ranks_that_hold_whole_scaler_blocks(name, splits):
+    """check_nf4_split, from the shapes alone: every world size dividing `splits` gives each rank whole scaler blocks
+    of whole rows of every quantized weight (wk's and wv's are the fewest); twice that, one line naming wk."""
+    shapes = expected_shapes(family.REGISTRY[name].args())
+    for world_size in (1, 2, 8, splits):
+        check_nf4_split(shapes, world_size, name)
+    with pytest.raises(ValueError, match=rf"over {2 * splits} ranks: layers\.0\.attention\.wk\.weight .* dividing "
+                       rf"{splits} split all of this model's") as error:  # fmt: skip
+        check_nf4_split(shapes, 2 * splits, name)
+    assert len(str(error.value).splitlines()) == 1
 
 
 @st.composite

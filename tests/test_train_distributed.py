@@ -15,6 +15,11 @@ The final export of an FSDP2 run, also from that launch: every rank writes its M
 2) without the model gathered onto one rank, and the two shards read back (Llama.build, open_checkpoint) are the
 trained model gathered, bit for bit (full, and lora merged), within DATA_PARALLEL_WEIGHTS_ATOL of one process's.
 
+QLoRA under FSDP2, in the 2-rank launch, on tiny-hd128 (each of its NF4 weights splits over 2 ranks in whole
+scaler blocks; tiny's, one scaler block each, are refused in one line before any weight is read): stopped after step 2
+and resumed, its losses and merged export within the data-parallel tolerances of one process's, the layers without
+adapters exported bit for bit, each rank holding exactly its share of the NF4 base, the DCP save without it.
+
 2-D, FSDP2 x tensor parallelism (--tensor_parallel 2) at 4 gloo ranks as 2 x 2, in one launch before the 2-rank one:
 losses, gradient norms and final weights within TENSOR_DATA_PARALLEL_RTOL / _WEIGHTS_ATOL of one process's, its
 export two Meta shards written by the first data rank's tensor ranks; its DCP save resumed under plain FSDP2 at 2
@@ -40,8 +45,10 @@ from microllama.checkpoint.load import convert, open_checkpoint
 from microllama.checkpoint.meta_layout import load_pth, shard_shape
 from microllama.checkpoint.params import expected_shapes
 from microllama.distributed.launch import rank_device
+from microllama.files import READS
 from microllama.generation import Llama
 from microllama.golden.loss_curve import RECIPE, compare, read_curve, read_golden, recipe_config_fields
+from microllama.quantize import is_quantized_key, nf4_layout
 from microllama.tolerances import (
     DATA_PARALLEL_4_RANKS_RTOL,
     DATA_PARALLEL_CURVE_RTOL,
@@ -67,8 +74,10 @@ RUN = dict(data=str(REPO / "corpus" / "tinytales.txt"), max_seq_len=32, batch_si
 MODES = {"lora": dict(RUN, mode="lora", lora_rank=4, lora_dropout=0.1, lora_targets=["wq", "wv", "w2"], grad_accum=2,
                       activation_checkpointing=True),
          "norms": dict(RUN, mode="norms", loss_chunk=8)}  # fmt: skip
-# QLoRA (an NF4 base, needs torchao) under DDP only: FSDP2 refuses it (TrainConfig.check says why).
+# QLoRA (an NF4 base, needs torchao) with lora's switches: under DDP on tiny; under FSDP2 on tiny-hd128, whose every
+# NF4 weight splits over 2 ranks in whole blocks of second-level scales (tiny's 64 x 64 weights are one such block).
 QLORA = dict(MODES["lora"], quantize="nf4")
+QLORA_FSDP = dict(QLORA, ckpt_dir="tiny-hd128")
 HAVE_TORCHAO = importlib.util.find_spec("torchao") is not None
 CURVE_GOLDEN = REPO / "goldens" / "losses" / "tiny-fp32-cpu-ws1.json"
 # 2-D: 2 data x 2 tensor-parallel ranks (tiny's 2 kv heads split over 2); the loss-curve recipe's first 10 of its 20
@@ -131,8 +140,9 @@ def runs(tmp_path_factory, tiny_ckpt):
     CURVE_2D_STEPS steps; then in one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2 stopped after step
     2 (saved with DCP) and FSDP2 from step 0 to the end (its export), the stopped one-process run and the stopped
     2-D run resumed under FSDP2; lora and norms under DDP and FSDP2, lora under FSDP2 again exporting Hugging Face's
-    layout; the loss-curve recipe under DDP and FSDP2; last, Meta's own code at 2 ranks reading lora's FSDP2 export.
-    Then the stopped FSDP2 run resumed in one process."""
+    layout; QLoRA under DDP, and under FSDP2 (tiny-hd128) stopped after step 2 then resumed; the loss-curve recipe
+    under DDP and FSDP2; last, Meta's own code at 2 ranks reading lora's FSDP2 export. Then the stopped FSDP2 run
+    resumed in one process."""
     root = tmp_path_factory.mktemp("dp")
     names = (
         "single",
@@ -186,6 +196,10 @@ def runs(tmp_path_factory, tiny_ckpt):
         dirs["qlora-single"], dirs["qlora-ddp"] = root / "qlora-single", root / "qlora-ddp"
         train(TrainConfig(out_dir=str(dirs["qlora-single"]), **QLORA))
         configs.append({**QLORA, "out_dir": str(dirs["qlora-ddp"]), "distributed": "ddp"})
+        dirs["qlora-fsdp-single"], dirs["qlora-fsdp"] = root / "qlora-fsdp-single", root / "qlora-fsdp"
+        train(TrainConfig(out_dir=str(dirs["qlora-fsdp-single"]), **QLORA_FSDP))
+        qlora_fsdp = {**QLORA_FSDP, "out_dir": str(dirs["qlora-fsdp"]), "distributed": "fsdp"}
+        configs += [{**qlora_fsdp, "stop_at": 2}, {**qlora_fsdp, "resume": True}]
     for kind in ("ddp", "fsdp"):
         dirs[f"curve-{kind}"] = root / f"curve-{kind}"
         configs.append(recipe_config_fields(RECIPE, REPO, dirs[f"curve-{kind}"], distributed=kind))
@@ -351,6 +365,80 @@ def test_qlora_under_ddp_at_world_size_2_gives_one_process_losses_and_merged_wei
     assert max_weight_diff(runs["qlora-ddp"], runs["qlora-single"], "adapters.pth") <= DATA_PARALLEL_WEIGHTS_ATOL
 
 
+@pytest.mark.skipif(not HAVE_TORCHAO, reason="needs torchao (the quant extra)")
+def test_qlora_under_fsdp2_stopped_and_resumed_at_world_size_2_gives_one_process_losses_and_merged_weights(runs):
+    """The NF4 base sharded (each rank its rows' codes and scales), the adapters trained and sharded as lora's; saved
+    by DCP at step 2 and resumed under FSDP2. Losses, gradient norms, held-out losses, merged weights and adapters:
+    one process's within the data-parallel tolerances; the layers without adapters (wk, wo, w1, w3: the NF4 base
+    dequantized) bit for bit, each rank's rows having been quantized with the whole tensor."""
+    run, single = runs["qlora-fsdp"], runs["qlora-fsdp-single"]
+    assert [m["step"] for m in steps(run)] == [0, 1, 2, 3, 3]
+    assert_close_runs(steps(run), steps(single))
+    assert max_weight_diff(run, single) <= DATA_PARALLEL_WEIGHTS_ATOL
+    assert max_weight_diff(run, single, "adapters.pth") <= DATA_PARALLEL_WEIGHTS_ATOL
+    exported, expected = (open_checkpoint(d / "final").read_state_dict() for d in (run, single))
+    frozen = [k for k in exported if k.split(".")[-2] in ("wk", "wo", "w1", "w3")]
+    assert len(frozen) == 4 * 2 and all(torch.equal(exported[k], expected[k]) for k in frozen)
+
+
+@pytest.mark.skipif(not HAVE_TORCHAO, reason="needs torchao (the quant extra)")
+def test_each_fsdp2_rank_holds_its_share_of_the_nf4_base_and_dcp_saves_none_of_it(runs):
+    """Summary.weight_bytes, each rank's parameters' local bytes: of every NF4 weight, half the codes (4 bits a
+    weight), half the blocks' int8 absmaxes and half the scaler blocks' float32 scales, and the whole tensor's mean
+    absmax and 16-entry table; of every other weight (adapters included), its torch.chunk rows in float32. The DCP
+    save holds the adapters and the dense weights: the NF4 base is quantized again from the checkpoint on resume."""
+    import torch.distributed.checkpoint as dcp
+
+    shapes, r = expected_shapes(open_checkpoint(QLORA_FSDP["ckpt_dir"]).args), QLORA_FSDP["lora_rank"]
+    adapters = {}  # A: (r, in), B: (out, r)
+    for key, shape in shapes.items():
+        if key.split(".")[-2] in QLORA_FSDP["lora_targets"]:
+            adapters |= {key.replace("weight", "lora_a"): (r, shape[1]), key.replace("weight", "lora_b"): (shape[0], r)}
+    for rank in range(2):
+        share = 0
+        for key, shape in {**shapes, **adapters}.items():
+            if is_quantized_key(key):
+                blocks, _, groups = nf4_layout(shape)
+                share += math.prod(shape) // 2 // 2 + blocks // 2 + 4 * groups // 2 + 4 * (1 + 16)
+            else:
+                share += 4 * chunk_rows(shape[0], rank)[1] * math.prod(shape[1:])
+        summary = json.loads((runs["qlora-fsdp"] / f"summary-rank{rank}.json").read_text())
+        assert summary["weight_bytes"] == share
+    saved = load_checkpoint(runs["qlora-fsdp"])[0]
+    assert saved.step == 3 and saved.dcp is not None
+    metadata = dcp.FileSystemReader(saved.dcp).read_metadata().state_dict_metadata
+    model_keys = {k.removeprefix("model.") for k in metadata if k.startswith("model.")}
+    assert model_keys == {k for k in shapes if not is_quantized_key(k)} | adapters.keys()
+
+
+@pytest.mark.skipif(not HAVE_TORCHAO, reason="needs torchao (the quant extra)")
+@pytest.mark.parametrize(
+    ("ckpt", "world_size", "refused"),
+    [
+        ("tiny", "2", r"^--quantize nf4 cannot be sharded by --distributed fsdp over 2 ranks: layers\.0\.attention"
+         r"\.wq\.weight \(64 x 64, \S+params\.json\) is 64 blocks of 64 weights in 1 scaler block of 64 absmaxes, "
+         r"and each rank must hold whole scaler blocks of whole rows \(no world size above 1 splits all of this "
+         r"model's: use --distributed ddp\)$"),
+        ("tiny-hd128", "4", r"^--quantize nf4 cannot be sharded by --distributed fsdp over 4 ranks: layers\.0\."
+         r"attention\.wk\.weight \(128 x 256, \S+params\.json\) is 512 blocks of 64 weights in 2 scaler blocks of "
+         r"256 absmaxes, and each rank must hold whole scaler blocks of whole rows \(world sizes dividing 2 split all "
+         r"of this model's: use one, or --distributed ddp\)$"),
+    ],
+)  # fmt: skip
+def test_qlora_whose_nf4_weights_cannot_split_over_the_ranks_is_refused_in_one_line_before_any_weight_is_read(
+    monkeypatch, tmp_path, ckpt, world_size, refused
+):
+    """As torchrun's rank 0 of world_size ranks would see it, from params.json's shapes alone: before the process
+    group is joined, any weight read or anything written."""
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    monkeypatch.setenv("RANK", "0")
+    before = READS.bytes
+    with pytest.raises(ValueError, match=refused) as error:
+        train(TrainConfig(out_dir=str(tmp_path / "run"), distributed="fsdp", **{**QLORA, "ckpt_dir": ckpt}))
+    assert len(str(error.value).splitlines()) == 1 and READS.bytes == before
+    assert not any(tmp_path.iterdir()) and not torch.distributed.is_initialized()
+
+
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
 def test_loss_curve_recipe_at_world_size_2_stays_within_tolerance_of_the_golden(runs, kind):
     """The golden was recorded in one process: 2 ranks add their gradients in another order, and on another
@@ -361,10 +449,7 @@ def test_loss_curve_recipe_at_world_size_2_stays_within_tolerance_of_the_golden(
     assert compare(read_curve(runs[f"curve-{kind}"]), golden.steps, rtol) is None
 
 
-def test_a_batch_the_ranks_cannot_split_and_a_sharded_qlora_are_refused(monkeypatch, tmp_path):
-    refused = r"--quantize nf4 is not sharded by --distributed fsdp yet \(its NF4 base splits only along whole blocks"
-    with pytest.raises(ValueError, match=refused):
-        train(TrainConfig(out_dir=str(tmp_path / "a"), distributed="fsdp", mode="lora", quantize="nf4", **RUN))
+def test_a_batch_the_ranks_cannot_split_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="--batch_size 3 rows must split evenly over 2 ranks"):

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from ..args import ModelArgs, RopeScaling, ffn_hidden_dim, is_finite, is_int
 from ..files import READS, StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
-from ..quantize import is_quantized_key, quantize_weight
+from ..quantize import is_quantized_key, quantize_weight, quantized_rows
 from . import family
 from .meta_layout import Rows, rank_range, shard_dim, shard_shape
 from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
@@ -225,9 +225,12 @@ def read_hf(
     or with `into` only the rows of every tensor an FSDP2 rank holds, copied into its local tensors (which the
     result then holds; rows that split a head of wq or wk read that head whole, to undo its RoPE order).
     quantize: a format of microllama.quantize, in which the block linear layers' weights are quantized one by
-    one as they are read."""
+    one as they are read; with `into` too, each read whole in its local tensor's dtype, quantized, and only this
+    rank's rows of the result kept (quantize.quantized_rows; the result holds them, for the caller to place)."""
     expected = {hf_name(k): s for k, s in expected_shapes(args).items() if not (tied and k == "output.weight")}
     meta_names = {hf_name(k): k for k in expected_shapes(args)}
+    # the tensors whose rows are copied into this rank's local tensors: with quantize, all but the quantized ones
+    fill = {k: v for k, v in (into or {}).items() if quantize is None or not is_quantized_key(k)}
     state_dict: StateDict = {}
     for path in paths:
         with open_safetensors(path) as f:
@@ -236,8 +239,8 @@ def read_hf(
             for key in shapes:
                 meta, heads = meta_names[key], _rotary_heads(key, args)
                 dim = shard_dim(meta)
-                if into is not None:
-                    first, local = into[meta]
+                if meta in fill:
+                    first, local = fill[meta]
                     tensor = _rows(f, key, first, first + local.shape[0], heads)  # counts what it reads
                 elif part == (0, 1) or dim is None:
                     tensor = f.get_tensor(key)
@@ -249,16 +252,19 @@ def read_hf(
                     tensor = f.get_slice(key)[(slice(None),) * dim + (slice(start, stop),)].contiguous()
                     READS.count(tensor)
                 check_dtype(tensor.dtype, key, path)
-                if into is not None:
+                if meta in fill:
                     state_dict[meta] = local.copy_(tensor)
                     check_finite(local, key, path)
                     continue
-                tensor = converted(tensor, device, dtype)
+                # a quantized weight read whole under FSDP2: in its shard's dtype, the one it dequantizes to
+                tensor = converted(tensor, device, dtype if into is None else into[meta][1].dtype)
                 check_finite(tensor, key, path)
                 if heads:  # a rank's slice holds whole heads
                     tensor = permute_rotary(tensor, heads // part[1], to_hf=False)
                 if quantize is not None and is_quantized_key(meta):
                     tensor = quantize_weight(tensor, quantize, meta)
+                    if into is not None:
+                        tensor = quantized_rows(tensor, into[meta][0], into[meta][1].shape[0])
                 state_dict[meta] = tensor
     source = paths[0].parent / (INDEX if len(paths) > 1 else "model.safetensors")
     local_shapes = {hf_name(k): shard_shape(k, s, part[1]) for k, s in expected_shapes(args).items()}

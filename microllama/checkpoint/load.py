@@ -23,7 +23,7 @@ from ..distributed import tensor_parallel as parallel
 from ..distributed.launch import is_rank_0
 from ..files import StateDict, parse_dtype, read_json, state_dict_sha256
 from ..model import Transformer
-from ..quantize import check_quantize, is_dense, is_quantized_key, quantize_weight
+from ..quantize import check_quantize, is_dense, is_quantized_key, quantize_model, quantize_weight
 from . import family, tiny
 from .hf_layout import hf_stored_bytes, read_config, read_hf, safetensors_files, save_hf
 from .meta_layout import Rows, meta_stored_bytes, read_meta, save_meta, shard_files
@@ -76,9 +76,9 @@ class Checkpoint:
         the slices rank holds under tensor parallelism at n ranks, read without reading the rest; or with
         `into` (data_parallel.shard_rows) the rows an FSDP2 rank holds, copied into its local tensors. quantize:
         a format of microllama.quantize, in which the block linear layers' weights are quantized one by one as
-        they are read."""
-        if into is not None and (quantize is not None or part != (0, 1)):
-            raise ValueError("FSDP2's rows are read whole-precision and alone: no quantize, no tensor-parallel part")
+        they are read (with `into`: each whole, then this rank's rows of it kept, in the result)."""
+        if into is not None and part != (0, 1):
+            raise ValueError("FSDP2's rows are read from the whole tensors: no tensor-parallel part")
         device, dtype = torch.device(device), None if dtype is None else parse_dtype(dtype)
         files = list(self._files())
         if self.layout == "meta":
@@ -140,22 +140,37 @@ class Checkpoint:
         dtype: Union[str, torch.dtype] = torch.float32,
         flash: bool = False,
         part: tuple[int, int] = (0, 1),
+        quantize: Optional[str] = None,
+        quantized_dtype: Optional[torch.dtype] = None,
     ) -> Transformer:
         """FSDP2 from the meta device (torchtitan's order): the Transformer built there in dtype, `shard` applies
         fully_shard to it (Ranks.shard), then this rank's shards are allocated on device and filled with the rows
         of each weight it holds, read from the memory-mapped files: no rank holds the whole model. Nothing else
         is materialised (RoPE's table is computed on first use). part: on a 2-D mesh (`shard` applied tensor
         parallelism first), this rank's (rank, K) in its tensor-parallel group: its slice of each tensor is read
-        (1/K of each split one, as tensor-parallel inference reads it), then its FSDP2 rows of it kept."""
+        (1/K of each split one, as tensor-parallel inference reads it), then its FSDP2 rows of it kept.
+        quantize (QLoRA's nf4): the block linear layers' weights quantized from quantized_dtype (default dtype),
+        frozen, each read whole in turn, quantized as one process quantizes it and only this rank's rows of the
+        result kept (quantize.check_nf4_split says which world sizes split them): no rank holds more than one
+        whole tensor at a time."""
         args, dtype = self.model_args(max_seq_len=max_seq_len, flash=flash), parse_dtype(dtype)
         self._files()
+        if quantize is not None and part != (0, 1):
+            raise ValueError("quantization and tensor parallelism cannot be combined: FSDP2 shards a quantized base "
+                             "over data ranks only")  # fmt: skip
         with torch.device("meta"):
             model = Transformer(args).to(dtype)
+        if quantize is not None:
+            check_quantize(quantize, device, quantized_dtype or dtype)
+            # On the meta device, NF4's layout without values: fully_shard splits it as it splits the real one.
+            quantize_model(model, quantize, quantized_dtype)
         shard(model)
         model.to_empty(device=device)
         with torch.no_grad():
             if part == (0, 1):
-                self.read_state_dict(device, dtype, into=data_parallel.shard_rows(model))
+                read = self.read_state_dict(device, dtype, quantize=quantize, into=data_parallel.shard_rows(model))
+                # A quantized shard is not filled in place: this rank's rows of each, read as new tensors, replace them.
+                data_parallel.place_shards(model, {k: v for k, v in read.items() if not is_dense(v)})
             else:
                 data_parallel.fill_from_parts(model, self.read_state_dict(device, dtype, part))
         return model.eval()

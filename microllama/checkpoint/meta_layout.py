@@ -18,7 +18,7 @@ import torch
 
 from ..args import ModelArgs
 from ..files import READS, StateDict, atomic_dir, converted, copy_releasing, dtype_name, own_tensors, release_pages
-from ..quantize import is_dense, is_quantized_key, quantize_weight
+from ..quantize import is_dense, is_quantized_key, quantize_weight, quantized_rows
 from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
 
 ROW_PARALLEL = ("attention.wo.weight", "feed_forward.w2.weight")
@@ -150,7 +150,9 @@ def read_meta(
     or with `into` only the rows of every tensor that an FSDP2 rank holds, copied into its local tensors (which
     the result then holds). quantize: a format of microllama.quantize, in which the block linear layers' weights
     are quantized one by one as they are read, their mapped pages given back: host memory holds the quantized
-    tensors and one full-precision tensor more.
+    tensors and one full-precision tensor more. With `into` too, each of those is read whole in its local
+    tensor's dtype, quantized as one process quantizes it, and only this rank's rows of the result kept
+    (quantize.quantized_rows; the result holds them, for the caller to place).
 
     Only the shards holding the slices are opened (n ranks over n shards: rank i opens consolidated.0i.pth
     alone), memory-mapped, and each tensor is assembled from its pieces (a row block of a column-parallel shard,
@@ -160,7 +162,9 @@ def read_meta(
     n = len(paths)
     expected = expected_shapes(args)
     per_shard = {key: shard_shape(key, shape, n) for key, shape in expected.items()}
-    wanted = {key: _wanted(key, shape, part, into) for key, shape in expected.items()}
+    # the tensors whose rows are copied into this rank's local tensors: with quantize, all but the quantized ones
+    fill = {k: v for k, v in (into or {}).items() if quantize is None or not is_quantized_key(k)}
+    wanted = {key: _wanted(key, shape, part, fill) for key, shape in expected.items()}
     # a rank whose slices are all empty (more FSDP ranks than rows) still opens the first shard, for its checks
     opened = sorted({s for key in expected for s, _, _ in _pieces(key, expected[key], n, wanted[key])} - {None} or {0})
     shards = {s: load_pth(paths[s]) for s in opened}
@@ -183,12 +187,17 @@ def read_meta(
                 release_pages(shards[s][key])  # replicated, equal to the first: compared, not kept
         pieces = [(at, (base if s is None else shards[s])[key][index])
                   for s, index, at in _pieces(key, shape, n, wanted[key])]  # fmt: skip
-        if into is None and len(pieces) == 1 and pieces[0][1].is_contiguous():
-            out[key] = converted(pieces[0][1], device, dtype)  # as mapped when nothing changes
+        # a quantized weight read whole under FSDP2: in its shard's dtype, the one it dequantizes to
+        as_dtype = into[key][1].dtype if into is not None and key not in fill else dtype
+        if key not in fill and len(pieces) == 1 and pieces[0][1].is_contiguous():
+            out[key] = converted(pieces[0][1], device, as_dtype)  # as mapped when nothing changes
             copied = out[key].data_ptr() != pieces[0][1].data_ptr()
         else:
-            local = tuple(i.stop - i.start for i in _box(shape, wanted[key]))
-            out[key] = into[key][1] if into else torch.empty(local, device=device, dtype=dtype or base[key].dtype)
+            if key in fill:
+                out[key] = fill[key][1]
+            else:
+                local = tuple(i.stop - i.start for i in _box(shape, wanted[key]))
+                out[key] = torch.empty(local, device=device, dtype=as_dtype or base[key].dtype)
             for at, piece in pieces:
                 copy_releasing(out[key][at], piece)
             copied = True
@@ -197,6 +206,8 @@ def read_meta(
         check_finite(out[key], key, first if len(opened) == 1 else first.parent)
         if quantize is not None and is_quantized_key(key):
             out[key] = quantize_weight(out[key], quantize, key)
+            if into is not None:
+                out[key] = quantized_rows(out[key], into[key][0], into[key][1].shape[0])
             for _, piece in pieces:
                 release_pages(piece)
     return out
@@ -213,9 +224,9 @@ def _check_count(shard: StateDict, expected: dict[str, tuple[int, ...]], n: int,
         )
 
 
-def _wanted(key: str, shape: tuple[int, ...], part: tuple[int, int], into: Optional[Rows]) -> Optional[tuple]:
-    """(dim, start, stop): the slice of the dense tensor `key` to read; None for all of it."""
-    if into is not None:
+def _wanted(key: str, shape: tuple[int, ...], part: tuple[int, int], into: Rows) -> Optional[tuple]:
+    """(dim, start, stop): the slice of the dense tensor `key` to read (its rows in `into`); None for all of it."""
+    if key in into:
         first, local = into[key]
         if tuple(local.shape[1:]) != shape[1:]:
             raise ValueError(f"{key}: a local tensor of shape {tuple(local.shape)} cannot hold rows of {shape}")

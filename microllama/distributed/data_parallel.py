@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..args import ModelArgs
 from ..model import Transformer
+from ..quantize import dequantize_weight, is_dense
 from ..train.data import Batch
 from .launch import join_process_group, torchrun_world_size
 from .tensor_parallel import check_world_size, parallelize
@@ -196,8 +197,9 @@ class Ranks:
         (meta_layout.shard_dim), or whole for dim None; None on a rank that writes no shard. Every rank must call
         it. At n_shards == meta_shards, DTensor's redistribute moves FSDP2's dim-0 rows into that placement (an
         all-to-all for dim 1; on a 2-D mesh a gather over the data dim only) and no rank holds the whole tensor;
-        at fewer shards, the whole tensor is gathered (full_tensor) and cut, one tensor at a time."""
-        index = self.meta_index(n_shards)
+        at fewer shards, the whole tensor is gathered (full_tensor) and cut, one tensor at a time. A quantized p
+        (QLoRA's NF4 base) is dequantized first, each rank its rows."""
+        index, p = self.meta_index(n_shards), dequantized(p)
         if isinstance(p, DTensor) and n_shards == self.meta_shards:
             if self.mesh is None:
                 placements = [Replicate() if dim is None else Shard(dim)]
@@ -231,8 +233,19 @@ class Ranks:
             dist.barrier()
 
     def whole(self, p: torch.Tensor) -> torch.Tensor:
-        """p whole on every rank (FSDP2's shards gathered: every rank must call it); p itself if not sharded."""
-        return p.full_tensor().detach() if isinstance(p, DTensor) else p.detach()
+        """p whole on every rank (FSDP2's shards gathered, dequantized first: every rank must call it); p itself if
+        not sharded."""
+        return dequantized(p).full_tensor().detach() if isinstance(p, DTensor) else p.detach()
+
+
+def dequantized(p: torch.Tensor) -> torch.Tensor:
+    """p; for a quantized weight sharded by fully_shard (QLoRA's NF4 base), a DTensor of the same placement holding
+    this rank's rows dequantized, which are the whole weight's dequantized rows bit for bit (each of NF4's values
+    is its code times its own block's scale)."""
+    if not isinstance(p, DTensor) or is_dense(p.to_local()):
+        return p
+    return DTensor.from_local(dequantize_weight(p.to_local()), p.device_mesh, p.placements, run_check=False,
+                              shape=p.shape, stride=p.stride())  # fmt: skip
 
 
 def shard_rows(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
@@ -248,6 +261,18 @@ def shard_rows(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
         assert tuple(shape) == tuple(local.shape), (name, shape, local.shape)
         rows[name] = (offset[0], local)
     return rows
+
+
+def place_shards(model: nn.Module, shards: dict[str, torch.Tensor]) -> None:
+    """Make each of `shards` (a parameter's name -> this rank's local tensor of it) that parameter of a model sharded
+    by fully_shard, placed as the parameter it replaces: for a tensor subclass that cannot be filled in place
+    (torchao's NF4Tensor). fully_shard takes the new parameters up before its first all-gather, as after
+    load_state_dict(assign=True). Call under torch.no_grad()."""
+    params = dict(model.named_parameters())
+    placed = {name: DTensor.from_local(local, params[name].device_mesh, params[name].placements, run_check=False,
+                                       shape=params[name].shape, stride=params[name].stride())
+              for name, local in shards.items()}  # fmt: skip
+    model.load_state_dict(placed, strict=False, assign=True)
 
 
 def fill_from_parts(model: nn.Module, parts: dict[str, torch.Tensor]) -> None:

@@ -46,10 +46,10 @@ from ..checkpoint.meta_layout import rank_range, save_meta, shard_count, shard_d
 from ..checkpoint.params import expected_shapes
 from ..checkpoint.tiny import cache_dir
 from ..distributed import data_parallel as distributed
-from ..distributed.launch import rank_device
+from ..distributed.launch import rank_device, torchrun_world_size
 from ..files import atomic_dir, own_tensors, parse_dtype
 from ..model import Transformer
-from ..quantize import check_quantize
+from ..quantize import check_nf4_split, check_quantize, tensor_bytes
 from ..tokenizer import Tokenizer
 from . import run_dir as ckpts
 from .config import TrainConfig
@@ -88,6 +88,7 @@ class Summary:
     final_shards: int = 1  # consolidated.NN.pth (or .safetensors) files in final_dir
     final_layout: str = "meta"  # TrainConfig.export
     export_held_bytes: Optional[int] = None  # FSDP2: the most tensor bytes this rank held at once while exporting
+    weight_bytes: Optional[int] = None  # the model's weights this rank holds (FSDP2: its shards; NF4: codes, scales)
 
     def line(self) -> str:
         shards = f", {self.final_shards} {'shards' if self.final_layout == 'meta' else 'files'}" \
@@ -298,6 +299,8 @@ class Trainer:
         if cfg.quantize is not None:
             check_quantize(cfg.quantize, self.device, self.dtype)  # torchao installed, before the data is read
         self.checkpoint = open_checkpoint(cfg.ckpt_dir)
+        if cfg.quantize is not None and cfg.distributed == "fsdp":  # whole blocks of NF4's scales on every rank
+            check_nf4_split(expected_shapes(self.checkpoint.args), torchrun_world_size(), self.checkpoint.source)
         self.ranks = distributed.join(cfg.distributed, cfg.batch_size, self.device, cfg.tensor_parallel,
                                       self.checkpoint.args, self.checkpoint.source)  # fmt: skip
         check_attention_memory(cfg, self.checkpoint.args, cfg.batch_size // self.ranks.dp_size, self.dtype)
@@ -322,6 +325,7 @@ class Trainer:
         self.start_time, self.tokens, self.trained = time.perf_counter(), 0, 0  # start_time: reset by start
         self.tensorboard: Optional[TensorBoard] = None  # opened by start, on rank 0
         self.export_held_bytes: Optional[int] = None  # set by export_sharded
+        self.weight_bytes: Optional[int] = None  # set by build
         if cfg.tensorboard is not None:
             TensorBoard.check_installed()
         self.flops_per_token = flops_per_token(self.checkpoint.args, cfg.max_seq_len, cfg.mode == "full")
@@ -374,8 +378,9 @@ class Trainer:
                 select_trainable(model, cfg, rows_of)
                 self.ranks.shard(model, self.dtype, cfg.activation_checkpointing)  # (on a 2-D mesh: TP first)
 
+            # QLoRA: the NF4 base quantized from dtype, as in one process; each rank holds its rows of it
             model = self.checkpoint.load_sharded(shard, cfg.max_seq_len, self.device, torch.float32, cfg.flash,
-                                                 self.ranks.tensor_part).train()  # fmt: skip
+                                                 self.ranks.tensor_part, cfg.quantize, self.dtype).train()  # fmt: skip
         else:
             model = self.checkpoint.load_model(cfg.max_seq_len, 1, self.device, self.dtype, cfg.flash,
                                                quantize=cfg.quantize).train()  # fmt: skip
@@ -392,6 +397,7 @@ class Trainer:
                 with torch.no_grad():
                     draw_sharded_adapters(model, cfg.lora_targets, distributed.shard_rows(model))
         self.model, self.params = model, self.ranks.wrap(model, self.dtype, trainable)
+        self.weight_bytes = sum(tensor_bytes(p) for p in model.parameters())
         self.optimizer = make_optimizer(self.params, cfg, self.device)
         if self.state is not None:
             self.restore(self.state)
@@ -638,7 +644,8 @@ class Trainer:
         files = len([f for f in final.glob("*") if f.suffix in (".pth", ".safetensors")]) if final else 1
         return Summary(self.step, self.cfg.max_steps, self.trained, seconds, self.tokens / max(seconds, 1e-9),
                        peak_memory_gib(self.device), first_loss, last_loss, first_eval, last_eval, first_step,
-                       last_step, final, files, self.cfg.export, self.export_held_bytes)  # fmt: skip
+                       last_step, final, files, self.cfg.export, self.export_held_bytes,
+                       self.weight_bytes)  # fmt: skip
 
 
 def plot(run_dir: str) -> Path:

@@ -3,8 +3,9 @@
     OUT_DIR/train_config.json    the run's resolved configuration (TrainConfig, model, data, dtype, versions)
     OUT_DIR/metrics.jsonl        one line per step and per evaluation
     OUT_DIR/checkpoint/          the last save: state.pth and train_config.json, replaced atomically; a
-                                 data-parallel run's weights and AdamW state in dcp/ (torch.distributed.checkpoint,
-                                 written by every rank, readable at any world size, one process included)
+                                 data-parallel run's weights (a QLoRA run's NF4 base left out) and AdamW state in dcp/
+                                 (torch.distributed.checkpoint, written by every rank, readable at any world size,
+                                 one process included)
     OUT_DIR/final/               params.json + consolidated.00.pth in Meta's layout (LoRA merged), train_config.json
     OUT_DIR/adapters.pth         LoRA runs: the adapters alone (microllama.train.lora.load_adapters)
 
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..files import StateDict, atomic_dir, read_json
+from ..quantize import is_quantized
 from .config import RESUMABLE
 from .data import DataPosition
 
@@ -99,7 +101,7 @@ def save_sharded_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)
     dist.barrier()
     weights, optim = get_state_dict(model, optimizer)
-    dcp.save({"model": weights, "optimizer": optim}, checkpoint_id=partial)
+    dcp.save({"model": without_quantized(weights), "optimizer": optim}, checkpoint_id=partial)
     if is_rank_0:
         payload = {"format": STATE_FORMAT, "step": state.step, "weights": {}, "optimizer": {}, "dcp": True,
                    "data": {"epoch": state.data.epoch, "row": state.data.row}, "targets_seen": state.targets_seen,
@@ -114,11 +116,21 @@ def save_sharded_checkpoint(
 
 def load_sharded_weights(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Weights and AdamW state saved by save_sharded_checkpoint at any world size, into model and optimizer as
-    they are placed here (sharded by FSDP, whole under DDP or in one process): DCP reshards as it reads."""
+    they are placed here (sharded by FSDP, whole under DDP or in one process): DCP reshards as it reads. A
+    quantized base stays as the model was built with it, from the checkpoint (without_quantized)."""
     weights, optim = get_state_dict(model, optimizer)
-    state = {"model": weights, "optimizer": optim}
+    state = {"model": without_quantized(weights), "optimizer": optim}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    strict = len(state["model"]) == len(weights)  # unless a quantized base was left out
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=strict))  # fmt: skip
+
+
+def without_quantized(weights: StateDict) -> StateDict:
+    """A model state dict less its quantized weights (QLoRA's frozen NF4 base, whole or FSDP2's shards): not state
+    a resume needs, as it quantizes them again from the model's checkpoint, whose files the record's fingerprint
+    says are the same. DCP would write them as pickled torchao objects, which its readers then need."""
+    return {k: v for k, v in weights.items() if not is_quantized(v)}
 
 
 def load_whole_into_sharded(state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
