@@ -33,7 +33,6 @@ if dist.is_available():  # a torch built without it (USE_DISTRIBUTED=0) still tr
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 KINDS = ("none", "ddp", "fsdp")
 
@@ -248,18 +247,25 @@ def dequantized(p: torch.Tensor) -> torch.Tensor:
                               shape=p.shape, stride=p.stride())  # fmt: skip
 
 
+def first_row(rows: int, local_rows: int, mesh: "DeviceMesh", name: str) -> int:
+    """The first of `rows` (a tensor's dim 0, or of its tensor-parallel slice) that this rank holds, local_rows of
+    them: FSDP2 splits dim 0 over its mesh's first dim as torch.chunk does, ceil(rows / ranks) each, the last ranks
+    fewer or none. One rule for the 1-D readers (shard_rows) and the 2-D ones (fill_from_parts)."""
+    size = -(-rows // mesh.size(0))
+    first = min(rows, mesh.get_local_rank(0) * size)
+    assert local_rows == min(size, rows - first), (name, rows, local_rows, first)
+    return first
+
+
 def shard_rows(model: nn.Module) -> dict[str, tuple[int, torch.Tensor]]:
     """For each parameter of a model sharded by fully_shard: the first row this rank holds and its local tensor
-    (FSDP2 splits dim 0 as torch.chunk does: ceil(rows / world size) each, the last ranks fewer or none), for a
-    reader to fill in place. Call under torch.no_grad()."""
+    (first_row), for a reader to fill in place. Call under torch.no_grad()."""
     rows = {}
     for name, p in model.named_parameters():
         if not isinstance(p, DTensor):
             raise TypeError(f"{name} is not sharded: apply fully_shard first")
         local = p.to_local()
-        shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        assert tuple(shape) == tuple(local.shape), (name, shape, local.shape)
-        rows[name] = (offset[0], local)
+        rows[name] = (first_row(p.shape[0], local.shape[0], p.device_mesh, name), local)
     return rows
 
 
@@ -280,9 +286,8 @@ def fill_from_parts(model: nn.Module, parts: dict[str, torch.Tensor]) -> None:
     (`parts`, read with part = Ranks.tensor_part): FSDP2 splits a slice's dim 0 over the mesh's first dim as
     torch.chunk does. Call under torch.no_grad()."""
     for name, p in model.named_parameters():
-        local, part, data = p.to_local(), parts[name], p.device_mesh  # FSDP2's is the mesh's first dim
-        size = -(-part.shape[0] // data.size(0))
-        first = min(part.shape[0], data.get_local_rank(0) * size)
+        local, part = p.to_local(), parts[name]
+        first = first_row(part.shape[0], local.shape[0], p.device_mesh, name)  # FSDP2's is the mesh's first dim
         rows = part[first : first + local.shape[0]]
         assert rows.shape == local.shape, (name, tuple(rows.shape), tuple(local.shape))
         local.copy_(rows)
