@@ -21,14 +21,13 @@ and resumed, its losses and merged export within the data-parallel tolerances of
 adapters exported bit for bit, each rank holding exactly its share of the NF4 base, the DCP save without it.
 
 2-D, FSDP2 x tensor parallelism (--tensor_parallel 2) at 4 gloo ranks as 2 x 2, in one launch before the 2-rank one:
-losses, gradient norms and final weights within TENSOR_DATA_PARALLEL_RTOL / _WEIGHTS_ATOL of one process's, its
-export two Meta shards written by the first data rank's tensor ranks; its DCP save resumed under plain FSDP2 at 2
-ranks (in the 2-rank launch) with one process's next-step loss; the loss-curve recipe's first steps within
-DATA_PARALLEL_CURVE_RTOL of the golden, and the rest resumed by 2 FSDP2 ranks. Its bad inputs are refused in one
-line before anything is written.
-
-A second shape in the same 4-rank launch: tiny-kv4 under FSDP2 at 4 ranks (full, lora, norms) and at 2 x 2, within
-DATA_PARALLEL_4_RANKS_RTOL of one process. A sharded save that is not whole is refused on --resume in one line."""
+tiny stopped after step 2 (its DCP save resumed under plain FSDP2 at 2 ranks, in the 2-rank launch, with one
+process's next-step loss) and norms, within TENSOR_DATA_PARALLEL_RTOL / _WEIGHTS_ATOL of one process's; the
+loss-curve recipe's first steps within DATA_PARALLEL_CURVE_RTOL of the golden, and the rest resumed by 2 FSDP2 ranks.
+A second shape, tiny-kv4 (4 rows per step): FSDP2 at 4 ranks in every mode, and full at 2 x 2 with activation
+checkpointing to its export (two Meta shards written by the first data rank's tensor ranks), within
+DATA_PARALLEL_4_RANKS_RTOL of one process. Bad inputs are refused in one line before anything is written; so is a
+sharded save that is not whole, on --resume."""
 
 import importlib.util
 import json
@@ -135,9 +134,10 @@ def loading_spec(root: Path, tiny_ckpt: Path) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_ckpt):
     """One process (full, its final weights in Hugging Face's layout; lora, norms; and full stopped after step 2); in
-    one launch at 4 ranks as 2 x 2 (2-D): full to the end with activation checkpointing, full stopped after step 2
-    (DCP), norms (chunked loss; read from and exported in Hugging Face's layout), the loss-curve recipe's first
-    CURVE_2D_STEPS steps; then in one launch at 2 ranks: the loading checks, DDP (3 steps), FSDP2 stopped after step
+    one launch at 4 ranks: as 2 x 2 (2-D), full stopped after step 2 (DCP), norms (chunked loss; read from and
+    exported in Hugging Face's layout), the loss-curve recipe's first CURVE_2D_STEPS steps; tiny-kv4 under FSDP2 in
+    each mode and at 2 x 2 to the end with activation checkpointing (each also in one process); then in one launch
+    at 2 ranks: the loading checks, DDP (3 steps), FSDP2 stopped after step
     2 (saved with DCP) and FSDP2 from step 0 to the end (its export), the stopped one-process run and the stopped
     2-D run resumed under FSDP2; lora and norms under DDP and FSDP2, lora under FSDP2 again exporting Hugging Face's
     layout; QLoRA under DDP, and under FSDP2 (tiny-hd128) stopped after step 2 then resumed; the loss-curve recipe
@@ -151,7 +151,6 @@ def runs(tmp_path_factory, tiny_ckpt):
         "fsdp-to-the-end",
         "single-then-fsdp",
         "loads",
-        "2d",
         "2d-then-fsdp",
         "norms-2d",
         "curve-2d",
@@ -160,14 +159,15 @@ def runs(tmp_path_factory, tiny_ckpt):
     train(TrainConfig(out_dir=str(dirs["single"]), export="hf", **RUN))
     train(TrainConfig(out_dir=str(dirs["single-then-fsdp"]), stop_at=2, **RUN))
     layouts = loading_spec(root, tiny_ckpt)  # tiny in Meta's layout (1 and 2 files) and Hugging Face's
-    four = [{**RUN, **TWO_D, "out_dir": str(dirs["2d"]), "activation_checkpointing": True},
-            {**RUN, **TWO_D, "out_dir": str(dirs["2d-then-fsdp"]), "stop_at": 2},
+    four = [{**RUN, **TWO_D, "out_dir": str(dirs["2d-then-fsdp"]), "stop_at": 2},
             {**MODES["norms"], **TWO_D, "out_dir": str(dirs["norms-2d"]), "export": "hf",
              "ckpt_dir": layouts["layouts"]["hf"]},
             recipe_config_fields(RECIPE, REPO, dirs["curve-2d"], stop_at=CURVE_2D_STEPS, **TWO_D)]  # fmt: skip
-    for mode, settings in KV4_MODES.items():  # tiny-kv4: one process, FSDP2 at 4 ranks; full at 2 x 2 too
+    # tiny-kv4: one process, FSDP2 at 4 ranks; full at 2 x 2 too, with activation checkpointing, to the end (export)
+    two_d = [("2d", {**TWO_D, "activation_checkpointing": True})]
+    for mode, settings in KV4_MODES.items():
         for run, changes in ((f"kv4-{mode}-single", {}), (f"kv4-{mode}-fsdp4", {"distributed": "fsdp"}),
-                             *([("kv4-full-2d", TWO_D)] if mode == "full" else [])):  # fmt: skip
+                             *(two_d if mode == "full" else [])):  # fmt: skip
             dirs[run] = root / run
             if changes:
                 four.append({**settings, **changes, "out_dir": str(dirs[run])})
@@ -508,11 +508,12 @@ def test_a_checkpoint_missing_a_shard_is_refused_in_one_line_before_any_weight_i
 
 
 def test_2d_fsdp_x_tensor_parallel_at_2x2_gives_one_process_losses_and_weights(runs):
-    """Activation checkpointing on (it recomputes each block's tensor-parallel collectives); losses, gradient norms
-    and held-out losses of each step, and the final weights, against one process without it."""
-    assert_close_runs(steps(runs["2d"]), steps(runs["single"]), TENSOR_DATA_PARALLEL_RTOL)
-    assert max_weight_diff(runs["2d"], runs["single"]) <= TENSOR_DATA_PARALLEL_WEIGHTS_ATOL
-    lines = [m for m in read_metrics(runs["2d"]) if "loss" in m]  # the job's 2 rows per step, over its 4 ranks
+    """tiny-kv4 at 2 data x 2 tensor-parallel ranks (2 kv heads per tensor rank), activation checkpointing on (it
+    recomputes each block's tensor-parallel collectives): losses, gradient norms and held-out losses of each step,
+    and the final weights, against one process without it."""
+    assert_close_runs(steps(runs["2d"]), steps(runs["kv4-full-single"]), DATA_PARALLEL_4_RANKS_RTOL)
+    assert max_weight_diff(runs["2d"], runs["kv4-full-single"]) <= TENSOR_DATA_PARALLEL_WEIGHTS_ATOL
+    lines = [m for m in read_metrics(runs["2d"]) if "loss" in m]  # the job's 4 rows per step, over its 4 ranks
     assert all(m["tokens_per_s_per_rank"] == pytest.approx(m["tokens_per_s"] / 4, abs=0.1) for m in lines)
 
 
@@ -525,12 +526,12 @@ def test_norms_at_2x2_give_one_process_losses_and_weights(runs):
     assert max_weight_diff(runs["norms-2d"], runs["norms-single"]) <= TENSOR_DATA_PARALLEL_WEIGHTS_ATOL
 
 
-def test_2d_final_export_is_two_meta_shards_of_the_trained_model_without_gathering_it(runs, tiny_ckpt):
+def test_2d_final_export_is_two_meta_shards_of_the_trained_model_without_gathering_it(runs):
     """The tensor-parallel slices are Meta's split at 2: the first data rank's two tensor ranks write them (gathered
     over the data dim only), and they read back as the trained model (its last DCP save, gathered here) bit for
     bit. What each rank held at once: the first data rank's ranks their shard and one block in flight, the others
     that block alone."""
-    run, shapes = runs["2d"], expected_shapes(open_checkpoint(tiny_ckpt).args)
+    run, shapes = runs["2d"], expected_shapes(open_checkpoint("tiny-kv4").args)
     assert_two_meta_shards_of_the_trained_model(run, shapes)
     model_bytes = 4 * sum(math.prod(s) for s in shapes.values())
     shard_bytes = 4 * sum(math.prod(shard_shape(k, s, 2)) for k, s in shapes.items())
@@ -578,12 +579,6 @@ def test_fsdp2_at_4_ranks_on_a_second_shape_gives_one_process_losses_and_weights
     FSDP2 ranks, one row each: every mode's losses, gradient norms and final weights against one process."""
     assert_close_runs(steps(runs[f"kv4-{mode}-fsdp4"]), steps(runs[f"kv4-{mode}-single"]), DATA_PARALLEL_4_RANKS_RTOL)
     assert max_weight_diff(runs[f"kv4-{mode}-fsdp4"], runs[f"kv4-{mode}-single"]) <= DATA_PARALLEL_WEIGHTS_ATOL
-
-
-def test_2d_at_2x2_on_a_second_shape_gives_one_process_losses_and_weights(runs):
-    """tiny-kv4 at 2 data x 2 tensor-parallel ranks (2 kv heads per tensor rank)."""
-    assert_close_runs(steps(runs["kv4-full-2d"]), steps(runs["kv4-full-single"]), DATA_PARALLEL_4_RANKS_RTOL)
-    assert max_weight_diff(runs["kv4-full-2d"], runs["kv4-full-single"]) <= TENSOR_DATA_PARALLEL_WEIGHTS_ATOL
 
 
 @pytest.mark.parametrize(
