@@ -558,14 +558,24 @@ def test_planted_bug_diverges_first_at_its_capture_point(planted_ckpt, tokenizer
     assert "first divergent capture point: layers.0.ffn_norm" in report
 
 
+def skip_native_off_the_recording_platform(platform: str, golden) -> None:
+    """The planted-slip tests run on this platform ("native": bit-exact where it is the recording's) and on one made
+    foreign (the tolerance branch). Off the recording's platform the native case is the foreign one (the same branch,
+    the same arithmetic), so it is skipped as run."""
+    if platform == "native" and not recording_platform(golden.manifest):
+        pytest.skip("this platform is not the recording's: verify takes its tolerance branch, which the foreign case "
+                    "beside this one checks with the same arithmetic")  # fmt: skip
+
+
 @pytest.mark.parametrize("platform", ["native", "foreign"])
 def test_planted_stop_token_fails_verify_at_the_chat_replies(monkeypatch, capsys, tokenizer, platform, request):
     """A slip only the chat replies show: microllama's stop list with one more id, one that the recorded greedy
     reply to the first dialog holds and no recorded completion does; under tolerance too, where the reply that
     stops there is likely enough but the recorded one holds what is now a stop token."""
+    golden = read_set(GOLDENS / "tiny-fp32-cpu-ws1")
+    skip_native_off_the_recording_platform(platform, golden)
     if platform == "foreign":
         request.getfixturevalue("foreign_platform")
-    golden = read_set(GOLDENS / "tiny-fp32-cpu-ws1")
     completed = {t for kind in golden.outputs.completions.values() for ids in kind for t in ids}
     extra = next(t for t in golden.chat.replies["greedy"][0].tokens if t not in completed)
 
@@ -611,6 +621,7 @@ def test_a_completion_differing_only_in_the_last_prompt_fails_verify_naming_it(
     row of the greedy batch alone is named at the greedy completions, on the recording's platform and under
     tolerance too, where a differing completion passes only if the tolerance admits both it and the recorded
     one: a slip in microllama's or in the recording's (one token up from the one ranked first) is refused."""
+    skip_native_off_the_recording_platform(platform, read_set(GOLDENS / SLIP_SET))
     if platform == "foreign":
         request.getfixturevalue("foreign_platform")
     generate, read = Llama.generate, verify_module.read_set
