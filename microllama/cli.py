@@ -335,3 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 if __name__ == "__main__":
     main()
+    if "torch.distributed" in sys.modules:  # `torchrun ... -m microllama.cli`: every rank done with the group
+        from .distributed.launch import leave_process_group
+
+        leave_process_group()

@@ -20,7 +20,7 @@ import torch
 from microllama.checkpoint.load import open_checkpoint
 from microllama.cli import main as cli_main
 from microllama.distributed import tensor_parallel as parallel
-from microllama.distributed.launch import torchrun_world_size
+from microllama.distributed.launch import leave_process_group, torchrun_world_size
 from microllama.files import tensor_sha256
 from microllama.generation import Llama
 from microllama.golden.inference_set import read_set
@@ -130,3 +130,4 @@ def main(out: str, spec_json: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    leave_process_group()

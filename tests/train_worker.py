@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from microllama.checkpoint.load import open_checkpoint
 from microllama.distributed import data_parallel
-from microllama.distributed.launch import join_process_group
+from microllama.distributed.launch import join_process_group, leave_process_group
 from microllama.files import READS
 from microllama.train.config import TrainConfig
 from microllama.train.loop import train
@@ -106,3 +106,4 @@ if __name__ == "__main__":
         out.write_text(json.dumps(summary, default=str))
     if len(sys.argv) > 4:
         meta_reads_export(sys.argv[4], Path(sys.argv[2]))
+    leave_process_group()

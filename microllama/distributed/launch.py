@@ -31,3 +31,12 @@ def join_process_group(device: torch.device) -> None:
     """Join the process group torchrun describes, unless this process has: nccl for CUDA devices, else gloo."""
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def leave_process_group() -> None:
+    """Leave the process group, once every rank is done with it, so that its threads (gloo's, nccl's) are joined
+    before the interpreter exits instead of being torn down by it: under torch 2.11 a rank of a job that had
+    finished its work once aborted at exit ("terminate called without an active exception", SIGABRT)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -8,12 +8,13 @@ from .config import TrainConfig  # the standard library only: --help stays fast
 
 
 def _train(config: Any) -> None:
-    from ..distributed.launch import is_rank_0
+    from ..distributed.launch import is_rank_0, leave_process_group
     from .loop import train as run_training
 
     summary = run_training(config)
     if is_rank_0():  # under torchrun, rank 0 speaks for the job
         print(summary.line())
+    leave_process_group()  # under torchrun, every rank done
 
 
 def _train_command() -> Command:
