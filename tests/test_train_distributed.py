@@ -43,7 +43,7 @@ from microllama.checkpoint.hf_layout import INDEX, file_owners, hf_file_name, hf
 from microllama.checkpoint.load import convert, open_checkpoint
 from microllama.checkpoint.meta_layout import load_pth, shard_shape
 from microllama.checkpoint.params import expected_shapes
-from microllama.distributed.launch import rank_device
+from microllama.distributed.launch import leave_process_group, rank_device
 from microllama.files import READS
 from microllama.generation import Llama
 from microllama.golden.loss_curve import RECIPE, compare, read_curve, read_golden, recipe_config_fields
@@ -670,6 +670,21 @@ def test_under_torchrun_a_bare_cuda_device_is_each_ranks_own_gpu(monkeypatch):
     assert rank_device("cuda:1") == torch.device("cuda", 1) and rank_device("cpu") == torch.device("cpu")
     monkeypatch.delenv("LOCAL_RANK")
     assert rank_device("cuda") == torch.device("cuda") and len(made_current) == 1
+
+
+def test_leaving_the_process_group_ends_only_one_microllama_joined(tmp_path):
+    """leave_process_group (the end of `microllama train` and of the torchrun workers) ends the group
+    join_process_group made, not one this process had before: the reference harness's in-process group, which Meta's
+    fairscale layers go on using, survives a train command run in the same process (it did not, once)."""
+    made = not torch.distributed.is_initialized()
+    if made:
+        torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        leave_process_group()
+        assert torch.distributed.is_initialized()
+    finally:
+        if made:
+            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.reference

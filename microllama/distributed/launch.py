@@ -27,16 +27,22 @@ def rank_device(device: "torch.device | str") -> torch.device:
     return device
 
 
+_JOINED: list[bool] = []  # [True] once join_process_group has made the process group: leave_process_group's to end
+
+
 def join_process_group(device: torch.device) -> None:
     """Join the process group torchrun describes, unless this process has: nccl for CUDA devices, else gloo."""
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _JOINED[:] = [True]
 
 
 def leave_process_group() -> None:
-    """Leave the process group, once every rank is done with it, so that its threads (gloo's, nccl's) are joined
-    before the interpreter exits instead of being torn down by it: under torch 2.11 a rank of a job that had
-    finished its work once aborted at exit ("terminate called without an active exception", SIGABRT)."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group join_process_group made, once every rank is done with it, so that its threads
+    (gloo's, nccl's) are joined before the interpreter exits instead of being torn down by it: under torch 2.11 a
+    rank of a job that had finished its work once aborted at exit ("terminate called without an active exception",
+    SIGABRT). A group this process had before (another library's, a caller's) is left as it is."""
+    if _JOINED and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _JOINED.clear()
