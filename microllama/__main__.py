@@ -1,5 +1,5 @@
 """`python -m microllama ...`: the `microllama` command (torchrun --nproc_per_node N -m microllama generate ...)."""
 
-from .cli import main
+from .cli import script_main
 
-main()
+script_main()

@@ -333,9 +333,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     run(COMMANDS, argv, "microllama")
 
 
-if __name__ == "__main__":
+def script_main() -> None:
+    """`python -m microllama` and `python -m microllama.cli` (as torchrun starts them): main, then every rank done
+    with the process group leaves it."""
     main()
-    if "torch.distributed" in sys.modules:  # `torchrun ... -m microllama.cli`: every rank done with the group
+    if "torch.distributed" in sys.modules:  # imported by a command that used it (torch itself imports it)
         from .distributed.launch import leave_process_group
 
         leave_process_group()
+
+
+if __name__ == "__main__":
+    script_main()

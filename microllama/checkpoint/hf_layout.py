@@ -20,7 +20,7 @@ from ..args import ModelArgs, RopeScaling, ffn_hidden_dim, is_finite, is_int
 from ..files import READS, StateDict, atomic_dir, converted, dtype_name, own_tensors, read_json
 from ..quantize import is_quantized_key, quantize_weight, quantized_rows
 from . import family
-from .meta_layout import Rows, rank_range, shard_dim, shard_shape
+from .meta_layout import Rows, filled_in_place, rank_range, shard_dim, shard_shape
 from .params import CheckpointError, args_from_params, check_dtype, check_finite, check_shapes, expected_shapes
 
 _TOP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
@@ -229,8 +229,7 @@ def read_hf(
     rank's rows of the result kept (quantize.quantized_rows; the result holds them, for the caller to place)."""
     expected = {hf_name(k): s for k, s in expected_shapes(args).items() if not (tied and k == "output.weight")}
     meta_names = {hf_name(k): k for k in expected_shapes(args)}
-    # the tensors whose rows are copied into this rank's local tensors: with quantize, all but the quantized ones
-    fill = {k: v for k, v in (into or {}).items() if quantize is None or not is_quantized_key(k)}
+    fill = filled_in_place(into, quantize)
     state_dict: StateDict = {}
     for path in paths:
         with open_safetensors(path) as f:

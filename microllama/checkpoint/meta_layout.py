@@ -162,8 +162,7 @@ def read_meta(
     n = len(paths)
     expected = expected_shapes(args)
     per_shard = {key: shard_shape(key, shape, n) for key, shape in expected.items()}
-    # the tensors whose rows are copied into this rank's local tensors: with quantize, all but the quantized ones
-    fill = {k: v for k, v in (into or {}).items() if quantize is None or not is_quantized_key(k)}
+    fill = filled_in_place(into, quantize)
     wanted = {key: _wanted(key, shape, part, fill) for key, shape in expected.items()}
     # a rank whose slices are all empty (more FSDP ranks than rows) still opens the first shard, for its checks
     opened = sorted({s for key in expected for s, _, _ in _pieces(key, expected[key], n, wanted[key])} - {None} or {0})
@@ -222,6 +221,12 @@ def _check_count(shard: StateDict, expected: dict[str, tuple[int, ...]], n: int,
             f"{path.parent}: {n} consolidated.*.pth file{'s' * (n > 1)}, but {path.name} holds 1/{k} of each split "
             f"tensor: a checkpoint of {k} shards, {k - n} of them missing"
         )
+
+
+def filled_in_place(into: Optional[Rows], quantize: Optional[str]) -> Rows:
+    """Of an FSDP2 rank's rows (`into`), those a reader copies into its local tensors: with quantize, all but the
+    quantized weights', which are read whole, quantized, and cut to this rank's rows (quantize.quantized_rows)."""
+    return {k: v for k, v in (into or {}).items() if quantize is None or not is_quantized_key(k)}
 
 
 def _wanted(key: str, shape: tuple[int, ...], part: tuple[int, int], into: Rows) -> Optional[tuple]:

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..args import ModelArgs
 from ..model import Transformer
-from ..quantize import dequantize_weight, is_dense
+from ..quantize import dequantize_weight, is_quantized
 from ..train.data import Batch
 from .launch import join_process_group, torchrun_world_size
 from .tensor_parallel import check_world_size, parallelize
@@ -241,10 +241,14 @@ def dequantized(p: torch.Tensor) -> torch.Tensor:
     """p; for a quantized weight sharded by fully_shard (QLoRA's NF4 base), a DTensor of the same placement holding
     this rank's rows dequantized, which are the whole weight's dequantized rows bit for bit (each of NF4's values
     is its code times its own block's scale)."""
-    if not isinstance(p, DTensor) or is_dense(p.to_local()):
+    if not isinstance(p, DTensor) or not is_quantized(p):
         return p
-    return DTensor.from_local(dequantize_weight(p.to_local()), p.device_mesh, p.placements, run_check=False,
-                              shape=p.shape, stride=p.stride())  # fmt: skip
+    return placed_like(p, dequantize_weight(p.to_local()))
+
+
+def placed_like(p: "DTensor", local: torch.Tensor) -> "DTensor":
+    """local (this rank's part) as a DTensor placed as p is: the same mesh, placements, global shape and stride."""
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def first_row(rows: int, local_rows: int, mesh: "DeviceMesh", name: str) -> int:
@@ -275,9 +279,7 @@ def place_shards(model: nn.Module, shards: dict[str, torch.Tensor]) -> None:
     (torchao's NF4Tensor). fully_shard takes the new parameters up before its first all-gather, as after
     load_state_dict(assign=True). Call under torch.no_grad()."""
     params = dict(model.named_parameters())
-    placed = {name: DTensor.from_local(local, params[name].device_mesh, params[name].placements, run_check=False,
-                                       shape=params[name].shape, stride=params[name].stride())
-              for name, local in shards.items()}  # fmt: skip
+    placed = {name: placed_like(params[name], local) for name, local in shards.items()}
     model.load_state_dict(placed, strict=False, assign=True)
 
 
